@@ -1,0 +1,7 @@
+"""Super-resolution networks: plain ``nn.Module``s with no Lightning or Hydra inside."""
+
+from dlsn.models.dlsn import DLSN
+from dlsn.models.gla import GLA, set_rotation_seed
+from dlsn.models.official import load_official, to_official
+
+__all__ = ["DLSN", "GLA", "load_official", "set_rotation_seed", "to_official"]

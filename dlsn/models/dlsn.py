@@ -1,0 +1,126 @@
+"""DLSN: Deep Learnable Similarity Network (Su et al., TPAMI 2022), the architecture as released.
+
+    x -> subtract RGB mean -> head conv -> G residual groups -> body conv (+ head output)
+      -> pixel-shuffle upsampler -> reconstruction conv -> add RGB mean
+
+Each residual group is ``B`` residual blocks (conv, ReLU, conv, + identity), one GLA layer and a
+3x3 conv, wrapped as ``x + res_scale * group(x)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dlsn.models.gla import GLA, gla_layers, set_rotation_seed
+
+# DIV2K mean colour, subtracted before the head and added back at the end (fixed, not trained).
+DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(channels, channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.relu(self.conv1(x)))
+
+
+class ResidualGroup(nn.Module):
+    def __init__(self, channels: int, n_blocks: int, res_scale: float, **gla_options) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(ResidualBlock(channels) for _ in range(n_blocks)))
+        self.attention = GLA(channels, **gla_options)
+        self.conv = conv3x3(channels, channels)
+        self.res_scale = res_scale
+
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor | None = None) -> torch.Tensor:
+        features = self.conv(self.attention(self.blocks(x), rotations))
+        return x + self.res_scale * features
+
+
+class Upsampler(nn.Sequential):
+    """Sub-pixel upsampling: ``log2(scale)`` times [conv F -> 4F, shuffle 2], or [conv F -> 9F, shuffle 3]."""
+
+    def __init__(self, scale: int, channels: int) -> None:
+        if scale == 3:
+            steps = [3]
+        elif scale >= 2 and scale & (scale - 1) == 0:
+            steps = [2] * int(math.log2(scale))
+        else:
+            raise ValueError(f"DLSN: scale must be 3 or a power of two (2, 4, 8), got {scale!r}")
+        layers: list[nn.Module] = []
+        for factor in steps:
+            layers += [conv3x3(channels, factor * factor * channels), nn.PixelShuffle(factor)]
+        super().__init__(*layers)
+
+
+class DLSN(nn.Module):
+    """Deep Learnable Similarity Network. Defaults are the paper configuration.
+
+    Input and output are RGB in ``[0, rgb_range]``. ``forward(x, rotations=None)`` optionally takes
+    one ``[n_hashes, n_feats // reduction, n_buckets]`` tensor per GLA layer (in forward order).
+    """
+
+    def __init__(
+        self,
+        scale: int,
+        n_feats: int = 256,
+        n_resgroups: int = 10,
+        n_resblocks: int = 4,
+        reduction: int = 4,
+        chunk_size: int = 128,
+        n_hashes: int = 3,
+        res_scale: float = 0.1,
+        rgb_range: float = 1.0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("n_feats", n_feats), ("n_resgroups", n_resgroups),
+                            ("n_resblocks", n_resblocks)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DLSN: {name} must be a positive integer, got {value!r}")
+        if rgb_range <= 0:
+            raise ValueError(f"DLSN: rgb_range must be positive, got {rgb_range!r}")
+        self.scale = scale
+        self.rgb_range = rgb_range
+        self.register_buffer(
+            "rgb_mean", rgb_range * torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1), persistent=False
+        )
+        self.head = conv3x3(3, n_feats)
+        self.groups = nn.ModuleList(
+            ResidualGroup(n_feats, n_resblocks, res_scale, chunk_size=chunk_size,
+                          n_hashes=n_hashes, reduction=reduction)
+            for _ in range(n_resgroups)
+        )
+        self.body_conv = conv3x3(n_feats, n_feats)
+        self.upsampler = Upsampler(scale, n_feats)
+        self.reconstruction = conv3x3(n_feats, 3)
+
+    def set_rotation_seed(self, seed: int | None) -> None:
+        """Deterministic hash rotations (an int) for evaluation, or fresh ones (``None``) for training."""
+        set_rotation_seed(self, seed)
+
+    def forward(self, x: torch.Tensor, rotations: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        if rotations is not None and len(rotations) != len(self.groups):
+            raise ValueError(f"DLSN: expected {len(self.groups)} rotation tensors (one per GLA "
+                             f"layer), got {len(rotations)}")
+        shallow = self.head(x - self.rgb_mean)
+        features = shallow
+        for index, group in enumerate(self.groups):
+            features = group(features, None if rotations is None else rotations[index])
+        features = self.body_conv(features) + shallow
+        return self.reconstruction(self.upsampler(features)) + self.rgb_mean
+
+    @property
+    def attention_layers(self) -> Sequence[GLA]:
+        return gla_layers(self)

@@ -1,0 +1,220 @@
+"""Global Learnable Attention (GLA) with Super-Bit LSH, as in DLSN (Su et al., TPAMI 2022).
+
+For a feature map ``x`` with ``C`` channels and ``L = H * W`` positions, three embeddings are
+computed, each a 3x3 convolution followed by ReLU:
+
+* match  ``m = relu(conv(x))``  with ``C / r`` channels (queries and keys),
+* value  ``v = relu(conv(x))``  with ``C`` channels,
+* learnable-score input ``u = relu(conv(x))`` with ``C`` channels, mapped by a two-layer MLP
+  ``fc: C -> k -> k`` (``k`` = chunk size) to ``k`` learned scores per position.
+
+**Super-Bit LSH.** With ``b = min(L // k + (L // k) % 2, 128)`` buckets, every hash round ``t``
+draws a random matrix ``R_t`` of shape ``[C / r, b]`` with orthonormal columns (or rows) and assigns
+position ``p`` to bucket ``argmax(m_p R_t)``. Within a round, positions are sorted by bucket
+(ties by position), the sorted sequence is padded to a multiple of ``k`` by repeating its last
+elements, and cut into chunks of ``k``.
+
+**Attention.** A query ``i`` attends to the ``3k`` keys ``j`` of its own chunk and of the previous
+and next chunk (cyclically) of the same round, with the score
+
+    s(i, j) = m_i . (m_j / max(|m_j|, 5e-5)) + fc(u_j)[slot(i)],
+
+where ``slot(i)`` is the query's place inside its chunk: the MLP learns, per key, how much each
+query slot should trust it. The round's output is ``y_t(i) = sum_j softmax_j(s(i, j)) v_j`` and its
+confidence ``c_t(i) = logsumexp_j s(i, j)``. Rounds are mixed per position with weights
+``softmax_t(c_t(i))``, and the layer returns ``x + res_scale * sum_t w_t(i) y_t(i)``.
+
+**Small inputs.** When ``L < k`` (the published code crashes there) the whole sequence is a single
+chunk of ``L`` positions and the learned score uses the first ``L`` slots of ``fc``. The previous and
+next chunk are then the chunk itself, so each query sees every position: this is exactly what the
+published code computes when ``L == k``. ``b`` is at least 1.
+
+**Why this implementation is faster than the published one** while computing the same numbers:
+``fc(u_j)`` depends only on the key position, so it is evaluated once per position (``L`` rows)
+rather than on the ``3 * n_hashes * L`` gathered copies; keys are normalised once before gathering;
+the learned scores are added inside the score matmul (``baddbmm``); rounds are processed one at a
+time so that inference holds one round's score tensor at a time.
+
+Softmax and log-sum-exp run in float32 under autocast, and hashing always uses float32 match
+embeddings so bucket assignment does not depend on the compute precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_BUCKETS = 128
+KEY_NORM_EPS = 5e-5
+
+
+def number_of_buckets(length: int, chunk_size: int) -> int:
+    """Hash buckets for a sequence of ``length`` positions (the published rule, at least 1)."""
+    chunks = length // chunk_size
+    return max(1, min(chunks + chunks % 2, MAX_BUCKETS))
+
+
+def draw_rotations(
+    n_hashes: int, dim: int, n_buckets: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random SB-LSH matrices ``[n_hashes, dim, n_buckets]``, drawn on the CPU.
+
+    One ``orthogonal_`` call per round on an empty ``[dim, n_buckets]`` tensor, rounds in order:
+    with the global generator this consumes random numbers exactly like the published code.
+    """
+    rounds = [
+        nn.init.orthogonal_(torch.empty(dim, n_buckets), generator=generator) for _ in range(n_hashes)
+    ]
+    return torch.stack(rounds)
+
+
+def _with_neighbour_chunks(chunks: torch.Tensor) -> torch.Tensor:
+    """``[B, n, k, D] -> [B, n, 3k, D]``: each chunk followed by the previous and the next (cyclic)."""
+    previous = torch.roll(chunks, shifts=1, dims=1)
+    following = torch.roll(chunks, shifts=-1, dims=1)
+    return torch.cat([chunks, previous, following], dim=2)
+
+
+class GLA(nn.Module):
+    """Global Learnable Attention layer (see the module docstring for the math).
+
+    Args:
+        channels: feature channels ``C``.
+        chunk_size: positions per attention chunk ``k``.
+        n_hashes: SB-LSH rounds.
+        reduction: channel reduction ``r`` of the match embedding.
+        res_scale: scale of the attention output before the residual addition.
+
+    Hash rotations come from, in order of precedence: the ``rotations`` argument of ``forward``;
+    a fixed CPU generator seeded with ``self.rotation_seed`` (set it for reproducible evaluation:
+    the same output on every run and device); otherwise the global RNG, fresh on every call
+    (training, as in the paper).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        chunk_size: int = 128,
+        n_hashes: int = 3,
+        reduction: int = 4,
+        res_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("channels", channels), ("chunk_size", chunk_size),
+                            ("n_hashes", n_hashes), ("reduction", reduction)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GLA: {name} must be a positive integer, got {value!r}")
+        if channels % reduction:
+            raise ValueError(f"GLA: channels ({channels}) must be divisible by reduction ({reduction})")
+        self.channels = channels
+        self.chunk_size = chunk_size
+        self.n_hashes = n_hashes
+        self.reduction = reduction
+        self.res_scale = res_scale
+        self.rotation_seed: int | None = None
+
+        self.match_embedding = nn.Conv2d(channels, channels // reduction, 3, padding=1)
+        self.value_embedding = nn.Conv2d(channels, channels, 3, padding=1)
+        self.score_embedding = nn.Conv2d(channels, channels, 3, padding=1)
+        self.score_mlp = nn.Sequential(
+            nn.Linear(channels, chunk_size), nn.ReLU(inplace=True), nn.Linear(chunk_size, chunk_size)
+        )
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, chunk_size={self.chunk_size}, n_hashes={self.n_hashes}, "
+                f"reduction={self.reduction}, res_scale={self.res_scale}")
+
+    def _rotations(self, n_buckets: int, rotations: torch.Tensor | None, device) -> torch.Tensor:
+        expected = (self.n_hashes, self.channels // self.reduction, n_buckets)
+        if rotations is None:
+            generator = None
+            if self.rotation_seed is not None:
+                generator = torch.Generator().manual_seed(self.rotation_seed)
+            rotations = draw_rotations(*expected, generator=generator)
+        elif tuple(rotations.shape) != expected:
+            raise ValueError(
+                f"GLA: rotations must have shape [n_hashes, channels // reduction, n_buckets] = "
+                f"{list(expected)} for this input, got {list(rotations.shape)}"
+            )
+        return rotations.to(device=device, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor | None = None) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        length = height * width
+        chunk = min(self.chunk_size, length)
+        n_buckets = number_of_buckets(length, self.chunk_size)
+        rotations = self._rotations(n_buckets, rotations, x.device)
+
+        def tokens(feature_map: torch.Tensor) -> torch.Tensor:  # [N, D, H, W] -> [N, L, D]
+            return F.relu(feature_map).flatten(2).transpose(1, 2)
+
+        match = tokens(self.match_embedding(x))
+        value = tokens(self.value_embedding(x))
+        # fc(u_j) depends only on the key position: compute it once per position, gather later.
+        learned_score = self.score_mlp(tokens(self.score_embedding(x)))[..., :chunk]
+        keys = F.normalize(match, p=2, dim=-1, eps=KEY_NORM_EPS)
+
+        # Hash codes for all rounds at once, in float32 so precision never changes the buckets.
+        codes = torch.einsum("nld,tdb->ntlb", match.detach().float(), rotations).argmax(dim=-1)
+        positions = torch.arange(length, device=x.device)
+        # Unique keys (bucket, position) make the sort stable on every device.
+        order = torch.argsort(codes * length + positions, dim=-1)  # [N, T, L]
+        padding = -length % chunk
+        if padding:
+            order = torch.cat([order, order[..., -padding:]], dim=-1)
+        n_chunks = order.shape[-1] // chunk
+
+        round_outputs, round_confidences = [], []
+        for hash_round in range(self.n_hashes):
+            index = order[:, hash_round]  # [N, Lp]
+
+            def gather(features: torch.Tensor) -> torch.Tensor:  # [N, L, D] -> [N*n, k, D]
+                depth = features.shape[-1]
+                picked = features.gather(1, index.unsqueeze(-1).expand(-1, -1, depth))
+                return picked.reshape(batch * n_chunks, chunk, depth)
+
+            def neighbours(features: torch.Tensor) -> torch.Tensor:  # -> [N*n, 3k, D]
+                chunks = gather(features).reshape(batch, n_chunks, chunk, -1)
+                return _with_neighbour_chunks(chunks).reshape(batch * n_chunks, 3 * chunk, -1)
+
+            queries = gather(match)
+            # scores[i, j] = q_i . key_j + fc(u_j)[slot(i)]
+            scores = torch.baddbmm(
+                neighbours(learned_score).transpose(1, 2), queries, neighbours(keys).transpose(1, 2)
+            ).float()
+            confidence = torch.logsumexp(scores, dim=-1)
+            weights = torch.exp(scores - confidence.unsqueeze(-1)).to(value.dtype)
+            attended = torch.bmm(weights, neighbours(value))  # [N*n, k, C]
+
+            # Back to image order; the padded copies at the end are dropped.
+            attended = attended.reshape(batch, n_chunks * chunk, channels)[:, :length]
+            confidence = confidence.reshape(batch, n_chunks * chunk)[:, :length]
+            inverse = torch.empty_like(index[:, :length]).scatter_(
+                1, index[:, :length], positions.expand(batch, -1)
+            )
+            round_outputs.append(attended.gather(1, inverse.unsqueeze(-1).expand(-1, -1, channels)))
+            round_confidences.append(confidence.gather(1, inverse))
+
+        round_weights = torch.softmax(torch.stack(round_confidences), dim=0).unsqueeze(-1)
+        attention = (torch.stack(round_outputs).float() * round_weights).sum(dim=0)
+        attention = attention.transpose(1, 2).reshape(batch, channels, height, width)
+        return x + self.res_scale * attention.to(x.dtype)
+
+
+def set_rotation_seed(module: nn.Module, seed: int | None) -> None:
+    """Fix (``seed`` an int) or release (``None``) the hash rotations of every GLA in ``module``.
+
+    GLA layers get ``seed + i`` in forward order, so that different layers use different
+    rotations while every forward pass, on any device, uses the same ones.
+    """
+    layers = [m for m in module.modules() if isinstance(m, GLA)]
+    for index, layer in enumerate(layers):
+        layer.rotation_seed = None if seed is None else seed + index
+
+
+def gla_layers(module: nn.Module) -> Sequence[GLA]:
+    """The GLA layers of ``module`` in registration (= forward) order."""
+    return [m for m in module.modules() if isinstance(m, GLA)]
