@@ -71,11 +71,32 @@ def draw_rotations(
     return torch.stack(rounds)
 
 
-def _with_neighbour_chunks(chunks: torch.Tensor) -> torch.Tensor:
-    """``[B, n, k, D] -> [B, n, 3k, D]``: each chunk followed by the previous and the next (cyclic)."""
-    previous = torch.roll(chunks, shifts=1, dims=1)
-    following = torch.roll(chunks, shifts=-1, dims=1)
-    return torch.cat([chunks, previous, following], dim=2)
+class _SoftmaxAndLogSumExp(torch.autograd.Function):
+    """``softmax(s)`` and ``logsumexp(s)`` over dim 1, saving only the softmax for backward.
+
+    Both gradients are expressed through ``p = softmax(s)``: ``d lse / d s = p`` and
+    ``d p_i / d s_j = p_i (delta_ij - p_j)``, so autograd need not keep ``s`` as well.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor):
+        confidence = torch.logsumexp(scores, dim=1, keepdim=True)
+        weights = torch.exp(scores - confidence)
+        ctx.save_for_backward(weights)
+        return weights, confidence
+
+    @staticmethod
+    def backward(ctx, grad_weights, grad_confidence):
+        (weights,) = ctx.saved_tensors
+        grad = torch.zeros_like(weights) if grad_confidence is None else grad_confidence.expand_as(weights)
+        if grad_weights is not None:
+            grad = grad + grad_weights - (grad_weights * weights).sum(dim=1, keepdim=True)
+        return weights * grad
+
+
+def softmax_and_logsumexp(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax weights ``[B, J, I]`` and log-sum-exp ``[B, 1, I]`` of ``scores`` over dim 1."""
+    return _SoftmaxAndLogSumExp.apply(scores)
 
 
 class GLA(nn.Module):
@@ -141,6 +162,18 @@ class GLA(nn.Module):
             )
         return rotations.to(device=device, dtype=torch.float32)
 
+    def _embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Match, value and learnable-score embeddings as ``[N, L, D]`` tokens.
+
+        The three convolutions share their input, so they run as one convolution with the
+        weights stacked: one large matrix product instead of three smaller ones.
+        """
+        convs = (self.match_embedding, self.value_embedding, self.score_embedding)
+        weight = torch.cat([conv.weight for conv in convs])
+        bias = torch.cat([conv.bias for conv in convs])
+        stacked = F.relu(F.conv2d(x, weight, bias, padding=1)).flatten(2).transpose(1, 2)
+        return stacked.split([conv.out_channels for conv in convs], dim=-1)
+
     def forward(self, x: torch.Tensor, rotations: torch.Tensor | None = None) -> torch.Tensor:
         batch, channels, height, width = x.shape
         length = height * width
@@ -148,58 +181,63 @@ class GLA(nn.Module):
         n_buckets = number_of_buckets(length, self.chunk_size)
         rotations = self._rotations(n_buckets, rotations, x.device)
 
-        def tokens(feature_map: torch.Tensor) -> torch.Tensor:  # [N, D, H, W] -> [N, L, D]
-            return F.relu(feature_map).flatten(2).transpose(1, 2)
-
-        match = tokens(self.match_embedding(x))
-        value = tokens(self.value_embedding(x))
-        # fc(u_j) depends only on the key position: compute it once per position, gather later.
-        learned_score = self.score_mlp(tokens(self.score_embedding(x)))[..., :chunk]
+        match, value, score_input = self._embeddings(x)
+        # fc(u_j) depends only on the key position: evaluate it once per position, gather later.
+        learned_score = self.score_mlp(score_input)[..., :chunk]
         keys = F.normalize(match, p=2, dim=-1, eps=KEY_NORM_EPS)
 
         # Hash codes for all rounds at once, in float32 so precision never changes the buckets.
         codes = torch.einsum("nld,tdb->ntlb", match.detach().float(), rotations).argmax(dim=-1)
         positions = torch.arange(length, device=x.device)
-        # Unique keys (bucket, position) make the sort stable on every device.
+        # Unique sort keys (bucket, position) give the stable order on every device.
         order = torch.argsort(codes * length + positions, dim=-1)  # [N, T, L]
         padding = -length % chunk
-        if padding:
+        if padding:  # repeat the last sorted positions to fill the last chunk
             order = torch.cat([order, order[..., -padding:]], dim=-1)
         n_chunks = order.shape[-1] // chunk
+        chunk_ids = torch.arange(n_chunks, device=x.device)
+        # For every chunk: itself, the previous and the next chunk (cyclic).
+        neighbour_chunks = torch.stack([chunk_ids, chunk_ids - 1, (chunk_ids + 1) % n_chunks], dim=1)
 
+        batch_items = torch.arange(batch, device=x.device).view(batch, 1)
+
+        def take(table: torch.Tensor, index: torch.Tensor, rows_per_group: int) -> torch.Tensor:
+            """Rows ``table[n, index[n]]`` of a ``[N, R, D]`` table, as ``[-1, rows_per_group, D]``.
+
+            Whole rows are copied with ``index_select`` on the flattened table (``index_add``
+            in backward), which is much faster than an element-wise ``gather``.
+            """
+            rows_per_item, depth = table.shape[1:]
+            flat_index = (index.reshape(batch, -1) + batch_items * rows_per_item).flatten()
+            rows = table.reshape(batch * rows_per_item, depth).index_select(0, flat_index)
+            return rows.view(-1, rows_per_group, depth)
+
+        attention = torch.zeros(batch, length, channels, device=x.device, dtype=torch.float32)
         round_outputs, round_confidences = [], []
         for hash_round in range(self.n_hashes):
-            index = order[:, hash_round]  # [N, Lp]
-
-            def gather(features: torch.Tensor) -> torch.Tensor:  # [N, L, D] -> [N*n, k, D]
-                depth = features.shape[-1]
-                picked = features.gather(1, index.unsqueeze(-1).expand(-1, -1, depth))
-                return picked.reshape(batch * n_chunks, chunk, depth)
-
-            def neighbours(features: torch.Tensor) -> torch.Tensor:  # -> [N*n, 3k, D]
-                chunks = gather(features).reshape(batch, n_chunks, chunk, -1)
-                return _with_neighbour_chunks(chunks).reshape(batch * n_chunks, 3 * chunk, -1)
-
-            queries = gather(match)
-            # scores[i, j] = q_i . key_j + fc(u_j)[slot(i)]
+            sorted_positions = order[:, hash_round].view(batch, n_chunks, chunk)
+            key_positions = sorted_positions[:, neighbour_chunks]  # [N, n, 3, k]
+            queries = take(match, sorted_positions, chunk)  # [N*n, k, d]
+            # Scores laid out keys x queries: [N*n, 3k, k], s[j, i] = key_j . q_i + fc(u_j)[slot(i)]
             scores = torch.baddbmm(
-                neighbours(learned_score).transpose(1, 2), queries, neighbours(keys).transpose(1, 2)
-            ).float()
-            confidence = torch.logsumexp(scores, dim=-1)
-            weights = torch.exp(scores - confidence.unsqueeze(-1)).to(value.dtype)
-            attended = torch.bmm(weights, neighbours(value))  # [N*n, k, C]
-
-            # Back to image order; the padded copies at the end are dropped.
-            attended = attended.reshape(batch, n_chunks * chunk, channels)[:, :length]
-            confidence = confidence.reshape(batch, n_chunks * chunk)[:, :length]
-            inverse = torch.empty_like(index[:, :length]).scatter_(
-                1, index[:, :length], positions.expand(batch, -1)
+                take(learned_score, key_positions, 3 * chunk),
+                take(keys, key_positions, 3 * chunk),
+                queries.transpose(1, 2),
             )
-            round_outputs.append(attended.gather(1, inverse.unsqueeze(-1).expand(-1, -1, channels)))
-            round_confidences.append(confidence.gather(1, inverse))
+            weights, confidence = softmax_and_logsumexp(scores.float())
+            attended = torch.bmm(weights.to(value.dtype).transpose(1, 2),
+                                 take(value, key_positions, 3 * chunk))  # [N*n, k, C]
 
-        round_weights = torch.softmax(torch.stack(round_confidences), dim=0).unsqueeze(-1)
-        attention = (torch.stack(round_outputs).float() * round_weights).sum(dim=0)
+            # Back to image order: the first copy of every position; padded copies are dropped.
+            inverse = torch.empty_like(positions).expand(batch, -1).clone()
+            inverse.scatter_(1, order[:, hash_round, :length], positions.expand(batch, -1))
+            round_outputs.append(take(attended.reshape(batch, -1, channels), inverse, length))
+            round_confidences.append(confidence.reshape(batch, -1).gather(1, inverse))
+
+        # Mix rounds per position by the softmax of their log-sum-exp confidences.
+        round_weights = torch.softmax(torch.stack(round_confidences), dim=0)
+        for output, weight in zip(round_outputs, round_weights):
+            attention = attention + output * weight.unsqueeze(-1)
         attention = attention.transpose(1, 2).reshape(batch, channels, height, width)
         return x + self.res_scale * attention.to(x.dtype)
 

@@ -1,0 +1,203 @@
+"""DLSN / GLA behaviour that needs no fixtures: any input size, precision, determinism, loading errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlsn.models import DLSN, GLA, load_official, to_official
+from dlsn.models.gla import number_of_buckets
+
+
+def small_dlsn(scale: int = 2, **overrides) -> DLSN:
+    options = dict(n_feats=16, n_resgroups=2, n_resblocks=1, chunk_size=16, n_hashes=2)
+    return DLSN(scale, **(options | overrides))
+
+
+@pytest.mark.parametrize("length, chunk, expected", [
+    (0, 16, 1), (5, 16, 1), (16, 16, 2), (143, 16, 8), (1440, 32, 46), (4096, 16, 128), (2304, 128, 18),
+])
+def test_number_of_buckets(length, chunk, expected):
+    assert number_of_buckets(length, chunk) == expected
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("height, width", [(1, 1), (5, 7), (11, 11), (9, 20)])
+def test_dlsn_any_input_size_and_scale(scale, height, width):
+    torch.manual_seed(0)
+    model = small_dlsn(scale).eval()
+    x = torch.rand(2, 3, height, width)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (2, 3, height * scale, width * scale)
+    assert torch.isfinite(y).all()
+
+
+def test_invalid_scale_and_hyperparameters_are_named():
+    with pytest.raises(ValueError, match="scale must be 3 or a power of two.*5"):
+        DLSN(5, n_feats=8, n_resgroups=1, n_resblocks=1)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        GLA(8, chunk_size=0)
+    with pytest.raises(ValueError, match=r"channels \(10\) must be divisible by reduction \(4\)"):
+        GLA(10)
+
+
+def _full_attention_reference(layer: GLA, x: torch.Tensor) -> torch.Tensor:
+    """The documented rule for L < chunk_size: one chunk, every query sees every key."""
+    batch, channels, height, width = x.shape
+    length = height * width
+    match = F.relu(layer.match_embedding(x)).flatten(2).transpose(1, 2)
+    value = F.relu(layer.value_embedding(x)).flatten(2).transpose(1, 2)
+    learned = layer.score_mlp(F.relu(layer.score_embedding(x)).flatten(2).transpose(1, 2))
+    keys = F.normalize(match, dim=-1, eps=5e-5)
+    scores = match @ keys.transpose(1, 2) + learned[..., :length].transpose(1, 2)
+    out = torch.softmax(scores, dim=-1) @ value
+    return x + layer.res_scale * out.transpose(1, 2).reshape(batch, channels, height, width)
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (3, 4), (5, 5)])
+def test_gla_below_one_chunk_is_full_attention(height, width):
+    torch.manual_seed(1)
+    layer = GLA(8, chunk_size=32, n_hashes=3, reduction=2, res_scale=0.5)
+    x = torch.randn(2, 8, height, width)
+    torch.testing.assert_close(layer(x), _full_attention_reference(layer, x))
+
+
+def test_gla_gradients_flow_for_tiny_inputs():
+    layer = GLA(8, chunk_size=16, n_hashes=2, reduction=2)
+    x = torch.randn(1, 8, 2, 3, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_gla_batch_items_are_independent():
+    torch.manual_seed(2)
+    layer = GLA(16, chunk_size=8, n_hashes=2)
+    x = torch.randn(3, 16, 6, 9)
+    rotations = torch.nn.init.orthogonal_(torch.empty(2, 4, number_of_buckets(54, 8)))
+    together = layer(x, rotations)
+    one_by_one = torch.cat([layer(x[i:i + 1], rotations) for i in range(3)])
+    torch.testing.assert_close(together, one_by_one)
+
+
+def test_rotations_argument_is_validated():
+    layer = GLA(16, chunk_size=8, n_hashes=2)
+    with pytest.raises(ValueError, match=r"rotations must have shape .*\[2, 4, 8\].*got \[2, 4, 3\]"):
+        layer(torch.randn(1, 16, 8, 8), torch.randn(2, 4, 3))
+
+
+def test_rotation_seed_makes_evaluation_deterministic_and_training_random():
+    torch.manual_seed(3)
+    model = small_dlsn().eval()
+    x = torch.rand(1, 3, 12, 14)
+    with torch.no_grad():
+        model.set_rotation_seed(7)
+        first = model(x)
+        torch.manual_seed(123)  # the global RNG must not matter
+        second = model(x)
+        model.set_rotation_seed(8)
+        other_seed = model(x)
+        model.set_rotation_seed(None)
+        fresh_a, fresh_b = model(x), model(x)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert not torch.equal(first, other_seed)
+    assert not torch.equal(fresh_a, fresh_b)
+    seeds = [layer.rotation_seed for layer in model.attention_layers]
+    assert seeds == [None, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_is_finite_and_close_to_float32(dtype):
+    torch.manual_seed(4)
+    model = small_dlsn().eval()
+    model.set_rotation_seed(0)
+    x = torch.rand(2, 3, 20, 18)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=dtype):
+            low = model(x)
+    assert torch.isfinite(low).all()
+    assert (low.float() - reference).abs().max() < 0.05
+    assert (low.float() - reference).abs().mean() < 0.005
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gla_softmax_runs_in_float32_under_autocast(monkeypatch, dtype):
+    torch.manual_seed(5)
+    layer = GLA(16, chunk_size=8, n_hashes=2)
+    layer.rotation_seed = 0
+    x = 300 * torch.randn(1, 16, 8, 8)  # large activations: scores in the thousands
+
+    seen_dtypes = []
+    original_logsumexp = torch.logsumexp
+
+    def recording_logsumexp(tensor, *args, **kwargs):
+        seen_dtypes.append(tensor.dtype)
+        return original_logsumexp(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "logsumexp", recording_logsumexp)
+    with torch.autocast("cpu", dtype=dtype):
+        out = layer(x)
+    assert seen_dtypes == [torch.float32] * layer.n_hashes
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_load_official_reports_every_problem():
+    model = small_dlsn()
+    state = to_official(model)
+    broken = dict(state)
+    del broken["head.0.weight"]
+    broken["body.9.unknown"] = torch.zeros(1)
+    broken["tail.1.weight"] = torch.zeros(3, 4, 3, 3)
+    with pytest.raises(ValueError) as error:
+        load_official(small_dlsn(), broken)
+    message = str(error.value)
+    assert "missing keys: head.0.weight" in message
+    assert "unexpected keys: body.9.unknown" in message
+    assert "tail.1.weight: shape [3, 4, 3, 3] in the file, [3, 16, 3, 3] expected" in message
+
+    wrong_range = dict(state, **{"sub_mean.bias": 255 * state["sub_mean.bias"]})
+    with pytest.raises(ValueError, match="sub_mean.bias does not match .*rgb_range=1.0"):
+        load_official(small_dlsn(), wrong_range)
+
+
+def test_load_official_across_scales_and_module_prefix():
+    source = small_dlsn(scale=2)
+    state = {f"module.{k}": v for k, v in to_official(source).items()}
+    with pytest.raises(ValueError, match="tail.0.0.weight: shape"):
+        load_official(small_dlsn(scale=3), state)
+    target = load_official(small_dlsn(scale=3), state, skip_upsampler=True)
+    torch.testing.assert_close(target.head.weight, source.head.weight)
+    torch.testing.assert_close(target.reconstruction.weight, source.reconstruction.weight)
+
+
+def test_model_follows_the_input_device_and_dtype():
+    model = small_dlsn().to(torch.float64).eval()
+    with torch.no_grad():
+        y = model(torch.rand(1, 3, 9, 9, dtype=torch.float64))
+    assert y.dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_same_output_on_cpu_and_cuda_with_a_rotation_seed():
+    torch.manual_seed(6)
+    model = small_dlsn().eval()
+    model.set_rotation_seed(11)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        cpu = model(x)
+        gpu = model.to("cuda")(x.to("cuda")).cpu()
+    torch.testing.assert_close(cpu, gpu, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_softmax_and_logsumexp_gradients():
+    from dlsn.models.gla import softmax_and_logsumexp
+
+    scores = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    weights, confidence = softmax_and_logsumexp(scores)
+    torch.testing.assert_close(weights, torch.softmax(scores, dim=1))
+    torch.testing.assert_close(confidence, torch.logsumexp(scores, dim=1, keepdim=True))
+    assert torch.autograd.gradcheck(lambda s: softmax_and_logsumexp(s), (scores,))
+    assert torch.autograd.gradcheck(lambda s: softmax_and_logsumexp(s)[1], (scores,))
