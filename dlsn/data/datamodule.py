@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dlsn.data.cache import ArrayCache
+from dlsn.distributed import TrainPatchSampler, distributed_world_size, eval_sampler
 from dlsn.data.datasets import ON_ERROR, SREvalDataset, SRTrainDataset, benchmark_records, folder_records
 from dlsn.data.degradations import check_degradation, check_scale
 from dlsn.data.div2k import TRAIN_IDS, div2k_records, prepare_div2k
@@ -183,7 +184,8 @@ class SRDataModule(L.LightningDataModule):
                 raise ValueError("training needs data.train_set (e.g. 'sample', 'DIV2K' or a folder)")
             _, records = self._resolve(self.train_set, train=True)
             self.train_dataset = SRTrainDataset(records, self.scale, self.degradation, self.patch_size,
-                                                self.iters_per_epoch * self.batch_size, self._cache, self.rgb_range,
+                                                self.iters_per_epoch * self.batch_size * distributed_world_size(),
+                                                self._cache, self.rgb_range,
                                                 self.augment, self.on_error)
         if stage in (None, "fit", "validate") and not self.val_datasets:
             self.val_datasets = self._eval_datasets(self.val_sets_spec)
@@ -209,16 +211,17 @@ class SRDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
-        # Patches are drawn at random inside the dataset, so no shuffling is needed.
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=False, drop_last=True,
-                          **self._loader_kwargs())
+        # Patches are drawn at random inside the dataset from (seed, epoch, index) keys: no shuffling,
+        # and a resumed run sees the same patches as an uninterrupted one.
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, drop_last=True,
+                          sampler=TrainPatchSampler(self.train_dataset), **self._loader_kwargs())
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         """One evaluation DataLoader: full images, batch size 1, sequential order."""
         kwargs = self._loader_kwargs()
         kwargs["num_workers"] = min(kwargs["num_workers"], len(dataset))
         kwargs["persistent_workers"] = kwargs["persistent_workers"] and kwargs["num_workers"] > 0
-        return DataLoader(dataset, batch_size=1, shuffle=False, **kwargs)
+        return DataLoader(dataset, batch_size=1, shuffle=False, sampler=eval_sampler(dataset), **kwargs)
 
     def val_dataloader(self) -> list[DataLoader]:
         if not self.val_datasets:

@@ -150,9 +150,10 @@ class SRTrainDataset(Dataset):
     vertical flip and transposition. ``len(dataset) == length`` (``iters_per_epoch * batch_size``),
     independent of the number of images.
 
-    Randomness: a numpy generator per process seeded from ``torch.initial_seed()``, which PyTorch
-    sets per DataLoader worker from the main process RNG: workers differ, runs with the same seed
-    are reproducible.
+    Randomness: with a key ``(seed, epoch, index)`` (what :class:`dlsn.distributed.TrainPatchSampler`
+    yields) the patch depends on the key alone, so runs with the same seed draw the same patches
+    and a resumed run continues exactly. With a plain integer index, a numpy generator per
+    process seeded from ``torch.initial_seed()`` (which PyTorch sets per DataLoader worker) is used.
     """
 
     def __init__(self, records: list[ImageRecord], scale: int, degradation: str, patch_size: int = 48,
@@ -198,8 +199,8 @@ class SRTrainDataset(Dataset):
             self._rng, self._rng_seed = np.random.default_rng(list(seed)), seed
         return self._rng
 
-    def __getitem__(self, index: int) -> dict:
-        rng = self._generator()
+    def __getitem__(self, key: int | tuple[int, int, int]) -> dict:
+        rng = np.random.default_rng(list(key)) if isinstance(key, tuple) else self._generator()
         image = int(rng.integers(len(self.pairs)))
         hr_handle, lr_handle = self.pairs[image]
         hr, lr = hr_handle.get(), lr_handle.get()

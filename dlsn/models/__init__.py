@@ -1,5 +1,6 @@
 """Super-resolution networks: plain ``nn.Module``s with no Lightning or Hydra inside."""
 
+from dlsn.models.bicubic import Bicubic  # noqa: F401  (interpolation baseline)
 from dlsn.models.dlsn import DLSN
 from dlsn.models.gla import GLA, set_rotation_seed
 from dlsn.models.official import load_official, to_official

@@ -35,8 +35,9 @@ rather than on the ``3 * n_hashes * L`` gathered copies; keys are normalised onc
 the learned scores are added inside the score matmul (``baddbmm``); rounds are processed one at a
 time so that inference holds one round's score tensor at a time.
 
-Softmax and log-sum-exp run in float32 under autocast, and hashing always uses float32 match
-embeddings so bucket assignment does not depend on the compute precision.
+Under autocast the match embedding is computed in float32 and hashing runs in float32, so the
+bucket assignment adds no rounding of its own (features entering the layer still carry the
+network's precision); softmax and log-sum-exp run in float32.
 """
 
 from __future__ import annotations
@@ -166,13 +167,23 @@ class GLA(nn.Module):
         """Match, value and learnable-score embeddings as ``[N, L, D]`` tokens.
 
         The three convolutions share their input, so they run as one convolution with the
-        weights stacked: one large matrix product instead of three smaller ones.
+        weights stacked: one large matrix product instead of three smaller ones. Under autocast
+        the (small) match convolution runs apart in float32: bucket assignment is an argmax, and
+        half-precision rounding of its inputs would move positions between buckets.
         """
-        convs = (self.match_embedding, self.value_embedding, self.score_embedding)
+        convs = [self.match_embedding, self.value_embedding, self.score_embedding]
+        match = None
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                match = F.conv2d(x.float(), self.match_embedding.weight.float(),
+                                 self.match_embedding.bias.float(), padding=1)
+            match = F.relu(match).flatten(2).transpose(1, 2)
+            convs = convs[1:]
         weight = torch.cat([conv.weight for conv in convs])
         bias = torch.cat([conv.bias for conv in convs])
-        stacked = F.relu(F.conv2d(x, weight, bias, padding=1)).flatten(2).transpose(1, 2)
-        return stacked.split([conv.out_channels for conv in convs], dim=-1)
+        tokens = F.relu(F.conv2d(x, weight, bias, padding=1)).flatten(2).transpose(1, 2)
+        parts = tokens.split([conv.out_channels for conv in convs], dim=-1)
+        return parts if match is None else (match, *parts)
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor | None = None) -> torch.Tensor:
         batch, channels, height, width = x.shape

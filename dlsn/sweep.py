@@ -1,0 +1,128 @@
+"""Glue between Hydra sweeps (grid multirun, Optuna) and a training run.
+
+* :func:`objective_value` turns the finished run's metrics into the number a sweeper optimises,
+  raising (not returning NaN) when the run produced nothing usable; see its docstring for why.
+* :func:`register_resolvers` adds the interpolations the launcher/sweeper configs use:
+  ``${dlsn_sweep_group:}`` (one W&B group per sweep), ``${dlsn_makedirs:DIR}`` (the Optuna SQLite
+  directory must exist before the study is created) and ``${dlsn_slurm_count:VALUE,KEY}``
+  (SLURM nodes / tasks from the trainer settings, refusing "auto" before a job is submitted).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+SWEEP_GROUP_RESOLVER = "dlsn_sweep_group"
+MAKEDIRS_RESOLVER = "dlsn_makedirs"
+SLURM_COUNT_RESOLVER = "dlsn_slurm_count"
+
+
+class TrialFailedError(RuntimeError):
+    """A training run finished without a finite value of the optimised metric."""
+
+
+def objective_value(metrics: Mapping[str, Any], metric_name: str | None) -> float | None:
+    """The value of ``metric_name`` in ``metrics`` as a float, for Hydra's sweeper to read.
+
+    ``metric_name`` is the config's ``optimized_metric`` (``None`` outside a search: returns
+    ``None``). A missing or non-finite value raises :class:`TrialFailedError` instead of returning
+    NaN: hydra-optuna-sweeper 1.3 records a raised exception as a FAILED trial and carries on (with
+    ``max_failure_rate: 1.0``), but a returned NaN makes ``study.tell`` raise inside its own error
+    handler, which ends the whole sweep and leaves the trial RUNNING in the database.
+    """
+    if metric_name is None:
+        return None
+    if metric_name not in metrics:
+        available = ", ".join(sorted(metrics)) or "none"
+        raise TrialFailedError(
+            f"optimized_metric={metric_name!r} was not logged by this run (logged: {available}). "
+            "Check the metric name, and that validation ran at least once."
+        )
+    raw = metrics[metric_name]
+    value = float(raw.item() if hasattr(raw, "item") else raw)
+    if not math.isfinite(value):
+        raise TrialFailedError(f"optimized_metric={metric_name!r} is {value}; counting this trial as failed.")
+    return value
+
+
+def finish_experiment_runs() -> None:
+    """End the active W&B run, if any, so that the next job of a sweep starts a run of its own.
+
+    Sweep jobs of the basic launcher run one after another in one process, and Lightning's
+    WandbLogger reuses an active ``wandb.run`` instead of starting a new one: without this every
+    trial would log into the first trial's run. Call it when a job ends, successful or not.
+    """
+    wandb = sys.modules.get("wandb")  # never import wandb just to find there is nothing to close
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def sweep_group_name() -> str | None:
+    """A name shared by all jobs of one Hydra sweep, ``None`` for a single run.
+
+    Optuna searches use the study name, so that runs of a resumed study (a later ``-m``
+    invocation with a new sweep directory) land in the same group. Grid multiruns use the sweep
+    directory's name (``sweep-<timestamp>``), which is unique per invocation and shared by its jobs.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    study_name = OmegaConf.select(hydra_cfg, "sweeper.study_name", default=None)
+    if study_name:
+        return str(study_name)
+    return f"sweep-{Path(str(hydra_cfg.sweep.dir)).name}"
+
+
+def makedirs(path: str) -> str:
+    """Create ``path`` (with parents) if needed and return it unchanged.
+
+    Optuna opens its SQLite file when the sweeper starts, before Hydra has created any job
+    directory, and SQLite does not create missing parent directories.
+    """
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def slurm_count(value: Any, key: str = "value") -> int:
+    """A positive process/node count for sbatch, from a trainer setting such as ``trainer.devices``.
+
+    Lightning's ``devices="auto"``/``-1`` means "whatever this machine has", which SLURM cannot
+    allocate; raising here (while the launcher is built, before submission) names the key to set.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{key}={value!r}: SLURM needs a positive integer count.")
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+        if not isinstance(value, (int, str)) and hasattr(value, "__len__"):  # a device-id list
+            count = len(value)
+    if count < 1:
+        raise ValueError(
+            f"{key}={value!r} cannot size a SLURM allocation: set it to a positive integer, e.g. "
+            f"`{key}=4` (GPUs per node) with hydra/launcher=slurm."
+        )
+    return count
+
+
+def register_resolvers() -> None:
+    """Register the ``dlsn_*`` resolvers (idempotent). Call before Hydra composes the config,
+    e.g. at import time of train.py / eval.py, next to the other resolvers."""
+    for name, function in (
+        (SWEEP_GROUP_RESOLVER, sweep_group_name),
+        (MAKEDIRS_RESOLVER, makedirs),
+        (SLURM_COUNT_RESOLVER, slurm_count),
+    ):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)

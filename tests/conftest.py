@@ -1,0 +1,88 @@
+"""Shared fixtures for the tests of training, evaluation, configs and checkpoints.
+
+Tests marked ``slow`` are skipped unless a marker expression is given (``pytest -m slow``; CI runs a
+selection with ``pytest -m slow -k ...``), so plain ``pytest`` stays fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BENCHMARK_DIR = Path(os.environ.get("DLSN_TEST_BENCHMARKS", PROJECT_ROOT.parent / "shared" / "benchmarks"))
+
+# A DLSN small enough for a training step in about a second, on tiny patches, with two checkpoints'
+# worth of steps; no W&B, CSV logs to read metrics back.
+TINY_TRAIN = [
+    "model=dlsn_small",
+    "model.n_feats=8",
+    "model.n_resgroups=1",
+    "model.n_resblocks=1",
+    "model.chunk_size=16",
+    "model.n_hashes=1",
+    "data.patch_size=12",
+    "data.batch_size=2",
+    "data.iters_per_epoch=3",
+    "data.num_workers=0",
+    "optim.lr=1e-4",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.log_every_n_steps=1",
+    "logger=csv",
+    "extras.print_config=false",
+    "compare_bicubic=false",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.option.markexpr:
+        return
+    skip_slow = pytest.mark.skip(reason="slow test: run with `pytest -m slow`")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+def run_script(script: str, run_dir: Path, *overrides: str, expect_success: bool = True) -> subprocess.CompletedProcess:
+    """Run train.py / eval.py in a subprocess with Hydra's output in ``run_dir``."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(PROJECT_ROOT / script), f"hydra.run.dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if expect_success and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_csv_metrics(run_dir: Path) -> list[dict[str, str]]:
+    """Rows of the CSVLogger's metrics.csv of a run."""
+    files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
+    assert files, f"no metrics.csv under {run_dir}"
+    with open(files[-1], newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def last_value(rows: list[dict[str, str]], key: str) -> float:
+    values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+    assert values, f"{key} was never logged"
+    return values[-1]
+
+
+@pytest.fixture(scope="session")
+def tiny_train_run(tmp_path_factory) -> Path:
+    """One tiny training run (2 epochs), shared by the tests that read its checkpoints and logs."""
+    run_dir = tmp_path_factory.mktemp("tiny_train") / "run"
+    run_script("train.py", run_dir, *TINY_TRAIN, "trainer.max_epochs=2")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def benchmark_dir() -> Path:
+    if not (BENCHMARK_DIR / "Set5" / "HR").is_dir():
+        pytest.skip(f"benchmark images not found at {BENCHMARK_DIR} (set DLSN_TEST_BENCHMARKS to <dir>/Set5/HR ...)")
+    return BENCHMARK_DIR

@@ -1,0 +1,124 @@
+"""SRModule with a toy network and in-memory data: skipping bad batches, metric names, rotation seeds."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dlsn.lightning_module import SRModule
+from dlsn.metrics import psnr_y, ssim_y
+
+
+class ToyNet(nn.Module):
+    """Nearest upsampling plus a learned 1x1 correction; records the GLA rotation seed it is given."""
+
+    def __init__(self, scale=2):
+        super().__init__()
+        self.scale = scale
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.seeds_seen = []
+        self.rotation_seed = "unset"
+
+    def set_rotation_seed(self, seed):
+        self.rotation_seed = seed
+
+    def forward(self, x):
+        self.seeds_seen.append((self.training, self.rotation_seed))
+        return self.conv(x).repeat_interleave(self.scale, -1).repeat_interleave(self.scale, -2)
+
+
+class ToyData(L.LightningDataModule):
+    val_set_names = ["A", "B"]
+
+    def __init__(self, train_batches):
+        super().__init__()
+        self.train_batches = train_batches
+        torch.manual_seed(0)
+        self.val = [
+            [{"lr": torch.rand(1, 3, 8, 8), "hr": torch.rand(1, 3, 16, 16), "name": [f"{s}{i}"]} for i in range(2)]
+            for s in self.val_set_names
+        ]
+
+    def train_dataloader(self):
+        return DataLoader(self.train_batches, batch_size=None)
+
+    def val_dataloader(self):
+        return [DataLoader(v, batch_size=None) for v in self.val]
+
+
+def batch(value=0.5, size=4):
+    return {"lr": torch.full((size, 3, 4, 4), value), "hr": torch.full((size, 3, 8, 8), value), "name": ["p"] * size}
+
+
+def fit(module, data, **trainer_kwargs):
+    settings = dict(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    trainer = L.Trainer(**{**settings, **trainer_kwargs})
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def test_exploding_and_nan_batches_are_skipped_and_counted():
+    good = [batch(0.5) for _ in range(6)]
+    exploding = {"lr": torch.full((4, 3, 4, 4), 0.5), "hr": torch.full((4, 3, 8, 8), 1e6), "name": ["x"] * 4}
+    nan = {"lr": torch.full((4, 3, 4, 4), float("nan")), "hr": torch.zeros(4, 3, 8, 8), "name": ["x"] * 4}
+    net = ToyNet()
+    module = SRModule(net, scale=2, optim={"lr": 1e-3}, inference={"mode": "whole"}, skip_factor=10, skip_warmup=3)
+    snapshots = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots.append(pl_module.net.conv.weight.detach().clone())
+
+    trainer = fit(module, ToyData(good[:4] + [exploding] + good[4:5] + [nan] + good[5:]), callbacks=[Snapshot()])
+    assert module.skipped_batches == 2
+    assert module.accepted_batches == 6
+    assert torch.equal(snapshots[4], snapshots[3])  # the exploding batch did not update the weights
+    assert torch.equal(snapshots[6], snapshots[5])  # nor the NaN one
+    assert not torch.equal(snapshots[5], snapshots[4])  # good batches do
+    assert torch.isfinite(net.conv.weight).all()
+    assert trainer.callback_metrics["train/skipped_batches"] == 2
+    assert math.isfinite(module.loss_running_mean)
+
+
+def test_large_loss_is_not_skipped_during_warmup_or_without_factor():
+    big = {"lr": torch.full((4, 3, 4, 4), 0.5), "hr": torch.full((4, 3, 8, 8), 100.0), "name": ["x"] * 4}
+    module = SRModule(ToyNet(), scale=2, optim={"lr": 1e-3}, inference={"mode": "whole"}, skip_factor=None)
+    fit(module, ToyData([batch(), batch(), big, batch()]))
+    assert module.skipped_batches == 0
+
+
+def test_validation_logs_per_set_mean_and_best_with_fixed_rotations():
+    net = ToyNet()
+    data = ToyData([batch() for _ in range(3)])
+    module = SRModule(net, scale=2, optim={"lr": 1e-3}, inference={"mode": "chop", "min_size": 20, "shave": 2}, rotation_seed=7)
+    trainer = fit(module, data, max_epochs=2)
+    metrics = trainer.callback_metrics
+    for name in ("A", "B"):
+        expected = sum(psnr_y(module.super_resolve(b["lr"]), b["hr"], 2) for b in data.val[data.val_set_names.index(name)]) / 2
+        assert float(metrics[f"val/{name}/psnr"]) == pytest.approx(expected, abs=1e-6)
+        images = data.val[data.val_set_names.index(name)]
+        expected_ssim = sum(ssim_y(module.super_resolve(b["lr"]), b["hr"], 2) for b in images) / 2
+        assert float(metrics[f"val/{name}/ssim"]) == pytest.approx(expected_ssim, abs=1e-6)
+    assert float(metrics["val/psnr"]) == pytest.approx((float(metrics["val/A/psnr"]) + float(metrics["val/B/psnr"])) / 2)
+    assert float(metrics["val/psnr_best"]) >= float(metrics["val/psnr"])
+    # Evaluation forwards ran in eval mode with seed 7; training forwards with fresh rotations (None).
+    assert {seed for training, seed in net.seeds_seen if not training} == {7}
+    assert {seed for training, seed in net.seeds_seen if training} == {None}
+
+
+def test_skip_decision_state_survives_checkpoint_round_trip():
+    module = SRModule(ToyNet(), scale=2)
+    module.loss_running_mean, module.accepted_batches, module.skipped_batches, module.best_val_psnr = 0.1, 50, 3, 30.5
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    restored = SRModule(ToyNet(), scale=2)
+    restored.on_load_checkpoint(checkpoint)
+    assert (restored.loss_running_mean, restored.accepted_batches, restored.skipped_batches, restored.best_val_psnr) == (
+        0.1, 50, 3, 30.5,
+    )

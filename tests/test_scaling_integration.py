@@ -1,0 +1,163 @@
+"""End-to-end scaling checks with the real train.py / eval.py on the CPU (all `slow`).
+
+* two-process DDP training: checkpoints, step count, validation logged;
+* DDP evaluation of an odd number of images equals one process (PSNR/SSIM to 1e-6, image count);
+* a requeued run resumes from its own last checkpoint;
+* a 2-job grid multirun and a 2-trial Optuna search (SQLite) with train.py.
+
+DDP runs are subprocesses with a timeout (Lightning re-executes the script for the other rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PROJECT_ROOT, TINY_TRAIN, last_value, read_csv_metrics
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 420
+ITERS_PER_EPOCH = 3  # from TINY_TRAIN
+DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def run(script: str, *args: str, expect_success: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "MASTER_PORT": free_port()}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / script), *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    if expect_success:
+        assert proc.returncode == 0, f"{script} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ddp_train") / "run"
+    run("train.py", f"hydra.run.dir={run_dir}", *TINY_TRAIN, *DDP_CPU, "trainer.max_epochs=2")
+    return run_dir
+
+
+def test_two_process_training_writes_checkpoints_and_validates(ddp_run):
+    last = ddp_run / "checkpoints" / "last.ckpt"
+    assert last.is_file() and (ddp_run / "checkpoints" / "best.ckpt").is_file()
+    # An epoch is data.iters_per_epoch optimizer steps on any number of processes.
+    assert checkpoint_step(last) == 2 * ITERS_PER_EPOCH
+    rows = read_csv_metrics(ddp_run)
+    assert np.isfinite(last_value(rows, "val/psnr"))
+    assert np.isfinite(last_value(rows, "train/loss_epoch"))
+    assert len({r["epoch"] for r in rows if r.get("val/psnr")}) == 2  # validated after each epoch
+
+
+@pytest.fixture(scope="module")
+def odd_image_folder(tmp_path_factory) -> Path:
+    """Five smooth RGB images: an odd count, so two processes get 3 and 2."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("odd5")
+    rng = np.random.default_rng(0)
+    for index in range(5):
+        coarse = rng.random((6, 6, 3)) * 255
+        image = Image.fromarray(coarse.astype(np.uint8)).resize((48 + 4 * index, 40), Image.BICUBIC)
+        image.save(folder / f"img{index}.png")
+    return folder
+
+
+def test_ddp_evaluation_equals_one_process_on_odd_image_count(ddp_run, odd_image_folder, tmp_path):
+    results = {}
+    for name, extra in (("single", ["trainer.accelerator=cpu", "trainer.devices=1"]), ("ddp", DDP_CPU)):
+        out_dir = tmp_path / name
+        run("eval.py", f"hydra.run.dir={out_dir}", f"ckpt_path={ddp_run / 'checkpoints' / 'last.ckpt'}",
+            "data=sample", f"data.test_sets=[{odd_image_folder}]", "data.num_workers=0", "logger=none",
+            "extras.print_config=false", *extra)
+        results[name] = json.loads((out_dir / "results.json").read_text())
+    [single] = results["single"].values()
+    [ddp] = results["ddp"].values()
+    assert single["n"] == ddp["n"] == 5  # every image once: none padded in, none dropped
+    assert ddp["psnr"] == pytest.approx(single["psnr"], abs=1e-6)
+    assert ddp["ssim"] == pytest.approx(single["ssim"], abs=1e-6)
+
+
+def test_rerun_in_same_directory_resumes_from_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    run("train.py", f"hydra.run.dir={run_dir}", *TINY_TRAIN, "trainer.max_epochs=1")
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == ITERS_PER_EPOCH
+    # What a requeued SLURM job does: the same command, the same output directory, more epochs.
+    proc = run("train.py", f"hydra.run.dir={run_dir}", *TINY_TRAIN, "trainer.max_epochs=2")
+    assert "Resuming from" in proc.stdout + proc.stderr
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 2 * ITERS_PER_EPOCH
+
+
+def test_grid_multirun_trains_every_combination(tmp_path):
+    run("train.py", "-m", f"paths.log_dir={tmp_path}", *TINY_TRAIN, "model.n_hashes=1,2")
+    [sweep_dir] = (tmp_path / "train" / "multiruns").iterdir()
+    for job in ("0", "1"):
+        assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
+        assert np.isfinite(last_value(read_csv_metrics(sweep_dir / job), "val/psnr"))
+    hashes = {(sweep_dir / job / ".hydra" / "overrides.yaml").read_text().count("model.n_hashes=")
+              for job in ("0", "1")}
+    assert hashes == {1}
+
+
+def test_optuna_search_with_train_py_stores_trials_in_sqlite(tmp_path):
+    import optuna
+
+    # A plain `key=value` on the command line fixes a searched parameter, so the tiny-model
+    # overrides of the searched keys are left out; a sweep value replaces the config's dimension.
+    searched = ("model.chunk_size=", "model.n_hashes=", "optim.lr=")
+    tiny = [arg for arg in TINY_TRAIN if not arg.startswith(searched)]
+    run("train.py", "-m", "hparams_search=dlsn_optuna", f"paths.log_dir={tmp_path}", *tiny,
+        "hydra.sweeper.n_trials=2", "model.chunk_size=choice(16,32)")
+    study = optuna.load_study(study_name="dlsn_x2_BI", storage=f"sqlite:///{tmp_path / 'optuna' / 'dlsn_x2_BI.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    [sweep_dir] = (tmp_path / "train" / "multiruns").iterdir()
+    for trial in study.trials:
+        rows = read_csv_metrics(sweep_dir / str(trial.number))
+        assert trial.value == pytest.approx(last_value(rows, "val/psnr_best"))
+        assert set(trial.params) == {"optim.lr", "model.n_hashes", "model.chunk_size"}
+        assert trial.params["model.chunk_size"] in (16, 32)
+
+
+def test_real_configs_compose_for_slurm_and_optuna():
+    """configs/train.yaml with the launcher and search configs: the values submitit/Optuna get."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import dlsn.utils  # noqa: F401  (registers the resolvers, as importing train.py does)
+
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base="1.3"):
+        slurm = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+                                            "trainer.num_nodes=2"], return_hydra_config=True)
+        search = compose("train", overrides=["hparams_search=dlsn_optuna"], return_hydra_config=True)
+    launcher = OmegaConf.to_container(slurm.hydra.launcher, resolve=True)
+    assert (launcher["nodes"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == (2, 4, 4)
+    assert launcher["additional_parameters"] == {"requeue": True}
+    assert search.optimized_metric == "val/psnr_best"
+    assert search.hydra.sweeper.direction == "maximize"
+    assert search.hydra.sweeper.study_name == "dlsn_x2_BI"
+    # (storage is checked unresolved: resolving it creates the logs/optuna directory)
+    storage = OmegaConf.to_container(search.hydra.sweeper, resolve=False)["storage"]
+    assert storage.startswith("sqlite:///") and storage.endswith("/optuna}/${hydra.sweeper.study_name}.db")
+    assert set(search.hydra.sweeper.params) == {"optim.lr", "model.n_hashes", "model.chunk_size"}
+    # Every searched key exists in the composed training config.
+    for key in search.hydra.sweeper.params:
+        assert OmegaConf.select(search, key) is not None, key

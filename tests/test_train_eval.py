@@ -1,0 +1,143 @@
+"""train.py and eval.py end to end on CPU (subprocesses, tiny DLSN, a few steps)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_TRAIN, last_value, read_csv_metrics, run_script
+
+# Published bicubic PSNR / SSIM (../shared/benchmarks/README.md).
+PUBLISHED_BICUBIC = {
+    2: {"Set5": (33.66, 0.9299), "Set14": (30.24, 0.8688)},
+    3: {"Set5": (30.39, 0.8682), "Set14": (27.55, 0.7742)},
+    4: {"Set5": (28.42, 0.8104), "Set14": (26.00, 0.7027)},
+}
+
+
+def test_training_writes_checkpoints_and_metrics(tiny_train_run):
+    ckpt_dir = tiny_train_run / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best.ckpt", "last.ckpt"]
+    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 2 * 3  # 2 epochs of data.iters_per_epoch=3
+    assert last["dlsn_config"]["model"]["n_feats"] == 8
+    assert {"optimizer_states", "lr_schedulers", "dlsn_rng_state", "dlsn_training_state"} <= set(last)
+    rows = read_csv_metrics(tiny_train_run)
+    for key in ("train/loss_step", "train/lr", "train/throughput", "train/skipped_batches", "val/sample/psnr",
+                "val/sample/ssim", "val/psnr", "val/psnr_best"):
+        assert any(r.get(key) not in (None, "") for r in rows), key
+    assert last_value(rows, "val/psnr_best") >= last_value(rows, "val/psnr")
+    assert last_value(rows, "train/lr") == pytest.approx(1e-4)
+
+
+def test_resume_restores_step_optimizer_and_scheduler(tiny_train_run, tmp_path):
+    first = tmp_path / "first"
+    run_script("train.py", first, *TINY_TRAIN, "trainer.max_epochs=1", "optim.milestones=[1]")
+    saved = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)  # safe to load
+    assert saved["global_step"] == 3
+    resumed = tmp_path / "resumed"
+    run_script("train.py", resumed, *TINY_TRAIN, "trainer.max_epochs=2", "optim.milestones=[1]",
+               f"ckpt_path={first}/checkpoints/last.ckpt")
+    continued = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert continued["global_step"] == 6 and continued["epoch"] == 1
+    assert int(continued["optimizer_states"][0]["state"][0]["step"]) == 6  # Adam moments carried over
+    assert continued["lr_schedulers"][0]["last_epoch"] == 2
+    assert continued["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.5e-4)  # halved at epoch 1
+    rows = read_csv_metrics(resumed)
+    steps = sorted({int(r["step"]) for r in rows if r.get("train/loss_step")})
+    assert steps and min(steps) >= 3  # logging continued from the saved step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", [["data.num_workers=0"], ["data.num_workers=1", "+data.persistent_workers=true"]],
+                         ids=["in-process", "persistent-worker"])
+def test_resume_is_exact(tmp_path, loader):
+    # Patches are drawn from (seed, epoch, index) keys, so the resumed run draws exactly the patches
+    # of the uninterrupted one whatever the DataLoader workers do.
+    uninterrupted_dir, first, resumed = tmp_path / "full", tmp_path / "first", tmp_path / "resumed"
+    run_script("train.py", uninterrupted_dir, *TINY_TRAIN, *loader, "trainer.max_epochs=2")
+    run_script("train.py", first, *TINY_TRAIN, *loader, "trainer.max_epochs=1")
+    run_script("train.py", resumed, *TINY_TRAIN, *loader, "trainer.max_epochs=2", f"ckpt_path={first}/checkpoints/last.ckpt")
+    uninterrupted = torch.load(uninterrupted_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    continued = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert continued["global_step"] == uninterrupted["global_step"] == 6
+    for key, value in uninterrupted["state_dict"].items():
+        torch.testing.assert_close(continued["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    adam_before = uninterrupted["optimizer_states"][0]["state"][0]["exp_avg"]
+    torch.testing.assert_close(continued["optimizer_states"][0]["state"][0]["exp_avg"], adam_before, rtol=0, atol=0)
+
+
+def test_eval_reproduces_the_metric_logged_in_training(tiny_train_run, tmp_path):
+    out = tmp_path / "eval"
+    run_script(
+        "eval.py", out, f"ckpt_path={tiny_train_run}/checkpoints/last.ckpt", "data=sample", "data.num_workers=0",
+        "trainer.accelerator=cpu", "extras.print_config=false", "save_images=true",
+    )
+    results = json.loads((out / "results.json").read_text())
+    rows = read_csv_metrics(tiny_train_run)
+    assert set(results) == {"sample"}
+    assert results["sample"]["psnr"] == pytest.approx(last_value(rows, "val/sample/psnr"), abs=1e-6)
+    assert results["sample"]["ssim"] == pytest.approx(last_value(rows, "val/sample/ssim"), abs=1e-6)
+    assert results["sample"]["n"] == 2
+    assert len(list((out / "images" / "sample").glob("*_x2_SR.png"))) == 2
+    table = (out / "results.md").read_text()
+    assert "| DLSN | x2 (BI) |" in table and f"{results['sample']['psnr']:.2f}" in table
+
+
+def test_eval_refuses_checkpoint_of_another_scale(tiny_train_run, tmp_path):
+    proc = run_script(
+        "eval.py", tmp_path / "eval", f"ckpt_path={tiny_train_run}/checkpoints/last.ckpt", "data=sample", "scale=3",
+        "logger=none", expect_success=False,
+    )
+    assert proc.returncode != 0 and "trained for scale 2, but scale=3" in proc.stderr
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
+@pytest.mark.parametrize("scale", [2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
+def test_eval_bicubic_reproduces_published_numbers(benchmark_dir, tmp_path, scale):
+    out = tmp_path / f"bicubic_x{scale}"
+    run_script(
+        "eval.py", out, "model=bicubic", f"data.benchmark_dir={benchmark_dir}", "data.test_sets=[Set5,Set14]",
+        f"scale={scale}", "degradation=BI", "data.num_workers=0", "trainer.accelerator=cpu", "extras.print_config=false",
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["Set5", "Set14"]
+    assert (results["Set5"]["n"], results["Set14"]["n"]) == (5, 14)
+    for name, (psnr, ssim) in PUBLISHED_BICUBIC[scale].items():
+        assert results[name]["psnr"] == pytest.approx(psnr, abs=0.05), name
+        assert results[name]["ssim"] == pytest.approx(ssim, abs=0.002), name
+    assert "| Bicubic | x" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_ema_weights_are_validated_saved_and_evaluated(tmp_path):
+    run_dir = tmp_path / "ema"
+    run_script("train.py", run_dir, *TINY_TRAIN, "callbacks=ema", "callbacks.ema.decay=0.5", "trainer.max_epochs=2")
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # state_dict holds the averaged weights, current_model_state the trained ones: they differ.
+    assert "current_model_state" in last and "averaging_state" in last
+    key = "net.head.weight" if "net.head.weight" in last["state_dict"] else next(k for k in last["state_dict"] if k.startswith("net."))
+    assert not torch.equal(last["state_dict"][key], last["current_model_state"][key])
+    out = tmp_path / "eval"
+    run_script("eval.py", out, f"ckpt_path={run_dir}/checkpoints/last.ckpt", "data=sample", "data.num_workers=0",
+               "trainer.accelerator=cpu", "logger=none", "extras.print_config=false")
+    results = json.loads((out / "results.json").read_text())
+    assert results["sample"]["psnr"] == pytest.approx(last_value(read_csv_metrics(run_dir), "val/sample/psnr"), abs=1e-6)
+
+
+def test_eval_of_an_official_state_dict(tmp_path):
+    from dlsn.models import DLSN, to_official
+
+    torch.manual_seed(0)
+    net = DLSN(2, n_feats=8, n_resgroups=1, n_resblocks=1, chunk_size=16, n_hashes=1)
+    torch.save(to_official(net), tmp_path / "model_x2.pt")
+    out = tmp_path / "eval"
+    tiny_model = [o for o in TINY_TRAIN if o.startswith("model")]
+    run_script("eval.py", out, f"ckpt_path={tmp_path / 'model_x2.pt'}", *tiny_model, "data=sample", "data.num_workers=0",
+               "trainer.accelerator=cpu", "logger=none", "extras.print_config=false")
+    results = json.loads((out / "results.json").read_text())
+    assert results["sample"]["n"] == 2 and 5 < results["sample"]["psnr"] < 60
+    # A file for another configuration is refused with the reason.
+    proc = run_script("eval.py", tmp_path / "bad", f"ckpt_path={tmp_path / 'model_x2.pt'}", "model=dlsn_small", "data=sample",
+                      "logger=none", expect_success=False)
+    assert proc.returncode != 0 and "cannot load as an official DLSN state_dict" in proc.stderr
