@@ -7,6 +7,7 @@ that peaks do not mix.
     python scripts/benchmark_gla.py                    # all cases on CPU
     python scripts/benchmark_gla.py --device cuda      # on a GPU
     python scripts/benchmark_gla.py --baseline         # also the published algorithm, for comparison
+    python scripts/benchmark_gla.py --train-batches 1 2   # training step at batch 1 (published figure) and 2
 
 Cases: GLA (C=256, k=128, 3 hashes) forward and forward+backward at LR sizes 48, 96, 192, and one
 training step (forward, L1 loss, backward, Adam) of the paper-configuration DLSN on 2x3x48x48.
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from dlsn.models import DLSN, GLA  # noqa: E402
 from dlsn.models.gla import KEY_NORM_EPS, draw_rotations, number_of_buckets  # noqa: E402
+from dlsn.utils.allocator import keep_freed_memory  # noqa: E402
 
 
 def published_layout_forward(layer: GLA, x: torch.Tensor) -> torch.Tensor:
@@ -76,13 +78,15 @@ def published_layout_forward(layer: GLA, x: torch.Tensor) -> torch.Tensor:
 
 
 def run_case(case: dict) -> dict:
+    if case["keep_freed_memory"]:
+        keep_freed_memory()
     device = torch.device(case["device"])
     torch.manual_seed(0)
     if case["kind"] == "dlsn_train_step":
         model = DLSN(scale=2).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        lr = torch.rand(2, 3, 48, 48, device=device)
-        hr = torch.rand(2, 3, 96, 96, device=device)
+        lr = torch.rand(case["batch"], 3, 48, 48, device=device)
+        hr = torch.rand(case["batch"], 3, 96, 96, device=device)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
@@ -131,6 +135,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[48, 96, 192])
     parser.add_argument("--baseline", action="store_true", help="also time the published layout")
     parser.add_argument("--no-train-step", action="store_true")
+    parser.add_argument("--train-batches", type=int, nargs="+", default=[2],
+                        help="batch sizes of the DLSN training step (the published figure is batch 1)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc malloc: no mmap, no trimming (dlsn/utils/allocator.py): fewer page "
+                             "faults at large sizes, higher peak RSS")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
     if args.case:
@@ -144,13 +153,17 @@ def main() -> None:
                 repeats = args.repeats if size <= 96 or args.device != "cpu" else max(2, args.repeats // 2)
                 cases.append(dict(kind=kind, size=size, baseline=baseline, repeats=repeats))
     if not args.no_train_step:
-        cases.append(dict(kind="dlsn_train_step", size=48, baseline=False, repeats=max(2, args.repeats // 2)))
+        for batch in args.train_batches:
+            cases.append(dict(kind="dlsn_train_step", size=48, baseline=False, batch=batch,
+                              repeats=max(2, args.repeats // 2)))
 
     memory_label = "peak GPU MB" if args.device.startswith("cuda") else "peak RSS MB"
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
-    print(f"{'case':<34}{'median s':>10}{memory_label:>14}")
+    allocator = "keep_freed_memory()" if args.keep_freed_memory else "default malloc settings"
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, {allocator}")
+    print(f"{'case':<46}{'median s':>10}{memory_label:>14}")
     for case in cases:
         case["device"] = args.device
+        case["keep_freed_memory"] = args.keep_freed_memory
         result = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
                                 capture_output=True, text=True, check=True)
         numbers = json.loads(result.stdout.strip().splitlines()[-1])
@@ -158,8 +171,8 @@ def main() -> None:
         if case["kind"] != "dlsn_train_step":
             label += f" {case['size']}x{case['size']}"
         else:
-            label += " 2x3x48x48"
-        print(f"{label:<34}{numbers['median_s']:>10.3f}{numbers['peak_mb']:>14.0f}", flush=True)
+            label += f" {case['batch']}x3x48x48"
+        print(f"{label:<46}{numbers['median_s']:>10.3f}{numbers['peak_mb']:>14.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -201,3 +201,13 @@ def test_fused_softmax_and_logsumexp_gradients():
     torch.testing.assert_close(confidence, torch.logsumexp(scores, dim=1, keepdim=True))
     assert torch.autograd.gradcheck(lambda s: softmax_and_logsumexp(s), (scores,))
     assert torch.autograd.gradcheck(lambda s: softmax_and_logsumexp(s)[1], (scores,))
+
+
+def test_keep_freed_memory_is_applied_on_linux():
+    import platform
+    import sys
+
+    from dlsn.utils.allocator import keep_freed_memory
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() == glibc
