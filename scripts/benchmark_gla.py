@@ -31,7 +31,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from dlsn.models import DLSN, GLA  # noqa: E402
 from dlsn.models.gla import KEY_NORM_EPS, draw_rotations, number_of_buckets  # noqa: E402
-from dlsn.utils.allocator import keep_freed_memory  # noqa: E402
 
 
 def published_layout_forward(layer: GLA, x: torch.Tensor) -> torch.Tensor:
@@ -79,6 +78,8 @@ def published_layout_forward(layer: GLA, x: torch.Tensor) -> torch.Tensor:
 
 def run_case(case: dict) -> dict:
     if case["keep_freed_memory"]:
+        from dlsn.utils.allocator import keep_freed_memory  # imported only here: dlsn.utils pulls in Hydra
+
         keep_freed_memory()
     device = torch.device(case["device"])
     torch.manual_seed(0)
