@@ -5,11 +5,14 @@
 * :func:`register_resolvers` adds the interpolations the launcher/sweeper configs use:
   ``${dlsn_sweep_group:}`` (one W&B group per sweep), ``${dlsn_makedirs:DIR}`` (the Optuna SQLite
   directory must exist before the study is created) and ``${dlsn_slurm_count:VALUE,KEY}``
-  (SLURM nodes / tasks from the trainer settings, refusing "auto" before a job is submitted).
+  (SLURM nodes / tasks from the trainer settings, refusing "auto" before a job is submitted) and
+  ``${dlsn_run_id:DIR}`` (a W&B run id fixed by the run directory, so a requeued or restarted job,
+  which resumes from that directory's checkpoint, also continues the same W&B run).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 from collections.abc import Mapping
@@ -21,6 +24,7 @@ from omegaconf import OmegaConf
 SWEEP_GROUP_RESOLVER = "dlsn_sweep_group"
 MAKEDIRS_RESOLVER = "dlsn_makedirs"
 SLURM_COUNT_RESOLVER = "dlsn_slurm_count"
+RUN_ID_RESOLVER = "dlsn_run_id"
 
 
 class TrialFailedError(RuntimeError):
@@ -116,6 +120,16 @@ def slurm_count(value: Any, key: str = "value") -> int:
     return count
 
 
+def run_id(output_dir: str) -> str:
+    """A W&B run id derived from the run's output directory (16 hex digits).
+
+    A job restarted in the same directory (SLURM requeue, a crashed run launched again) resumes
+    from that directory's last checkpoint and, with this id and ``resume: allow``, logs into the
+    same W&B run; every new directory (new run, each sweep job) gets a run of its own.
+    """
+    return hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
+
+
 def register_resolvers() -> None:
     """Register the ``dlsn_*`` resolvers (idempotent). Call before Hydra composes the config,
     e.g. at import time of train.py / eval.py, next to the other resolvers."""
@@ -123,6 +137,7 @@ def register_resolvers() -> None:
         (SWEEP_GROUP_RESOLVER, sweep_group_name),
         (MAKEDIRS_RESOLVER, makedirs),
         (SLURM_COUNT_RESOLVER, slurm_count),
+        (RUN_ID_RESOLVER, run_id),
     ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)

@@ -205,3 +205,12 @@ def test_slurm_launcher_refuses_auto_devices_before_submitting(tmp_path, monkeyp
     cfg = compose_app(["hydra/launcher=slurm", "trainer.devices=auto"])
     with pytest.raises(Exception, match="trainer.devices='auto' cannot size a SLURM allocation"):
         sbatch_text(cfg, tmp_path, monkeypatch)
+
+
+def test_wandb_run_id_follows_the_run_directory(tmp_path):
+    from dlsn.sweep import run_id
+
+    first, second = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    assert run_id(str(first)) == run_id(str(tmp_path / "runs" / ".." / "runs" / "a"))
+    assert run_id(str(first)) != run_id(str(second))
+    assert len(run_id(str(first))) == 16 and int(run_id(str(first)), 16) >= 0
