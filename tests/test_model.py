@@ -211,3 +211,17 @@ def test_keep_freed_memory_is_applied_on_linux():
 
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() == glibc
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hash_codes_ignore_autocast(dtype):
+    from dlsn.models.gla import hash_codes
+
+    torch.manual_seed(9)
+    match = torch.randn(2, 500, 8)
+    rotations = torch.nn.init.orthogonal_(torch.empty(3, 8, 64))
+    reference = hash_codes(match, rotations)
+    with torch.autocast("cpu", dtype=dtype):
+        assert torch.equal(hash_codes(match, rotations), reference)
+        low_precision = torch.einsum("nld,tdb->ntlb", match, rotations).argmax(dim=-1)
+    assert not torch.equal(low_precision, reference)  # what the float32 guard prevents

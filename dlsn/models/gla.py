@@ -72,6 +72,16 @@ def draw_rotations(
     return torch.stack(rounds)
 
 
+def hash_codes(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """SB-LSH bucket of every position in every round: ``argmax(m_p R_t)``, ``[N, T, L]``.
+
+    Always computed in float32 with autocast off: an argmax flips on tiny rounding differences,
+    and buckets should not depend on the compute precision.
+    """
+    with torch.autocast(match.device.type, enabled=False):
+        return torch.einsum("nld,tdb->ntlb", match.detach().float(), rotations.float()).argmax(dim=-1)
+
+
 class _SoftmaxAndLogSumExp(torch.autograd.Function):
     """``softmax(s)`` and ``logsumexp(s)`` over dim 1, saving only the softmax for backward.
 
@@ -202,8 +212,7 @@ class GLA(nn.Module):
         learned_score = self.score_mlp(score_input)[..., :chunk]
         keys = F.normalize(match, p=2, dim=-1, eps=KEY_NORM_EPS)
 
-        # Hash codes for all rounds at once, in float32 so precision never changes the buckets.
-        codes = torch.einsum("nld,tdb->ntlb", match.detach().float(), rotations).argmax(dim=-1)
+        codes = hash_codes(match, rotations)
         positions = torch.arange(length, device=x.device)
         # Unique sort keys (bucket, position) give the stable order on every device.
         order = torch.argsort(codes * length + positions, dim=-1)  # [N, T, L]
@@ -213,7 +222,7 @@ class GLA(nn.Module):
         n_chunks = order.shape[-1] // chunk
         chunk_ids = torch.arange(n_chunks, device=x.device)
         # For every chunk: itself, the previous and the next chunk (cyclic).
-        neighbour_chunks = torch.stack([chunk_ids, chunk_ids - 1, (chunk_ids + 1) % n_chunks], dim=1)
+        neighbour_chunks = torch.stack([chunk_ids, (chunk_ids - 1) % n_chunks, (chunk_ids + 1) % n_chunks], dim=1)
 
         batch_items = torch.arange(batch, device=x.device).view(batch, 1)
 
@@ -264,8 +273,7 @@ def set_rotation_seed(module: nn.Module, seed: int | None) -> None:
     GLA layers get ``seed + i`` in forward order, so that different layers use different
     rotations while every forward pass, on any device, uses the same ones.
     """
-    layers = [m for m in module.modules() if isinstance(m, GLA)]
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(gla_layers(module)):
         layer.rotation_seed = None if seed is None else seed + index
 
 
