@@ -18,7 +18,14 @@ import rich
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dlsn.checkpoint import atomic_write_json, atomic_write_text, is_lightning_checkpoint, network_state_from_lightning, read_checkpoint
+from dlsn.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    is_lightning_checkpoint,
+    network_state_from_lightning,
+    official_state_dict,
+    read_checkpoint,
+)
 from dlsn.utils import (
     ConfigError,
     build_network,
@@ -62,9 +69,8 @@ def load_network(cfg: DictConfig) -> tuple[nn.Module, str]:
         from dlsn.models import load_official
 
         net = build_network(cfg.model, load_weights=False)
-        state = checkpoint["state_dict"] if isinstance(checkpoint.get("state_dict"), dict) else checkpoint
         try:
-            load_official(net, state)
+            load_official(net, official_state_dict(checkpoint))
         except Exception as err:
             raise ValueError(f"ckpt_path={ckpt_path}: cannot load as an official DLSN state_dict for scale={cfg.scale} "
                              f"with the configured model.* ({err})") from err

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -45,6 +44,10 @@ def apply_extras(cfg: DictConfig) -> None:
         print_config_tree(cfg)
 
 
+def rgb_range(cfg: DictConfig) -> float:
+    return float(OmegaConf.select(cfg, "data.rgb_range", default=1.0))
+
+
 def build_module(cfg: DictConfig, net, save_images_dir: str | None = None) -> SRModule:
     """The LightningModule for ``net`` with the config's optimiser, inference and training-loop options."""
     inference = OmegaConf.to_container(cfg.inference, resolve=True)
@@ -59,7 +62,7 @@ def build_module(cfg: DictConfig, net, save_images_dir: str | None = None) -> SR
         optim=optim,
         inference=inference,
         rotation_seed=rotation_seed,
-        rgb_range=float(OmegaConf.select(cfg, "data.rgb_range", default=1.0)),
+        rgb_range=rgb_range(cfg),
         save_images_dir=save_images_dir,
         **module_opts,
     )
@@ -79,7 +82,7 @@ def compare_with_bicubic(cfg: DictConfig, trainer: L.Trainer, datamodule) -> dic
 
     names = list(getattr(datamodule, "val_set_names", None) or ["val"])
     model_scores = _val_metrics(trainer.callback_metrics, names)
-    bicubic = build_module(cfg, Bicubic(cfg.scale, float(OmegaConf.select(cfg, "data.rgb_range", default=1.0))))
+    bicubic = build_module(cfg, Bicubic(cfg.scale, rgb_range(cfg)))
     bicubic_trainer = L.Trainer(
         accelerator=cfg.trainer.get("accelerator", "auto"),
         devices=1,

@@ -109,6 +109,13 @@ def network_state_from_lightning(checkpoint: dict[str, Any]) -> dict[str, torch.
     return state
 
 
+def official_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The authors' state_dict inside a loaded ``.pt`` (bare, or under ``state_dict``), without a
+    DataParallel ``module.`` prefix."""
+    state = checkpoint["state_dict"] if isinstance(checkpoint.get("state_dict"), dict) else checkpoint
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
 def _upsampler_prefix(net: nn.Module) -> str | None:
     upsampler = getattr(net, "upsampler", None)
     if upsampler is None:
@@ -173,8 +180,7 @@ def load_pretrained(net: nn.Module, path: str | os.PathLike) -> list[str]:
     else:
         from dlsn.models import load_official, to_official
 
-        state = checkpoint["state_dict"] if isinstance(checkpoint.get("state_dict"), dict) else checkpoint
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = official_state_dict(checkpoint)
         # In the official format the upsampler is `tail.0.*` (see load_official's skip_upsampler).
         expected_upsampler = {k: v for k, v in to_official(net).items() if k.startswith("tail.0.")}
         same_scale = all(

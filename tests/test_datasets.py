@@ -235,7 +235,7 @@ def test_corrupt_file_in_dataset_names_the_file(tmp_path):
 
 def test_eval_dataset_full_images_and_deterministic_dn(tmp_path):
     hr = random_image(50, 45, seed=7)
-    path = save_png(tmp_path / "img.png", hr)
+    save_png(tmp_path / "img.png", hr)
     save_png(tmp_path / "gray.png", hr[..., 0])
     records = folder_records(tmp_path, 4)
     first = SREvalDataset(records, 4, "DN", "S", cache=ArrayCache(tmp_path / "c1"), seed=0)

@@ -59,7 +59,7 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     if mode == "1":
         return np.asarray(img)
     if mode == "F":
-        raise ImageReadError(f"floating-point images are not supported (mode 'F')")
+        raise ImageReadError("floating-point images are not supported (mode 'F')")
     # P, PA, CMYK, YCbCr, LAB, ...: let PIL convert to RGB (palette transparency discarded).
     return np.asarray(img.convert("RGB"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import hydra
 from lightning import Callback
@@ -32,21 +33,20 @@ def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
+def _instantiate_entries(group_cfg: DictConfig | None, group: str) -> list[Any]:
+    """Every entry of a config group that has a ``_target_``; ``null`` entries are switched off."""
+    objects = []
+    for name, entry in (group_cfg or {}).items():
+        if isinstance(entry, DictConfig) and "_target_" in entry:
+            log.debug("%s %s: %s", group, name, entry._target_)
+            objects.append(hydra.utils.instantiate(entry))
+    return objects
+
+
 def instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list[Callback]:
-    """Every entry of ``callbacks`` that has a ``_target_``; ``null`` entries are disabled callbacks."""
-    callbacks: list[Callback] = []
-    for name, cb_cfg in (callbacks_cfg or {}).items():
-        if isinstance(cb_cfg, DictConfig) and "_target_" in cb_cfg:
-            log.debug("callback %s: %s", name, cb_cfg._target_)
-            callbacks.append(hydra.utils.instantiate(cb_cfg))
-    return callbacks
+    return _instantiate_entries(callbacks_cfg, "callback")
 
 
 def instantiate_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
-    """Every entry of ``logger`` that has a ``_target_`` (``logger=none`` gives an empty list)."""
-    loggers: list[Logger] = []
-    for name, lg_cfg in (logger_cfg or {}).items():
-        if isinstance(lg_cfg, DictConfig) and "_target_" in lg_cfg:
-            log.debug("logger %s: %s", name, lg_cfg._target_)
-            loggers.append(hydra.utils.instantiate(lg_cfg))
-    return loggers
+    """``logger=none`` gives an empty list."""
+    return _instantiate_entries(logger_cfg, "logger")
