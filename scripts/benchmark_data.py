@@ -75,7 +75,7 @@ def main() -> None:
             top, left = int(rng.integers(lr.shape[0] - p + 1)), int(rng.integers(lr.shape[1] - p + 1))
             return lr[top : top + p, left : left + p], hr[top * s : (top + p) * s, left * s : (left + p) * s]
 
-        records = [ImageRecord(h.stem, h, l) for h, l in zip(hr_files, lr_files)]
+        records = [ImageRecord(hr_file.stem, hr_file, lr_file) for hr_file, lr_file in zip(hr_files, lr_files)]
         dataset = SRTrainDataset(records, s, "BI", p, length=10**9, cache=ArrayCache(tmp / "cache"))
         state = {"i": 0}
 

@@ -8,11 +8,14 @@ that peaks do not mix.
     python scripts/benchmark_gla.py --device cuda      # on a GPU
     python scripts/benchmark_gla.py --baseline         # also the published algorithm, for comparison
     python scripts/benchmark_gla.py --train-batches 1 2   # training step at batch 1 (published figure) and 2
+    python scripts/benchmark_gla.py --breakdown        # also seconds in convolutions and matrix products
 
 Cases: GLA (C=256, k=128, 3 hashes) forward and forward+backward at LR sizes 48, 96, 192, and one
 training step (forward, L1 loss, backward, Adam) of the paper-configuration DLSN on 2x3x48x48.
 ``--baseline`` runs the same computation the way the published code lays it out (the MLP on every
 gathered key copy, adjacent chunks concatenated for every tensor), for a same-machine comparison.
+``--breakdown`` profiles the case once more and splits its time into convolutions, matrix products
+(the arithmetic every implementation of the same math must do) and everything else.
 """
 
 from __future__ import annotations
@@ -126,7 +129,37 @@ def run_case(case: dict) -> dict:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"median_s": statistics.median(times), "peak_mb": peak_mb}
+    result = {"median_s": statistics.median(times), "peak_mb": peak_mb}
+    if case.get("breakdown"):
+        result.update(time_by_operator_kind(step, synchronize, device, case["repeats"]))
+    return result
+
+
+CONVOLUTION_OPS = ("convolution",)  # mkldnn_/cudnn_convolution, convolution_backward, ...
+MATMUL_OPS = ("aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm")
+
+
+def time_by_operator_kind(step, synchronize, device: torch.device, repeats: int) -> dict:
+    """Seconds per step spent in convolutions and in matrix products, from ``torch.profiler``.
+
+    Self times only, so nested operators are not counted twice. On CUDA the device (kernel) time
+    is used, on CPU the host time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(repeats):
+            step()
+        synchronize()
+    convolution_us = matmul_us = 0.0
+    for event in profiler.key_averages():
+        self_us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if any(name in event.key for name in CONVOLUTION_OPS):
+            convolution_us += self_us
+        elif event.key in MATMUL_OPS:
+            matmul_us += self_us
+    return {"convolution_s": convolution_us / 1e6 / repeats, "matmul_s": matmul_us / 1e6 / repeats}
 
 
 def main() -> None:
@@ -141,6 +174,8 @@ def main() -> None:
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc malloc: no mmap, no trimming (dlsn/utils/allocator.py): fewer page "
                              "faults at large sizes, higher peak RSS")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also profile each case: seconds per step in convolutions and matrix products")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
     if args.case:
@@ -161,10 +196,12 @@ def main() -> None:
     memory_label = "peak GPU MB" if args.device.startswith("cuda") else "peak RSS MB"
     allocator = "keep_freed_memory()" if args.keep_freed_memory else "default malloc settings"
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, {allocator}")
-    print(f"{'case':<46}{'median s':>10}{memory_label:>14}")
+    breakdown_header = f"{'conv s':>10}{'matmul s':>10}{'other s':>10}" if args.breakdown else ""
+    print(f"{'case':<46}{'median s':>10}{memory_label:>14}{breakdown_header}")
     for case in cases:
         case["device"] = args.device
         case["keep_freed_memory"] = args.keep_freed_memory
+        case["breakdown"] = args.breakdown
         result = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
                                 capture_output=True, text=True, check=True)
         numbers = json.loads(result.stdout.strip().splitlines()[-1])
@@ -173,7 +210,11 @@ def main() -> None:
             label += f" {case['size']}x{case['size']}"
         else:
             label += f" {case['batch']}x3x48x48"
-        print(f"{label:<46}{numbers['median_s']:>10.3f}{numbers['peak_mb']:>14.0f}", flush=True)
+        row = f"{label:<46}{numbers['median_s']:>10.3f}{numbers['peak_mb']:>14.0f}"
+        if args.breakdown:
+            other = numbers["median_s"] - numbers["convolution_s"] - numbers["matmul_s"]
+            row += f"{numbers['convolution_s']:>10.3f}{numbers['matmul_s']:>10.3f}{other:>10.3f}"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

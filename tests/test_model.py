@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dlsn.models import DLSN, GLA, load_official, to_official
+from dlsn.models import gla as gla_module
 from dlsn.models.gla import number_of_buckets
 
 
@@ -225,3 +226,30 @@ def test_hash_codes_ignore_autocast(dtype):
         assert torch.equal(hash_codes(match, rotations), reference)
         low_precision = torch.einsum("nld,tdb->ntlb", match, rotations).argmax(dim=-1)
     assert not torch.equal(low_precision, reference)  # what the float32 guard prevents
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cpu_inference_in_blocks_of_chunks_gives_the_same_output(monkeypatch, batch):
+    # 16x12 with k=8 gives 24 chunks per round. Budget 4000 bytes: blocks of 5 chunks and a shorter
+    # last one at batch 1, of 2 chunks at batch 2; budget 1 byte: one chunk per block.
+    torch.manual_seed(0)
+    layer = GLA(8, chunk_size=8, n_hashes=2, reduction=2)
+    layer.rotation_seed = 3
+    x = torch.randn(batch, 8, 16, 12)
+    block_sizes = []  # chunks x batch items per softmax call
+    original = gla_module.softmax_and_logsumexp
+    monkeypatch.setattr(gla_module, "softmax_and_logsumexp",
+                        lambda scores: block_sizes.append(scores.shape[0]) or original(scores))
+
+    with torch.no_grad():
+        whole = layer(x)
+        assert block_sizes == [batch * 24] * 2  # default budget: one block per round here
+        for budget, expected in ((4000, [5, 5, 5, 5, 4] if batch == 1 else [4] * 12), (1, [batch] * 24)):
+            monkeypatch.setattr(gla_module, "CPU_BLOCK_BYTES", budget)
+            block_sizes.clear()
+            torch.testing.assert_close(layer(x), whole, rtol=1e-5, atol=1e-6)
+            assert block_sizes == expected * 2
+
+    block_sizes.clear()
+    layer(x)  # training (autograd on): one block per round, blocks would not save memory there
+    assert block_sizes == [batch * 24] * 2

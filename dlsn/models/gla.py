@@ -50,6 +50,7 @@ from torch import nn
 
 MAX_BUCKETS = 128
 KEY_NORM_EPS = 5e-5
+CPU_BLOCK_BYTES = 16 * 2**20  # largest per-block temporary of CPU inference (see GLA.forward)
 
 
 def number_of_buckets(length: int, chunk_size: int) -> int:
@@ -186,7 +187,8 @@ class GLA(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
 
         def tokens(feature_map: torch.Tensor) -> torch.Tensor:
-            return F.relu(feature_map).permute(0, 2, 3, 1).flatten(1, 2)
+            # In place: the map is large and the convolution's backward does not need its output.
+            return F.relu(feature_map, inplace=True).permute(0, 2, 3, 1).flatten(1, 2)
 
         convs = [self.match_embedding, self.value_embedding, self.score_embedding]
         match = None
@@ -237,34 +239,54 @@ class GLA(nn.Module):
             rows = table.reshape(batch * rows_per_item, depth).index_select(0, flat_index)
             return rows.view(-1, rows_per_group, depth)
 
-        attention = torch.zeros(batch, length, channels, device=x.device, dtype=torch.float32)
+        # Inference on the CPU runs in blocks of chunks: glibc's malloc serves tensors above 32 MB
+        # with fresh mmap pages and unmaps them when freed, so big per-round temporaries would be
+        # page-faulted in again on every call (time grew faster than L at 192x192), and blocks also
+        # lower the peak memory. Not under autograd: the saved tensors keep every block alive anyway,
+        # and each block's gathers would produce a full-size gradient. CUDA's caching allocator has
+        # no such cost and runs fewer, larger kernels faster.
+        chunks_per_block = n_chunks
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            gathered_values_per_chunk = batch * 3 * chunk * channels * value.element_size()
+            chunks_per_block = max(1, CPU_BLOCK_BYTES // gathered_values_per_chunk)
+
         round_outputs, round_confidences = [], []
         for hash_round in range(self.n_hashes):
             sorted_positions = order[:, hash_round].view(batch, n_chunks, chunk)
-            key_positions = sorted_positions[:, neighbour_chunks]  # [N, n, 3, k]
-            queries = take(match, sorted_positions, chunk)  # [N*n, k, d]
-            # Scores laid out keys x queries: [N*n, 3k, k], s[j, i] = key_j . q_i + fc(u_j)[slot(i)]
-            scores = torch.baddbmm(
-                take(learned_score, key_positions, 3 * chunk),
-                take(keys, key_positions, 3 * chunk),
-                queries.transpose(1, 2),
-            )
-            weights, confidence = softmax_and_logsumexp(scores.float())
-            attended = torch.bmm(weights.to(value.dtype).transpose(1, 2),
-                                 take(value, key_positions, 3 * chunk))  # [N*n, k, C]
+            attended_blocks, confidence_blocks = [], []
+            for first in range(0, n_chunks, chunks_per_block):
+                block = slice(first, first + chunks_per_block)
+                key_positions = sorted_positions[:, neighbour_chunks[block]]  # [N, b, 3, k]
+                queries = take(match, sorted_positions[:, block], chunk)  # [N*b, k, d]
+                # Scores laid out keys x queries: [N*b, 3k, k], s[j, i] = key_j . q_i + fc(u_j)[slot(i)]
+                scores = torch.baddbmm(
+                    take(learned_score, key_positions, 3 * chunk),
+                    take(keys, key_positions, 3 * chunk),
+                    queries.transpose(1, 2),
+                )
+                weights, confidence = softmax_and_logsumexp(scores.float())
+                attended = torch.bmm(weights.to(value.dtype).transpose(1, 2),
+                                     take(value, key_positions, 3 * chunk))  # [N*b, k, C]
+                attended_blocks.append(attended.reshape(batch, -1, channels))
+                confidence_blocks.append(confidence.reshape(batch, -1))
 
             # Back to image order: the first copy of every position; padded copies are dropped.
             inverse = torch.empty_like(positions).expand(batch, -1).clone()
             inverse.scatter_(1, order[:, hash_round, :length], positions.expand(batch, -1))
-            round_outputs.append(take(attended.reshape(batch, -1, channels), inverse, length))
-            round_confidences.append(confidence.reshape(batch, -1).gather(1, inverse))
+            attended = attended_blocks[0] if len(attended_blocks) == 1 else torch.cat(attended_blocks, dim=1)
+            confidence = confidence_blocks[0] if len(confidence_blocks) == 1 else torch.cat(confidence_blocks, dim=1)
+            round_outputs.append(take(attended, inverse, length))
+            round_confidences.append(confidence.gather(1, inverse))
 
         # Mix rounds per position by the softmax of their log-sum-exp confidences.
         round_weights = torch.softmax(torch.stack(round_confidences), dim=0)
-        for output, weight in zip(round_outputs, round_weights):
-            attention = attention + output * weight.unsqueeze(-1)
-        attention = attention.transpose(1, 2).reshape(batch, channels, height, width)
-        return x + self.res_scale * attention.to(x.dtype)
+        # Accumulated in place and added to x through a channels-last view: at large inputs every
+        # [L, C] temporary saved here is a fresh allocation (and page faults) less.
+        attention = round_outputs[0] * round_weights[0].unsqueeze(-1)
+        for output, weight in zip(round_outputs[1:], round_weights[1:]):
+            attention.addcmul_(output, weight.unsqueeze(-1))
+        attention = attention.view(batch, height, width, channels).permute(0, 3, 1, 2)
+        return torch.add(x, attention.to(x.dtype), alpha=self.res_scale)
 
 
 def set_rotation_seed(module: nn.Module, seed: int | None) -> None:

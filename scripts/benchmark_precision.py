@@ -1,0 +1,561 @@
+"""Float32 versus mixed precision for DLSN training: speed, peak memory and validation PSNR.
+
+One command measures the paper configuration (DLSN x2, batch 16, 48x48 LR patches) in every
+precision of ``--precisions`` and prints a markdown report with PASS/FAIL lines for the targets
+(bf16-mixed at least 1.8x the 32-true iterations/s; validation PSNR after a short run within
+0.05 dB of 32-true):
+
+    python scripts/benchmark_precision.py                           # on a GPU: throughput + accuracy
+    python scripts/benchmark_precision.py --strict-fp32             # the same with TF32 off for "float32"
+    python scripts/benchmark_precision.py --skip-accuracy           # throughput and memory only
+    python scripts/benchmark_precision.py --json $OUT/precision.json --noise-run
+    python scripts/benchmark_precision.py --device cpu --model small --batch 2 --patch 16 \\
+        --warmup 1 --steps 2 --train-steps 4                        # a CPU check of the whole pipeline
+
+Two parts:
+
+1. Throughput, in this process: a fresh network per precision (same seed), Adam lr 1e-4, random
+   LR/HR batches; ``--warmup`` steps, then ``--steps`` timed steps (forward, L1 loss, backward,
+   Adam). Precisions follow Lightning's plugins: ``32-true`` no autocast, ``bf16-mixed``
+   ``torch.autocast(bfloat16)``, ``16-mixed`` ``torch.autocast(float16)`` with a GradScaler.
+   Peak memory: ``torch.cuda.max_memory_allocated`` per precision on CUDA; on CPU the process's
+   peak RSS so far (it only grows, so later precisions include earlier ones).
+2. Accuracy (unless ``--skip-accuracy``): ``train.py`` in a subprocess per precision, identical
+   seed and settings, on the bundled sample images (no download), one epoch of
+   ``--train-steps`` iterations ending in a validation; the PSNR is read from the run's CSV log.
+   The runs stay under ``--run-dir`` (default ``logs/benchmark_precision/<time>/``).
+
+On Ampere and later GPUs PyTorch lets cuDNN convolutions use TF32 in "float32" by default; the
+report prints the TF32 flags in effect, and ``--strict-fp32`` turns TF32 off (in this process with
+the ``torch.backends`` flags, in the train.py runs with ``NVIDIA_TF32_OVERRIDE=0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import gc
+import math
+import os
+import platform
+import re
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dlsn.checkpoint import atomic_write_json
+from dlsn.utils import PROJECT_ROOT, build_network, count_parameters
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+BASELINE = "32-true"
+# --model name -> the configs/model/ option it stands for.
+MODEL_CONFIGS = {"paper": "dlsn", "small": "dlsn_small"}
+# Learning rate of the short train.py runs. For the paper network it is the paper's 1e-4, not the
+# quickstart's 2e-3: that value is tuned for the 32-feature model, and the 256-feature DLSN (residual
+# scaling 0.1) is trained at 1e-4 in the paper. A faster rate risks early loss spikes, which the
+# module's skip rule would turn into different skipped batches per precision: a difference in
+# stability, not in arithmetic. The comparison only needs both precisions to follow the same stable
+# schedule, and 300 Adam steps of up to 1e-4 each can move a weight by as much as the initial
+# weights of the 256-channel convolutions (about 0.02). The report's bicubic column shows how far
+# training got.
+SHORT_RUN_LR = {"paper": 1e-4, "small": 2e-3}
+# Adam lr of the timed steps: the paper's (the rate does not change the cost of a step).
+THROUGHPUT_LR = 1e-4
+TARGET_SPEEDUP = 1.8
+TARGET_PSNR_DELTA_DB = 0.05
+
+
+# ------------------------------------------------------------------------------------------ set-up
+def model_config(model: str, scale: int):
+    """The ``model`` section train.py composes for ``model=<dlsn|dlsn_small>`` (same defaults list)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "configs")):
+        cfg = compose("train", overrides=[f"model={MODEL_CONFIGS[model]}", f"scale={scale}"])
+    return cfg.model
+
+
+def build_network_on_meta(net_cfg):
+    with torch.device("meta"):
+        return build_network(net_cfg)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
+
+
+def tf32_settings() -> dict[str, Any]:
+    return {
+        "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["32-true", "bf16-mixed"],
+                        help="Lightning precision names (default: 32-true bf16-mixed)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
+    parser.add_argument("--model", choices=sorted(MODEL_CONFIGS), default="paper",
+                        help="paper: configs/model/dlsn.yaml; small: configs/model/dlsn_small.yaml (quick CPU checks)")
+    parser.add_argument("--scale", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16, help="patches per batch (paper: 16)")
+    parser.add_argument("--patch", type=int, default=48, help="LR patch side (paper: 48); HR is patch x scale")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per precision")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per precision")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--strict-fp32", action="store_true",
+                        help="turn TF32 off: float32 convolutions and matmuls in full float32")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="cuDNN autotuning (torch.backends.cudnn.benchmark; trainer.benchmark=true in train.py); "
+                             "off by default, as in configs/trainer/default.yaml")
+    parser.add_argument("--skip-accuracy", action="store_true", help="throughput and memory only")
+    parser.add_argument("--train-steps", type=int, default=300, help="iterations of each train.py run")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="lr of the train.py runs (default: 1e-4 for the paper model, 2e-3 for small)")
+    parser.add_argument("--noise-run", action="store_true",
+                        help="also train 32-true with seed+1: the PSNR spread of float32 itself, "
+                             "to judge the 0.05 dB target")
+    parser.add_argument("--train-timeout", type=float, default=240.0, help="seconds allowed per train.py run")
+    parser.add_argument("--train-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra Hydra overrides for every train.py run, e.g. data.num_workers=0")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="where the train.py runs write (default: logs/benchmark_precision/<time>/)")
+    parser.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
+    args = parser.parse_args(argv)
+
+    for name in ("batch", "patch", "steps", "train_steps", "scale"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.scale not in (2, 3, 4):
+        parser.error(f"--scale must be 2, 3 or 4, got {args.scale}")
+    if args.lr is not None and not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    if not args.train_timeout > 0:
+        parser.error(f"--train-timeout must be positive, got {args.train_timeout}")
+    args.precisions = list(dict.fromkeys(args.precisions))  # keep order, drop repeats
+    if args.lr is None:
+        args.lr = SHORT_RUN_LR[args.model]
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device!r}: {err}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: only cpu and cuda[:N] are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available (torch {torch.__version__}, "
+                         f"{torch.cuda.device_count()} GPUs visible); install a CUDA build of torch "
+                         "or use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) visible")
+        if "bf16-mixed" in args.precisions and not torch.cuda.is_bf16_supported():
+            parser.error(f"bf16-mixed: {torch.cuda.get_device_name(device)} does not support bfloat16 "
+                         "(needs Ampere or newer); drop it from --precisions")
+    elif "16-mixed" in args.precisions:
+        parser.error("16-mixed needs a CUDA device (float16 autocast with a GradScaler); on a CPU Lightning turns "
+                     "it into bf16-mixed, which --precisions bf16-mixed measures already")
+    args.device = device
+    return args
+
+
+# -------------------------------------------------------------------------------------- throughput
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[precision]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_throughput(precision: str, args: argparse.Namespace, net_cfg) -> dict[str, Any]:
+    """Median time of a training step as Lightning's precision plugin would run it."""
+    device = args.device
+    free_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(args.seed)  # the same initial weights and batches in every precision
+    model = build_network(net_cfg).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=THROUGHPUT_LR)
+    hr_size = args.patch * args.scale
+    lr_batch = torch.rand(args.batch, 3, args.patch, args.patch, device=device)
+    hr_batch = torch.rand(args.batch, 3, hr_size, hr_size, device=device)
+    dtype = autocast_dtype(precision)
+    scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
+
+    def train_step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        # Lightning's plugin wraps the whole training_step, loss included, in autocast.
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with autocast:
+            loss = F.l1_loss(model(lr_batch), hr_batch)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        return loss.detach()
+
+    for _ in range(args.warmup):
+        train_step()
+    synchronize(device)
+    step_seconds = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = train_step()
+        synchronize(device)
+        step_seconds.append(time.perf_counter() - start)
+    median_s = statistics.median(step_seconds)
+    result = {
+        "median_step_s": median_s,
+        "min_step_s": min(step_seconds),
+        "max_step_s": max(step_seconds),
+        "iterations_per_s": 1.0 / median_s,
+        "patches_per_s": args.batch / median_s,
+        "peak_memory_mib": peak_memory_mib(device),
+        "last_loss": float(loss),
+    }
+    return result
+
+
+def run_throughput(args: argparse.Namespace, net_cfg, report: dict[str, Any]) -> None:
+    results = report["throughput"]
+    for precision in args.precisions:
+        print(f"[throughput] {precision}: {args.warmup} warm-up + {args.steps} timed steps ...", flush=True)
+        try:
+            results[precision] = measure_throughput(precision, args, net_cfg)
+        except torch.cuda.OutOfMemoryError as err:
+            results[precision] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+        free_memory(args.device)  # outside the except block, whose traceback holds the step's tensors
+        numbers = results[precision]
+        if "error" in numbers:
+            print(f"[throughput] {precision}: {numbers['error']}", flush=True)
+        else:
+            print(f"[throughput] {precision}: {numbers['median_step_s'] * 1e3:.1f} ms/step, "
+                  f"{numbers['iterations_per_s']:.2f} it/s, peak {numbers['peak_memory_mib']:.0f} MiB", flush=True)
+    baseline = results.get(BASELINE, {}).get("iterations_per_s")
+    for numbers in results.values():
+        if baseline and "iterations_per_s" in numbers:
+            numbers["speedup_vs_32_true"] = numbers["iterations_per_s"] / baseline
+
+
+# ---------------------------------------------------------------------------------------- accuracy
+def train_overrides(args: argparse.Namespace, precision: str, seed: int, run_dir: Path) -> list[str]:
+    """train.py's command line: one epoch of --train-steps iterations that ends in a validation."""
+    accelerator = ["trainer.accelerator=gpu"] if args.device.type == "cuda" else ["trainer.accelerator=cpu"]
+    if args.device.type == "cuda" and args.device.index is not None:
+        accelerator.append(f"trainer.devices=[{args.device.index}]")
+    return [
+        f"hydra.run.dir='{run_dir}'",
+        "experiment=quickstart",  # the bundled sample images, x2 BI
+        f"model={MODEL_CONFIGS[args.model]}",
+        f"scale={args.scale}",
+        f"seed={seed}",
+        f"data.patch_size={args.patch}",
+        f"data.batch_size={args.batch}",
+        f"data.iters_per_epoch={args.train_steps}",
+        "trainer.max_epochs=1",
+        f"trainer.max_steps={args.train_steps}",
+        f"trainer.log_every_n_steps={min(10, args.train_steps)}",
+        f"trainer.precision={precision}",
+        f"trainer.benchmark={str(args.cudnn_benchmark).lower()}",
+        *accelerator,
+        f"optim.lr={args.lr}",
+        "optim.milestones=[]",  # a constant rate over the short run
+        "logger=csv",
+        # No checkpoints (the paper model's with Adam state is large) and no progress bar in the log.
+        "callbacks=none",
+        "+trainer.enable_checkpointing=false",
+        "+trainer.enable_progress_bar=false",
+        "extras.print_config=false",
+        *args.train_overrides,
+    ]
+
+
+def read_metrics_csv(run_dir: Path) -> list[dict[str, str]]:
+    files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
+    if not files:
+        return []
+    with open(files[-1], newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def logged_values(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(row[key]) for row in rows if row.get(key) not in (None, "")]
+
+
+def run_training(args: argparse.Namespace, precision: str, seed: int, run_dir: Path) -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = train_overrides(args, precision, seed, run_dir)
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    if args.strict_fp32:
+        env["NVIDIA_TF32_OVERRIDE"] = "0"  # read by cuBLAS and cuDNN: no TF32 anywhere in the run
+    log_path = run_dir / "stdout.log"
+    start = time.perf_counter()
+    with open(log_path, "w") as log_file:
+        # Its own session, so a timeout can stop train.py together with its DataLoader workers.
+        process = subprocess.Popen([sys.executable, "train.py", *overrides], cwd=PROJECT_ROOT, env=env,
+                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = process.wait(timeout=args.train_timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            returncode = None
+    result: dict[str, Any] = {"seed": seed, "run_dir": str(run_dir), "wall_s": time.perf_counter() - start,
+                              "overrides": overrides}
+    log_text = log_path.read_text(errors="replace")
+    if returncode is None:
+        result["error"] = f"timed out after {args.train_timeout:.0f} s (--train-timeout); log: {log_path}"
+        return result
+    if returncode != 0:
+        tail = "\n".join(log_text.strip().splitlines()[-5:])
+        result["error"] = f"train.py exited with {returncode}; log: {log_path}\n{tail}"
+        return result
+
+    rows = read_metrics_csv(run_dir)
+    psnr = logged_values(rows, "val/psnr")
+    if not psnr:
+        result["error"] = f"no val/psnr in {run_dir}/csv/*/metrics.csv (did the run reach its validation?)"
+        return result
+    result["val_psnr"] = psnr[-1]
+    for key, name in (("train/loss_epoch", "final_train_loss"), ("train/skipped_batches", "skipped_batches")):
+        values = logged_values(rows, key)
+        result[name] = values[-1] if values else None
+    throughput = logged_values(rows, "train/throughput")
+    result["train_patches_per_s"] = statistics.median(throughput) if throughput else None
+    # Bicubic on the same validation images, as train.py prints it (2 decimals): how far training got.
+    bicubic = re.findall(r"bicubic PSNR (\d+\.\d+) dB", log_text)
+    result["bicubic_psnr"] = float(bicubic[-1]) if bicubic else None
+    return result
+
+
+def run_accuracy(args: argparse.Namespace, report: dict[str, Any], save) -> None:
+    runs = [(precision, precision, args.seed) for precision in args.precisions]
+    if args.noise_run:
+        runs.append((f"{BASELINE} seed {args.seed + 1}", BASELINE, args.seed + 1))
+    results = report["accuracy"]
+    for label, precision, seed in runs:
+        run_dir = args.run_dir / label.replace(" ", "_")
+        print(f"[accuracy] {label}: train.py, {args.train_steps} steps -> {run_dir} ...", flush=True)
+        results[label] = run_training(args, precision, seed, run_dir)
+        numbers = results[label]
+        if "error" in numbers:
+            print(f"[accuracy] {label}: FAILED: {numbers['error']}", flush=True)
+        else:
+            print(f"[accuracy] {label}: val PSNR {numbers['val_psnr']:.4f} dB ({numbers['wall_s']:.0f} s)", flush=True)
+        baseline = results.get(BASELINE, {}).get("val_psnr")
+        for numbers in results.values():
+            if baseline is not None and "val_psnr" in numbers:
+                numbers["psnr_delta_vs_32_true_db"] = numbers["val_psnr"] - baseline
+        save()
+
+
+# ------------------------------------------------------------------------------------------ report
+def evaluate_targets(report: dict[str, Any]) -> dict[str, Any]:
+    speedup = report["throughput"].get("bf16-mixed", {}).get("speedup_vs_32_true")
+    delta = report["accuracy"].get("bf16-mixed", {}).get("psnr_delta_vs_32_true_db")
+    return {
+        "throughput": {"target_speedup": TARGET_SPEEDUP, "speedup": speedup,
+                       "pass": None if speedup is None else speedup >= TARGET_SPEEDUP},
+        "accuracy": {"target_abs_delta_db": TARGET_PSNR_DELTA_DB, "delta_db": delta,
+                     "pass": None if delta is None else abs(delta) <= TARGET_PSNR_DELTA_DB},
+    }
+
+
+def fmt(value: Any, spec: str, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{value:{spec}}{suffix}"
+
+
+def report_header(report: dict[str, Any]) -> list[str]:
+    settings, versions = report["settings"], report["versions"]
+    on_cuda = settings["device"].startswith("cuda")
+    tf32 = ", ".join(f"{key}={value}" for key, value in report["tf32"].items())
+    if settings["strict_fp32"]:
+        tf32 += " (--strict-fp32; the train.py runs have NVIDIA_TF32_OVERRIDE=0)"
+    elif on_cuda:
+        tf32 += " (PyTorch defaults: on Ampere and later, float32 convolutions may use TF32)"
+    memory = ("torch.cuda.max_memory_allocated per precision" if on_cuda
+              else "process peak RSS, cumulative over the precisions run so far (CPU)")
+    return [
+        (f"## DLSN precision benchmark: {settings['model']} model, x{settings['scale']}, "
+         f"batch {settings['batch']}, {settings['patch']}x{settings['patch']} LR patches"),
+        "",
+        f"- date {report['date']}; device `{settings['device']}`: {report['device_name']}",
+        (f"- torch {versions['torch']}, CUDA {versions['cuda']}, cuDNN {versions['cudnn']}, "
+         f"{versions['cpu_threads']} CPU threads; {report['parameters'] / 1e6:.2f} M parameters"),
+        f"- TF32: {tf32}; cudnn.benchmark={settings['cudnn_benchmark']}",
+        "",
+        (f"Throughput: {settings['warmup']} warm-up + {settings['steps']} timed training steps per precision "
+         f"(forward, L1, backward, Adam), median. Memory: {memory}."),
+    ]
+
+
+def throughput_table(report: dict[str, Any]) -> list[str]:
+    on_cuda = report["settings"]["device"].startswith("cuda")
+    memory_column = "peak GPU memory (MiB)" if on_cuda else "peak RSS so far (MiB)"
+    lines = [
+        f"| precision | median step (ms) | it/s | patches/s | {memory_column} | speed-up vs 32-true |",
+        "|---|---|---|---|---|---|",
+    ]
+    for precision, numbers in report["throughput"].items():
+        if "error" in numbers:
+            lines.append(f"| {precision} | {numbers['error']} | | | | |")
+            continue
+        lines.append(
+            f"| {precision} | {numbers['median_step_s'] * 1e3:.1f} | {numbers['iterations_per_s']:.3f} | "
+            f"{numbers['patches_per_s']:.1f} | {numbers['peak_memory_mib']:.0f} | "
+            f"{fmt(numbers.get('speedup_vs_32_true'), '.2f', 'x')} |"
+        )
+    return lines
+
+
+def accuracy_table(report: dict[str, Any]) -> list[str]:
+    settings = report["settings"]
+    lines = [
+        (f"Accuracy: `train.py experiment=quickstart model={MODEL_CONFIGS[settings['model']]}` on the sample "
+         f"images, {settings['train_steps']} steps, constant lr {settings['lr']:g}, seed {settings['seed']}; "
+         f"validation PSNR (Y channel, 2 images) at the end. Runs: `{settings['run_dir']}`."),
+        "",
+        ("| run | val PSNR (dB) | Δ vs 32-true (dB) | bicubic (dB) | final train loss | skipped batches "
+         "| train.py patches/s | wall (s) |"),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, numbers in report["accuracy"].items():
+        if "error" in numbers:
+            lines.append(f"| {label} | failed: {numbers['error'].splitlines()[0]} | | | | | | |")
+            continue
+        lines.append(
+            f"| {label} | {numbers['val_psnr']:.4f} | {fmt(numbers.get('psnr_delta_vs_32_true_db'), '+.4f')} | "
+            f"{fmt(numbers.get('bicubic_psnr'), '.2f')} | {fmt(numbers.get('final_train_loss'), '.5f')} | "
+            f"{fmt(numbers.get('skipped_batches'), '.0f')} | {fmt(numbers.get('train_patches_per_s'), '.1f')} | "
+            f"{numbers['wall_s']:.0f} |"
+        )
+    return lines
+
+
+def verdict_lines(report: dict[str, Any]) -> list[str]:
+    speed, accuracy = report["targets"]["throughput"], report["targets"]["accuracy"]
+    needs = "needs 32-true and bf16-mixed in --precisions"
+    if speed["pass"] is None:
+        speed_line = f"- **not measured** throughput ({needs})"
+    else:
+        speed_line = (f"- **{'PASS' if speed['pass'] else 'FAIL'}** throughput: bf16-mixed runs at "
+                      f"{speed['speedup']:.2f}x the 32-true iterations/s (target >= {TARGET_SPEEDUP}x)")
+    if accuracy["pass"] is None:
+        reason = "--skip-accuracy" if report["settings"]["skip_accuracy"] else f"{needs}, and both runs to finish"
+        accuracy_line = f"- **not measured** accuracy ({reason})"
+    else:
+        accuracy_line = (f"- **{'PASS' if accuracy['pass'] else 'FAIL'}** accuracy: bf16-mixed validation PSNR "
+                         f"differs from 32-true by {accuracy['delta_db']:+.4f} dB "
+                         f"(target |Δ| <= {TARGET_PSNR_DELTA_DB} dB)")
+    return [speed_line, accuracy_line]
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    lines = [*report_header(report), "", *throughput_table(report)]
+    if report["accuracy"]:
+        lines += ["", *accuracy_table(report)]
+    lines += ["", *verdict_lines(report)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = args.device
+    if args.strict_fp32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    started = datetime.datetime.now()
+    if args.run_dir is None:
+        args.run_dir = PROJECT_ROOT / "logs" / "benchmark_precision" / started.strftime("%Y-%m-%d_%H-%M-%S")
+    args.run_dir = args.run_dir.resolve()
+
+    net_cfg = model_config(args.model, args.scale)
+    report: dict[str, Any] = {
+        "date": started.isoformat(timespec="seconds"),
+        "device_name": device_name(device),
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+            "cpu_threads": torch.get_num_threads(),
+        },
+        "settings": {
+            "device": str(device), "model": args.model, "scale": args.scale, "batch": args.batch, "patch": args.patch,
+            "warmup": args.warmup, "steps": args.steps, "seed": args.seed, "precisions": args.precisions,
+            "strict_fp32": args.strict_fp32, "cudnn_benchmark": args.cudnn_benchmark,
+            "skip_accuracy": args.skip_accuracy, "train_steps": args.train_steps, "lr": args.lr,
+            "noise_run": args.noise_run, "train_overrides": args.train_overrides, "run_dir": str(args.run_dir),
+        },
+        "tf32": tf32_settings(),
+        "memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "process_peak_rss_cumulative",
+        # Counted on the meta device: no weights allocated, so the CPU peak RSS is not inflated.
+        "parameters": count_parameters(build_network_on_meta(net_cfg)),
+        "throughput": {},
+        "accuracy": {},
+    }
+
+    def save() -> None:
+        # After each stage, so a run stopped by a time limit still leaves what it measured.
+        report["targets"] = evaluate_targets(report)
+        report["elapsed_s"] = (datetime.datetime.now() - started).total_seconds()
+        if args.json is not None:
+            atomic_write_json(args.json, report)
+
+    print(f"{report['date']}  {report['device_name']}  torch {torch.__version__}  TF32 {report['tf32']}", flush=True)
+    run_throughput(args, net_cfg, report)
+    save()
+    if not args.skip_accuracy:
+        run_accuracy(args, report, save)
+    save()
+    print()
+    print(markdown_report(report))
+    print(f"\n(total {report['elapsed_s']:.0f} s" + (f"; JSON: {args.json})" if args.json else ")"))
+    failed = any("error" in numbers for part in ("throughput", "accuracy") for numbers in report[part].values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""`scripts/benchmark_precision.py` end to end on CPU: a tiny DLSN, a few steps, both parts, JSON."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_precision.py"
+TINY = ["--device", "cpu", "--model", "small", "--batch", "2", "--patch", "16", "--warmup", "1", "--steps", "2",
+        "--train-steps", "4", "--precisions", "32-true", "bf16-mixed"]
+
+
+def run_benchmark(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    # One thread: this checks the pipeline, not speed, and on a 2-core machine two OpenMP threads that
+    # share a core with any other process slow down by orders of magnitude.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, check=False)
+
+
+def finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_tiny_run_reports_throughput_memory_and_psnr_per_precision(tmp_path):
+    json_path = tmp_path / "precision.json"
+    proc = run_benchmark(*TINY, "--json", str(json_path), "--run-dir", str(tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(json_path.read_text())
+
+    throughput, accuracy = report["throughput"], report["accuracy"]
+    assert list(throughput) == list(accuracy) == ["32-true", "bf16-mixed"]
+    for numbers in throughput.values():
+        assert finite_positive(numbers["iterations_per_s"]) and finite_positive(numbers["peak_memory_mib"])
+        assert numbers["patches_per_s"] == pytest.approx(2 * numbers["iterations_per_s"])
+    expected_ratio = throughput["bf16-mixed"]["iterations_per_s"] / throughput["32-true"]["iterations_per_s"]
+    assert throughput["bf16-mixed"]["speedup_vs_32_true"] == pytest.approx(expected_ratio)
+    assert throughput["32-true"]["speedup_vs_32_true"] == pytest.approx(1.0)
+    assert report["memory_kind"] == "process_peak_rss_cumulative"
+
+    for numbers in accuracy.values():
+        assert math.isfinite(numbers["val_psnr"]), numbers
+        assert (Path(numbers["run_dir"]) / "csv").is_dir()
+    delta = accuracy["bf16-mixed"]["val_psnr"] - accuracy["32-true"]["val_psnr"]
+    assert accuracy["bf16-mixed"]["psnr_delta_vs_32_true_db"] == pytest.approx(delta)
+
+    targets = report["targets"]
+    assert targets["throughput"]["speedup"] == pytest.approx(expected_ratio)
+    assert targets["throughput"]["pass"] == (expected_ratio >= 1.8)
+    assert targets["accuracy"]["pass"] == (abs(delta) <= 0.05)
+    assert set(report["tf32"]) == {"cudnn.allow_tf32", "cuda.matmul.allow_tf32", "float32_matmul_precision"}
+    # The printed report: both tables and the two verdict lines.
+    assert "| precision | median step (ms) | it/s |" in proc.stdout
+    assert "| run | val PSNR (dB) |" in proc.stdout
+    assert sum(line.startswith(("- **PASS**", "- **FAIL**")) for line in proc.stdout.splitlines()) == 2
+
+
+@functools.cache
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_precision", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "cpu", "--precisions", "16-mixed"], "16-mixed needs a CUDA device"),
+        (["--device", "mps"], "only cpu and cuda"),
+        (["--device", "cpu", "--steps", "0"], "--steps must be a positive integer"),
+        pytest.param(["--device", "cuda"], "CUDA is not available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+    ],
+)
+def test_bad_arguments_are_refused_with_a_message(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().parse_args(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
