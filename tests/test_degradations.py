@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dlsn.data import degrade, imresize, modcrop
-from dlsn.data.degradations import blur_replicate, fspecial_gaussian, nearest_downscale
+from dlsn.data.degradations import gaussian_blur_replicate, nearest_downscale
 from data_helpers import random_image
 
 
@@ -30,20 +30,25 @@ def test_matlab_nearest_keeps_hand_computed_rows_and_columns(scale, kept):
     assert (out[0, :, 1] // 10).tolist() == kept
 
 
-def test_fspecial_gaussian_matches_closed_form():
-    k = fspecial_gaussian(7, 1.6)
-    g = np.exp(-(np.arange(-3, 4) ** 2) / (2 * 1.6**2))
-    np.testing.assert_allclose(k, np.outer(g, g) / np.outer(g, g).sum(), atol=1e-15)
-    assert k.shape == (7, 7) and abs(k.sum() - 1) < 1e-12
+def fspecial_gaussian(size: int = 7, sigma: float = 1.6) -> np.ndarray:
+    """MATLAB ``fspecial('gaussian', size, sigma)`` (values below eps * max are zeroed; none are here)."""
+    offsets = np.arange(size) - (size - 1) / 2
+    kernel = np.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * sigma**2))
+    return kernel / kernel.sum()
 
 
-def test_blur_replicate_matches_scipy_correlate_nearest():
+@pytest.mark.parametrize("shape", [(20, 17, 3), (13, 9)])
+def test_gaussian_blur_matches_matlab_imfilter_replicate(shape):
     from scipy.ndimage import correlate
 
-    img = random_image(20, 17, seed=3)
-    k = fspecial_gaussian()
-    ref = np.stack([correlate(img[..., c].astype(np.float64), k, mode="nearest") for c in range(3)], -1)
-    np.testing.assert_array_equal(blur_replicate(img, k), np.floor(ref + 0.5).astype(np.uint8))
+    img = random_image(shape[0], shape[1], seed=3)
+    img = img if len(shape) == 3 else img[..., 0]
+    planes = img[..., None] if img.ndim == 2 else img
+    reference = np.stack([correlate(planes[..., c].astype(np.float64), fspecial_gaussian(), mode="nearest")
+                          for c in range(planes.shape[-1])], -1).reshape(img.shape)
+    blurred = gaussian_blur_replicate(img)
+    assert blurred.dtype == np.uint8 and blurred.shape == img.shape
+    np.testing.assert_array_equal(blurred, np.floor(reference + 0.5).astype(np.uint8))
 
 
 def test_bi_is_modcrop_then_bicubic():
@@ -56,7 +61,7 @@ def test_bi_is_modcrop_then_bicubic():
 def test_bd_is_blur_then_nearest_sampling():
     hr = random_image(36, 30, seed=5)
     lr = degrade(hr, 3, "BD")
-    blurred = blur_replicate(hr, fspecial_gaussian())
+    blurred = gaussian_blur_replicate(hr)
     np.testing.assert_array_equal(lr, blurred[1::3, 1::3])
     assert (degrade(np.full((24, 24, 3), 200, np.uint8), 4, "BD") == 200).all()
 
