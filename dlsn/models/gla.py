@@ -83,6 +83,23 @@ def hash_codes(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
         return torch.einsum("nld,tdb->ntlb", match.detach().float(), rotations.float()).argmax(dim=-1)
 
 
+def take_rows(table: torch.Tensor, index: torch.Tensor, rows_per_group: int) -> torch.Tensor:
+    """Rows ``table[n, index[n]]`` of a ``[N, R, D]`` table, as ``[-1, rows_per_group, D]``.
+
+    Whole rows are copied with ``index_select`` on the flattened table (``index_add`` in backward),
+    which is much faster than an element-wise ``gather``.
+    """
+    batch, rows_per_item, depth = table.shape
+    item_offsets = torch.arange(batch, device=table.device).view(batch, 1) * rows_per_item
+    flat_index = (index.reshape(batch, -1) + item_offsets).flatten()
+    rows = table.reshape(batch * rows_per_item, depth).index_select(0, flat_index)
+    return rows.view(-1, rows_per_group, depth)
+
+
+def _concat_blocks(blocks: list[torch.Tensor]) -> torch.Tensor:
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+
 class _SoftmaxAndLogSumExp(torch.autograd.Function):
     """``softmax(s)`` and ``logsumexp(s)`` over dim 1, saving only the softmax for backward.
 
@@ -202,6 +219,32 @@ class GLA(nn.Module):
         parts = tokens(F.conv2d(x, weight, bias, padding=1)).split([c.out_channels for c in convs], dim=-1)
         return parts if match is None else (match, *parts)
 
+    @staticmethod
+    def _attend_round(match, keys, learned_score, value, sorted_positions, neighbour_chunks, chunks_per_block):
+        """One hash round: each chunk's queries attend to the keys of their chunk and its two neighbours.
+
+        ``sorted_positions`` ``[N, n, k]`` holds the round's chunks. Returns the attended values
+        ``[N, n*k, C]`` and the log-sum-exp confidences ``[N, n*k]``, both in the round's sorted order.
+        """
+        batch, n_chunks, chunk = sorted_positions.shape
+        attended_blocks, confidence_blocks = [], []
+        for first in range(0, n_chunks, chunks_per_block):
+            block = slice(first, first + chunks_per_block)
+            key_positions = sorted_positions[:, neighbour_chunks[block]]  # [N, b, 3, k]
+            queries = take_rows(match, sorted_positions[:, block], chunk)  # [N*b, k, d]
+            # Scores laid out keys x queries: [N*b, 3k, k], s[j, i] = key_j . q_i + fc(u_j)[slot(i)]
+            scores = torch.baddbmm(
+                take_rows(learned_score, key_positions, 3 * chunk),
+                take_rows(keys, key_positions, 3 * chunk),
+                queries.transpose(1, 2),
+            )
+            weights, confidence = softmax_and_logsumexp(scores.float())
+            attended = torch.bmm(weights.to(value.dtype).transpose(1, 2),
+                                 take_rows(value, key_positions, 3 * chunk))  # [N*b, k, C]
+            attended_blocks.append(attended.reshape(batch, -1, value.shape[-1]))
+            confidence_blocks.append(confidence.reshape(batch, -1))
+        return _concat_blocks(attended_blocks), _concat_blocks(confidence_blocks)
+
     def forward(self, x: torch.Tensor, rotations: torch.Tensor | None = None) -> torch.Tensor:
         batch, channels, height, width = x.shape
         length = height * width
@@ -226,19 +269,6 @@ class GLA(nn.Module):
         # For every chunk: itself, the previous and the next chunk (cyclic).
         neighbour_chunks = torch.stack([chunk_ids, (chunk_ids - 1) % n_chunks, (chunk_ids + 1) % n_chunks], dim=1)
 
-        batch_items = torch.arange(batch, device=x.device).view(batch, 1)
-
-        def take(table: torch.Tensor, index: torch.Tensor, rows_per_group: int) -> torch.Tensor:
-            """Rows ``table[n, index[n]]`` of a ``[N, R, D]`` table, as ``[-1, rows_per_group, D]``.
-
-            Whole rows are copied with ``index_select`` on the flattened table (``index_add``
-            in backward), which is much faster than an element-wise ``gather``.
-            """
-            rows_per_item, depth = table.shape[1:]
-            flat_index = (index.reshape(batch, -1) + batch_items * rows_per_item).flatten()
-            rows = table.reshape(batch * rows_per_item, depth).index_select(0, flat_index)
-            return rows.view(-1, rows_per_group, depth)
-
         # Inference on the CPU runs in blocks of chunks: glibc's malloc serves tensors above 32 MB
         # with fresh mmap pages and unmaps them when freed, so big per-round temporaries would be
         # page-faulted in again on every call (time grew faster than L at 192x192), and blocks also
@@ -253,29 +283,13 @@ class GLA(nn.Module):
         round_outputs, round_confidences = [], []
         for hash_round in range(self.n_hashes):
             sorted_positions = order[:, hash_round].view(batch, n_chunks, chunk)
-            attended_blocks, confidence_blocks = [], []
-            for first in range(0, n_chunks, chunks_per_block):
-                block = slice(first, first + chunks_per_block)
-                key_positions = sorted_positions[:, neighbour_chunks[block]]  # [N, b, 3, k]
-                queries = take(match, sorted_positions[:, block], chunk)  # [N*b, k, d]
-                # Scores laid out keys x queries: [N*b, 3k, k], s[j, i] = key_j . q_i + fc(u_j)[slot(i)]
-                scores = torch.baddbmm(
-                    take(learned_score, key_positions, 3 * chunk),
-                    take(keys, key_positions, 3 * chunk),
-                    queries.transpose(1, 2),
-                )
-                weights, confidence = softmax_and_logsumexp(scores.float())
-                attended = torch.bmm(weights.to(value.dtype).transpose(1, 2),
-                                     take(value, key_positions, 3 * chunk))  # [N*b, k, C]
-                attended_blocks.append(attended.reshape(batch, -1, channels))
-                confidence_blocks.append(confidence.reshape(batch, -1))
-
+            attended, confidence = self._attend_round(
+                match, keys, learned_score, value, sorted_positions, neighbour_chunks, chunks_per_block
+            )
             # Back to image order: the first copy of every position; padded copies are dropped.
             inverse = torch.empty_like(positions).expand(batch, -1).clone()
             inverse.scatter_(1, order[:, hash_round, :length], positions.expand(batch, -1))
-            attended = attended_blocks[0] if len(attended_blocks) == 1 else torch.cat(attended_blocks, dim=1)
-            confidence = confidence_blocks[0] if len(confidence_blocks) == 1 else torch.cat(confidence_blocks, dim=1)
-            round_outputs.append(take(attended, inverse, length))
+            round_outputs.append(take_rows(attended, inverse, length))
             round_confidences.append(confidence.gather(1, inverse))
 
         # Mix rounds per position by the softmax of their log-sum-exp confidences.
