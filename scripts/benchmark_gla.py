@@ -11,7 +11,8 @@ that peaks do not mix.
     python scripts/benchmark_gla.py --breakdown        # also seconds in convolutions and matrix products
 
 Cases: GLA (C=256, k=128, 3 hashes) forward and forward+backward at LR sizes 48, 96, 192, and one
-training step (forward, L1 loss, backward, Adam) of the paper-configuration DLSN on 2x3x48x48.
+training step (forward, L1 loss, backward, Adam) of the paper-configuration DLSN on 2x3x48x48, and that
+network's forward pass (no autograd) on 1x3x48x48.
 ``--baseline`` runs the same computation the way the published code lays it out (the MLP on every
 gathered key copy, adjacent chunks concatenated for every tensor), for a same-machine comparison.
 ``--breakdown`` profiles the case once more and splits its time into convolutions, matrix products
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from dlsn.models import DLSN, GLA  # noqa: E402
-from dlsn.models.gla import KEY_NORM_EPS, draw_rotations, number_of_buckets  # noqa: E402
+from dlsn.models.gla import KEY_NORM_EPS, draw_rotations, gla_layers, number_of_buckets  # noqa: E402
 
 
 def published_layout_forward(layer: GLA, x: torch.Tensor) -> torch.Tensor:
@@ -86,8 +87,18 @@ def run_case(case: dict) -> dict:
         keep_freed_memory()
     device = torch.device(case["device"])
     torch.manual_seed(0)
-    if case["kind"] == "dlsn_train_step":
+    if case["kind"].startswith("dlsn_"):
         model = DLSN(scale=2).to(device)
+        if case["baseline"]:  # every GLA computed in the published layout
+            for layer in gla_layers(model):
+                layer.forward = lambda x, rotations=None, layer=layer: published_layout_forward(layer, x)
+    if case["kind"] == "dlsn_forward":
+        lr = torch.rand(case["batch"], 3, 48, 48, device=device)
+
+        def step():
+            with torch.no_grad():
+                model(lr)
+    elif case["kind"] == "dlsn_train_step":
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         lr = torch.rand(case["batch"], 3, 48, 48, device=device)
         hr = torch.rand(case["batch"], 3, 96, 96, device=device)
@@ -189,9 +200,11 @@ def main() -> None:
                 repeats = args.repeats if size <= 96 or args.device != "cpu" else max(2, args.repeats // 2)
                 cases.append(dict(kind=kind, size=size, baseline=baseline, repeats=repeats))
     if not args.no_train_step:
-        for batch in args.train_batches:
-            cases.append(dict(kind="dlsn_train_step", size=48, baseline=False, batch=batch,
-                              repeats=max(2, args.repeats // 2)))
+        for baseline in ([False, True] if args.baseline else [False]):
+            cases.append(dict(kind="dlsn_forward", size=48, baseline=baseline, batch=1, repeats=args.repeats))
+            for batch in args.train_batches:
+                cases.append(dict(kind="dlsn_train_step", size=48, baseline=baseline, batch=batch,
+                                  repeats=max(2, args.repeats // 2)))
 
     memory_label = "peak GPU MB" if args.device.startswith("cuda") else "peak RSS MB"
     allocator = "keep_freed_memory()" if args.keep_freed_memory else "default malloc settings"
@@ -206,7 +219,7 @@ def main() -> None:
                                 capture_output=True, text=True, check=True)
         numbers = json.loads(result.stdout.strip().splitlines()[-1])
         label = ("published layout " if case["baseline"] else "") + case["kind"]
-        if case["kind"] != "dlsn_train_step":
+        if not case["kind"].startswith("dlsn_"):
             label += f" {case['size']}x{case['size']}"
         else:
             label += f" {case['batch']}x3x48x48"
