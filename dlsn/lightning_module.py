@@ -46,7 +46,7 @@ class SRModule(LightningModule):
     Args:
         net: the SR network, ``[B, 3, h, w] -> [B, 3, h*scale, w*scale]`` in ``[0, rgb_range]``.
         scale: upscaling factor (metrics crop ``scale`` border pixels).
-        optim: Adam and schedule settings: ``lr, betas, eps, weight_decay, milestones, gamma`` (milestones
+        optim: Adam and schedule settings: ``lr, betas, eps, weight_decay, fused, milestones, gamma`` (milestones
             in epochs; one epoch is ``data.iters_per_epoch`` iterations). Gradient clipping is the
             Trainer's ``gradient_clip_val`` (set from ``optim.grad_clip``).
         inference: keyword arguments of :func:`dlsn.inference.super_resolve` for validation and test
@@ -189,6 +189,7 @@ class SRModule(LightningModule):
             betas=tuple(cfg.get("betas", (0.9, 0.999))),
             eps=cfg.get("eps", 1e-8),
             weight_decay=cfg.get("weight_decay", 0.0),
+            fused=cfg.get("fused", True),
         )
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=list(cfg.get("milestones", [])), gamma=cfg.get("gamma", 0.5)

@@ -14,7 +14,7 @@ precision of ``--precisions`` and prints a markdown report with PASS/FAIL lines 
 
 Two parts:
 
-1. Throughput, in this process: a fresh network per precision (same seed), Adam lr 1e-4, random
+1. Throughput, in this process: a fresh network per precision (same seed), fused Adam lr 1e-4, random
    LR/HR batches; ``--warmup`` steps, then ``--steps`` timed steps (forward, L1 loss, backward,
    Adam). Precisions follow Lightning's plugins: ``32-true`` no autocast, ``bf16-mixed``
    ``torch.autocast(bfloat16)``, ``16-mixed`` ``torch.autocast(float16)`` with a GradScaler.
@@ -212,7 +212,7 @@ def measure_throughput(precision: str, args: argparse.Namespace, net_cfg) -> dic
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(args.seed)  # the same initial weights and batches in every precision
     model = build_network(net_cfg).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=THROUGHPUT_LR)
+    optimizer = torch.optim.Adam(model.parameters(), lr=THROUGHPUT_LR, fused=True)  # as configs/optim/adam.yaml
     hr_size = args.patch * args.scale
     lr_batch = torch.rand(args.batch, 3, args.patch, args.patch, device=device)
     hr_batch = torch.rand(args.batch, 3, hr_size, hr_size, device=device)

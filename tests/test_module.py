@@ -122,3 +122,12 @@ def test_skip_decision_state_survives_checkpoint_round_trip():
     assert (restored.loss_running_mean, restored.accepted_batches, restored.skipped_batches, restored.best_val_psnr) == (
         0.1, 50, 3, 30.5,
     )
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_adam_is_the_default_and_can_be_turned_off(fused):
+    optim = {"lr": 2e-4, "milestones": [2, 4], "gamma": 0.5} | ({} if fused else {"fused": False})
+    setup = SRModule(ToyNet(), scale=2, optim=optim).configure_optimizers()
+    optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"] is fused
+    assert optimizer.defaults["lr"] == 2e-4 and list(scheduler.milestones) == [2, 4]

@@ -36,6 +36,7 @@ class OptimSchema:
     milestones: list[int] = field(default_factory=lambda: [300, 600, 900, 1200])
     gamma: float = 0.5
     grad_clip: Optional[float] = None
+    fused: bool = True
 
 
 @dataclass
