@@ -154,8 +154,9 @@ MATMUL_OPS = ("aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm")
 def time_by_operator_kind(step, synchronize, device: torch.device, repeats: int) -> dict:
     """Seconds per step spent in convolutions and in matrix products, from ``torch.profiler``.
 
-    Self times only, so nested operators are not counted twice. On CUDA the device (kernel) time
-    is used, on CPU the host time.
+    Self times of ``aten::`` operators only, so nothing is counted twice (on CUDA an operator's
+    device time is that of the kernels it launched; the kernels' own rows are skipped). On CUDA the
+    device (kernel) time is used, on CPU the host time.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -166,6 +167,8 @@ def time_by_operator_kind(step, synchronize, device: torch.device, repeats: int)
         synchronize()
     convolution_us = matmul_us = 0.0
     for event in profiler.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
         self_us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         if any(name in event.key for name in CONVOLUTION_OPS):
             convolution_us += self_us
