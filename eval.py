@@ -8,73 +8,55 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-import rich
-from omegaconf import DictConfig, OmegaConf
+import rootutils
+from omegaconf import DictConfig
 from torch import nn
 
-from dlsn.checkpoint import (
-    atomic_write_json,
-    atomic_write_text,
-    is_lightning_checkpoint,
-    network_state_from_lightning,
-    official_state_dict,
-    read_checkpoint,
-)
-from dlsn.utils import (
-    ConfigError,
-    build_network,
-    instantiate_callbacks,
-    instantiate_loggers,
-    results_table,
-    validate_config,
-)
-from train import apply_extras, build_module
+rootutils.setup_root(__file__, indicator=".project-root", pythonpath=False, dotenv=False)
+
+from dlsn.checkpoint import load_into, read_weights  # noqa: E402
+from dlsn.utils.config import ConfigError, apply_extras, register_resolvers, validate_config  # noqa: E402
+from dlsn.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
+from dlsn.utils.instantiate import build_network, instantiate_group, network_config  # noqa: E402
+from dlsn.utils.launcher import RunDirectoryLock, is_rank_zero_process  # noqa: E402
 
 log = logging.getLogger("dlsn.eval")
+register_resolvers()
 
 
-def load_network(cfg: DictConfig) -> tuple[nn.Module, str]:
-    """The network to evaluate and its display name, from ``ckpt_path`` or the ``model`` config."""
-    ckpt_path = cfg.get("ckpt_path")
-    if not ckpt_path:
-        net = build_network(cfg.model)  # bicubic, or a network with model.pretrained
-        if any(True for _ in net.parameters()) and not cfg.model.get("pretrained"):
-            raise ConfigError(
-                f"model {cfg.model._target_} has weights: give ckpt_path=<checkpoint> (or model.pretrained=...); "
-                "only weightless models such as model=bicubic are evaluated without one"
-            )
-        return net, type(net).__name__
+def load_network(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The network to evaluate and its config: from ``ckpt_path`` (its recorded config when it has
+    one, else the ``model`` config) or, for weightless models such as bicubic, from ``model``."""
+    path = cfg.get("ckpt_path")
+    if not path:
+        net = build_network(cfg.model)
+        if any(True for _ in net.parameters()):
+            raise ConfigError(f"model {cfg.model._target_} has weights: give ckpt_path=<checkpoint>; only weightless "
+                              "models such as model=bicubic are evaluated without one")
+        return net, network_config(cfg.model)
 
-    checkpoint = read_checkpoint(ckpt_path)
-    if is_lightning_checkpoint(checkpoint):
-        saved = checkpoint.get("dlsn_config")
-        if not saved or "model" not in saved:
-            raise ValueError(f"ckpt_path={ckpt_path}: no 'dlsn_config' in the checkpoint (not written by train.py?)")
-        model_cfg = OmegaConf.create(saved["model"])
-        if model_cfg.get("scale") is not None and model_cfg.scale != cfg.scale:
-            raise ConfigError(
-                f"ckpt_path={ckpt_path} was trained for scale {model_cfg.scale}, but scale={cfg.scale}; pass scale={model_cfg.scale}"
-            )
-        if saved.get("degradation") not in (None, cfg.degradation):
-            log.warning("checkpoint trained for degradation %s, evaluating on %s", saved["degradation"], cfg.degradation)
-        net = build_network(model_cfg, load_weights=False)
-        net.load_state_dict(network_state_from_lightning(checkpoint))
+    weights = read_weights(path, trust=cfg.get("trust_checkpoint", False))
+    if weights.format == "official":  # the authors' files: n_hashes and res_scale come from model.*
+        config = network_config(cfg.model)
+        trained_scale = weights.config["scale"]
     else:
-        from dlsn.models import load_official
-
-        net = build_network(cfg.model, load_weights=False)
-        try:
-            load_official(net, official_state_dict(checkpoint))
-        except Exception as err:
-            raise ValueError(f"ckpt_path={ckpt_path}: cannot load as an official DLSN state_dict for scale={cfg.scale} "
-                             f"with the configured model.* ({err})") from err
-    return net, type(net).__name__
+        config = weights.config or network_config(cfg.model)
+        trained_scale = config.get("scale")
+    if trained_scale is not None and trained_scale != cfg.scale:
+        raise ConfigError(f"ckpt_path={path} was trained for scale {trained_scale}, but scale={cfg.scale}; "
+                          f"pass scale={trained_scale}")
+    if weights.degradation not in (None, cfg.degradation):
+        log.warning("checkpoint trained for degradation %s, evaluating on %s", weights.degradation, cfg.degradation)
+    net = build_network(config)
+    load_into(net, weights.state_dict, source=f"ckpt_path={path}")
+    return net, config
 
 
 def markdown_table(method: str, scale: int, degradation: str, results: dict[str, dict[str, Any]]) -> str:
@@ -91,40 +73,45 @@ def markdown_table(method: str, scale: int, degradation: str, results: dict[str,
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    validate_config(cfg, task="eval")
+    validate_config(cfg)
     apply_extras(cfg)
     L.seed_everything(cfg.seed, workers=True)
-
     output_dir = Path(cfg.paths.output_dir)
-    net, method = load_network(cfg)
-    if cfg.inference.self_ensemble:
-        method += "+"
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    module = build_module(cfg, net, save_images_dir=str(output_dir / "images") if cfg.get("save_images") else None)
-
-    loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=loggers or False
-    )
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    results = module.test_results
-    if trainer.is_global_zero:
-        atomic_write_json(output_dir / "results.json", results)
-        table = markdown_table(method, cfg.scale, cfg.degradation, results)
-        atomic_write_text(output_dir / "results.md", table)
-        rows = [[name, f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", str(r["n"])] for name, r in results.items()]
-        rich.print(results_table(f"{method} x{cfg.scale} {cfg.degradation}", rows, ["set", "PSNR (dB)", "SSIM", "images"]))
-        log.info("results written to %s", output_dir / "results.json")
-        from lightning.pytorch.loggers import WandbLogger
-
-        for logger in loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_table(
-                    key="test/results",
-                    columns=["method", "scale", "degradation", "set", "psnr", "ssim", "images"],
-                    data=[[method, cfg.scale, cfg.degradation, n, r["psnr"], r["ssim"], r["n"]] for n, r in results.items()],
-                )
+    with RunDirectoryLock(output_dir) if is_rank_zero_process() else contextlib.nullcontext():
+        net, config = load_network(cfg)
+        method = type(net).__name__ + ("+" if cfg.inference.self_ensemble else "")
+        module = hydra.utils.instantiate(cfg.module, net, config, _convert_="all")
+        datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+        loggers = instantiate_group(cfg.get("logger"), "logger")
+        trainer: L.Trainer = hydra.utils.instantiate(
+            cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks"), "callbacks"), logger=loggers or False
+        )
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        results = module.test_results
+        if trainer.is_global_zero:
+            write_results(output_dir, method, cfg, results, loggers)
     return results
+
+
+def write_results(output_dir: Path, method: str, cfg: DictConfig, results: dict[str, dict[str, Any]], loggers) -> None:
+    import rich
+
+    from dlsn.utils.rich_utils import results_table
+
+    atomic_write_json(output_dir / "results.json", results)
+    atomic_write_text(output_dir / "results.md", markdown_table(method, cfg.scale, cfg.degradation, results))
+    rows = [[name, f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", str(r["n"])] for name, r in results.items()]
+    rich.print(results_table(f"{method} x{cfg.scale} {cfg.degradation}", rows, ["set", "PSNR (dB)", "SSIM", "images"]))
+    log.info("results written to %s", output_dir / "results.json")
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_table(
+                key="test/results",
+                columns=["method", "scale", "degradation", "set", "psnr", "ssim", "images"],
+                data=[[method, cfg.scale, cfg.degradation, n, r["psnr"], r["ssim"], r["n"]] for n, r in results.items()],
+            )
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")

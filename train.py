@@ -3,158 +3,81 @@
     python train.py                                   # quickstart: dlsn_small on data=sample, CPU or GPU
     python train.py experiment=dlsn_x2                # the paper's x2 recipe
     python train.py ckpt_path=.../checkpoints/last.ckpt   # resume exactly where a run stopped
-    python train.py model.n_hashes=4 optim.lr=2e-4    # any config key (see configs/)
+    python train.py model.n_hashes=4 module.optimizer.lr=2e-4   # any config key (see configs/)
+
+Exit status: 0 when the run finished, 128 + the signal number when a signal stopped it after saving
+last.ckpt (143 for SIGTERM, 130 for SIGINT), 1 for an error (a diverged run included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import warnings
 from typing import Any
 
 import hydra
 import lightning as L
-import rich
-from omegaconf import DictConfig, OmegaConf
+import rootutils
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig
 
-from dlsn.checkpoint import AtomicCheckpointIO
-from dlsn.distributed import check_launcher_compatibility, resolve_ckpt_path, shutdown_process_group
-from dlsn.lightning_module import SRModule
-from dlsn.sweep import finish_experiment_runs, objective_value
-from dlsn.utils import (
-    build_network,
-    count_parameters,
-    instantiate_callbacks,
-    instantiate_loggers,
-    print_config_tree,
-    results_table,
-    validate_config,
+rootutils.setup_root(__file__, indicator=".project-root", pythonpath=False, dotenv=False)
+
+from dlsn.callbacks import LastCheckpoint, RunStopped, find_callback  # noqa: E402
+from dlsn.checkpoint import init_from, resolve_ckpt_path  # noqa: E402
+from dlsn.lightning_module import DivergenceError  # noqa: E402
+from dlsn.sweep import finish_experiment_runs, objective_value  # noqa: E402
+from dlsn.utils.config import apply_extras, register_resolvers, validate_config  # noqa: E402
+from dlsn.utils.instantiate import build_network, instantiate_group, log_hyperparameters, network_config  # noqa: E402
+from dlsn.utils.launcher import (  # noqa: E402
+    RunDirectoryLock,
+    check_launcher_compatibility,
+    exit_code_for_signal,
+    is_rank_zero_process,
+    shutdown_process_group,
 )
 
 log = logging.getLogger("dlsn.train")
-
-
-def apply_extras(cfg: DictConfig) -> None:
-    extras = cfg.get("extras") or {}
-    if extras.get("ignore_warnings"):
-        # Hints about dataloader workers and logging intervals that do not apply to small sample runs.
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-    if extras.get("print_config"):
-        print_config_tree(cfg)
-
-
-def rgb_range(cfg: DictConfig) -> float:
-    return float(OmegaConf.select(cfg, "data.rgb_range", default=1.0))
-
-
-def build_module(cfg: DictConfig, net, save_images_dir: str | None = None) -> SRModule:
-    """The LightningModule for ``net`` with the config's optimiser, inference and training-loop options."""
-    inference = OmegaConf.to_container(cfg.inference, resolve=True)
-    rotation_seed = inference.pop("rotation_seed")
-    module_opts = OmegaConf.to_container(cfg.module, resolve=True) if "module" in cfg else {}
-    optim = OmegaConf.to_container(cfg.optim, resolve=True) if "optim" in cfg else None
-    if optim is not None:
-        optim.pop("grad_clip", None)  # the Trainer clips (trainer.gradient_clip_val)
-    return SRModule(
-        net,
-        scale=cfg.scale,
-        optim=optim,
-        inference=inference,
-        rotation_seed=rotation_seed,
-        rgb_range=rgb_range(cfg),
-        save_images_dir=save_images_dir,
-        **module_opts,
-    )
-
-
-def _val_metrics(metrics: dict[str, Any], names: list[str]) -> dict[str, tuple[float, float]]:
-    return {
-        name: (float(metrics[f"val/{name}/psnr"]), float(metrics[f"val/{name}/ssim"]))
-        for name in names
-        if f"val/{name}/psnr" in metrics
-    }
-
-
-def compare_with_bicubic(cfg: DictConfig, trainer: L.Trainer, datamodule) -> dict[str, float]:
-    """Validate MATLAB bicubic on the same validation images; print both models' numbers."""
-    from dlsn.models import Bicubic
-
-    names = list(getattr(datamodule, "val_set_names", None) or ["val"])
-    model_scores = _val_metrics(trainer.callback_metrics, names)
-    bicubic = build_module(cfg, Bicubic(cfg.scale, rgb_range(cfg)))
-    bicubic_trainer = L.Trainer(
-        accelerator=cfg.trainer.get("accelerator", "auto"),
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    bicubic_trainer.validate(bicubic, datamodule=datamodule, verbose=False)
-    bicubic_scores = _val_metrics(bicubic_trainer.callback_metrics, names)
-
-    rows, summary = [], {}
-    for name in names:
-        if name in model_scores and name in bicubic_scores:
-            (mp, ms), (bp, bs) = model_scores[name], bicubic_scores[name]
-            rows.append([name, f"{mp:.2f} / {ms:.4f}", f"{bp:.2f} / {bs:.4f}", f"{mp - bp:+.2f}"])
-            summary[f"{name}/model_psnr"], summary[f"{name}/bicubic_psnr"] = mp, bp
-    rich.print(
-        results_table(
-            f"Validation PSNR (dB) / SSIM, Y channel, x{cfg.scale} {cfg.degradation}",
-            rows,
-            ["set", type(trainer.lightning_module.net).__name__, "Bicubic", "gain (dB)"],
-        )
-    )
-    for name in names:
-        if f"{name}/model_psnr" in summary:
-            print(
-                f"[{name}] model PSNR {summary[f'{name}/model_psnr']:.2f} dB, "
-                f"bicubic PSNR {summary[f'{name}/bicubic_psnr']:.2f} dB"
-            )
-    return summary
+register_resolvers()
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train (and optionally test) as configured; returns the final logged metrics."""
-    validate_config(cfg, task="train")  # before anything is built or written
+    validate_config(cfg)
     check_launcher_compatibility(cfg)
     apply_extras(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    run_dir = cfg.paths.output_dir
+    # Rank 0 holds the run directory: a second run started in it refuses instead of overwriting it.
+    with RunDirectoryLock(run_dir) if is_rank_zero_process() else contextlib.nullcontext():
+        # An explicit ckpt_path, else the run directory's newest readable checkpoint: re-running a
+        # command in the same directory (a requeued job, a crashed run) continues it.
+        resume_from = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+        datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+        net = build_network(cfg.model)
+        if cfg.get("init_from") and resume_from is None:
+            init_from(net, cfg.init_from, trust=cfg.get("trust_checkpoint", False))
+        module = hydra.utils.instantiate(cfg.module, net, network_config(cfg.model), _convert_="all")
+        loggers = instantiate_group(cfg.get("logger"), "logger")
+        trainer: L.Trainer = hydra.utils.instantiate(
+            cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks"), "callbacks"), logger=loggers or False
+        )
+        log_hyperparameters(loggers, cfg, net)
 
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    # An explicit ckpt_path, else this run directory's newest last.ckpt / SLURM hpc_ckpt: re-running
-    # a command in the same output directory (a requeued job, a crashed run) continues it.
-    resume_from = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
-    # When resuming, the checkpoint holds the weights; model.pretrained only matters for a new run.
-    net = build_network(cfg.model, load_weights=resume_from is None)
-    module = build_module(cfg, net)
-    module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    n_params = count_parameters(net)
-    log.info("network %s: %d parameters", cfg.model._target_, n_params)
-
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
-    )
-    for logger in loggers:
-        logger.log_hyperparams({**module.run_config, "model/params": n_params})
-
-    if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-    if best:
-        log.info("best checkpoint: %s", best)
-
-    if cfg.get("compare_bicubic") and trainer.world_size == 1 and any(k.startswith("val/") for k in metrics):
-        metrics.update({f"compare/{k}": v for k, v in compare_with_bicubic(cfg, trainer, datamodule).items()})
-
-    if cfg.get("test"):
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        if cfg.get("train", True):
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+            except DivergenceError as err:
+                last = find_callback(trainer, LastCheckpoint)
+                good = f"{last.path} (step {last.saved_step})" if last and last.saved_step is not None else "none saved"
+                raise DivergenceError(f"{err} Last good checkpoint: {good}.") from err
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+        if best:
+            log.info("best checkpoint: %s", best)
+        if cfg.get("test"):
+            trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     return metrics
 
 
@@ -162,6 +85,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
+    except RunStopped as stop:
+        log.warning("%s", stop)
+        if stop.requeue_handler is not None:
+            stop.requeue_handler(stop.signum, None)  # e.g. submitit: requeue the job, then exit
+        raise SystemExit(exit_code_for_signal(stop.signum)) from None
+    except SIGTERMException:  # Lightning stopped on SIGTERM before GracefulStop could (e.g. in validation)
+        log.warning("stopped by SIGTERM")
+        raise SystemExit(exit_code_for_signal(15)) from None
     finally:
         finish_experiment_runs()  # the next job of a sweep starts its own W&B run
     shutdown_process_group()

@@ -141,6 +141,34 @@ def self_ensemble_forward(forward: Forward, lr: torch.Tensor) -> torch.Tensor:
     return total / 8
 
 
+INFERENCE_MODES = ("whole", "chop", "tile")
+
+
+def check_inference_options(
+    mode: InferenceMode = "chop",
+    shave: int = 10,
+    min_size: int = 160000,
+    tile_size: int = 128,
+    overlap: int = 16,
+    self_ensemble: bool = False,
+) -> None:
+    """Raise ``ValueError`` naming the option for settings :func:`super_resolve` cannot use.
+
+    Called when the LightningModule is built, so that a bad setting fails before training, not at
+    the first validation.
+    """
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"inference.mode must be one of {', '.join(INFERENCE_MODES)}; got {mode!r}")
+    for name, value, minimum in (("shave", shave, 0), ("min_size", min_size, 1), ("tile_size", tile_size, 1),
+                                 ("overlap", overlap, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"inference.{name} must be an integer >= {minimum}; got {value!r}")
+    if overlap >= tile_size:
+        raise ValueError(f"inference.overlap ({overlap}) must be smaller than inference.tile_size ({tile_size})")
+    if not isinstance(self_ensemble, bool):
+        raise ValueError(f"inference.self_ensemble must be true or false; got {self_ensemble!r}")
+
+
 def super_resolve(
     forward: Forward,
     lr: torch.Tensor,
@@ -162,5 +190,5 @@ def super_resolve(
         def bounded(x: torch.Tensor) -> torch.Tensor:
             return tile_forward(forward, x, scale, tile_size=tile_size, overlap=overlap)
     else:
-        raise ValueError(f"inference.mode must be one of 'whole', 'chop', 'tile'; got {mode!r}")
+        raise ValueError(f"inference.mode must be one of {', '.join(INFERENCE_MODES)}; got {mode!r}")
     return self_ensemble_forward(bounded, lr) if self_ensemble else bounded(lr)

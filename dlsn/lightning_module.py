@@ -1,25 +1,95 @@
-"""The LightningModule that trains and evaluates any SR network (DLSN, baselines) the config names."""
+"""The LightningModule that trains and evaluates any SR network the config names (DLSN, baselines).
+
+Training minimises the L1 loss with the optimizer and learning-rate scheduler of the config
+(``module.optimizer`` / ``module.scheduler``, Hydra partials: any torch optimizer or scheduler is a
+config change). A batch whose loss is not finite, or explodes, gets no update
+(:class:`LossSkipRule`); with a fused optimizer this is decided and applied on the device, so a
+training step never waits for the GPU. Validation and test super-resolve whole images
+(:func:`dlsn.inference.super_resolve`) with fixed GLA hash rotations and score them with the
+Y-channel PSNR/SSIM of SR papers, one pair of metrics per evaluation set.
+
+Side features live in :mod:`dlsn.callbacks` (checkpoints, image panels, SR image files, text logs,
+signals); the learning rate is logged by Lightning's ``LearningRateMonitor``.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import random
-import time
-from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
 from torch import nn
+from torchmetrics import MaxMetric, SumMetric
 
-from dlsn.distributed import synced_sum
-from dlsn.inference import super_resolve
+from dlsn.inference import check_inference_options, super_resolve
 from dlsn.metrics import PSNR_Y, SSIM_Y
 
 log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+class DivergenceError(RuntimeError):
+    """Training stopped because too many consecutive batches were skipped."""
+
+
+class LossSkipRule(nn.Module):
+    """Decides on the device whether a training batch is skipped (gets no optimizer update).
+
+    A batch is skipped when its loss is not finite, or, once ``warmup`` batches were accepted, when it
+    exceeds ``factor`` times the exponential moving average (momentum ``momentum``) of the accepted
+    losses; ``factor=None`` skips only non-finite losses. The authors' trainer compares with the
+    previous epoch's mean loss; a running mean reacts within an epoch.
+
+    The state is kept in device tensors and updated with tensor operations only, so the decision
+    costs no host synchronisation. ``consecutive`` counts skips since the last accepted batch.
+    """
+
+    def __init__(self, factor: float | None = 10.0, warmup: int = 20, momentum: float = 0.99) -> None:
+        super().__init__()
+        if factor is not None and not factor > 1:
+            raise ValueError(f"skip_factor must be a number > 1 or None, got {factor!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"skip_momentum must be in [0, 1), got {momentum!r}")
+        if warmup < 0:
+            raise ValueError(f"skip_warmup must be >= 0, got {warmup!r}")
+        self.factor, self.warmup, self.momentum = factor, int(warmup), float(momentum)
+        # Not persistent: saved as plain numbers in the checkpoint's training state (SRModule).
+        for name in ("running_mean", "accepted", "skipped", "consecutive"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.float64), persistent=False)
+
+    def decide(self, loss: torch.Tensor) -> torch.Tensor:
+        """A boolean 0-d tensor: should the batch with this ``loss`` be skipped?"""
+        value = loss.detach().to(self.running_mean.dtype)
+        skip = ~torch.isfinite(value)
+        if self.factor is not None:
+            warmed_up = self.accepted >= max(self.warmup, 1)
+            skip = skip | (warmed_up & (value > self.factor * self.running_mean))
+        return skip
+
+    def update(self, loss: torch.Tensor, skip: torch.Tensor) -> None:
+        """Count the batch and fold an accepted loss into the running mean."""
+        value = loss.detach().to(self.running_mean.dtype)
+        accept = ~skip
+        blended = torch.where(self.accepted == 0, value, self.momentum * self.running_mean + (1 - self.momentum) * value)
+        self.running_mean.copy_(torch.where(accept, blended, self.running_mean))
+        self.accepted.add_(accept.to(self.accepted.dtype))
+        self.skipped.add_(skip.to(self.skipped.dtype))
+        self.consecutive.copy_(torch.where(skip, self.consecutive + 1, torch.zeros_like(self.consecutive)))
+
+    def state(self) -> dict[str, float]:
+        return {name: float(getattr(self, name)) for name in ("running_mean", "accepted", "skipped", "consecutive")}
+
+    def load_state(self, state: Mapping[str, float]) -> None:
+        for name, value in state.items():
+            getattr(self, name).fill_(float(value))
 
 
 def _set_rotation_seed(net: nn.Module, seed: int | None) -> None:
@@ -41,293 +111,282 @@ def _numpy_state_from_safe(state: dict[str, Any]) -> tuple:
 
 
 class SRModule(LightningModule):
-    """Trains ``net`` with L1 loss and Adam + step decay; validates/tests on whole images.
+    """Trains ``net`` with the L1 loss; validates and tests on whole images.
 
     Args:
         net: the SR network, ``[B, 3, h, w] -> [B, 3, h*scale, w*scale]`` in ``[0, rgb_range]``.
-        scale: upscaling factor (metrics crop ``scale`` border pixels).
-        optim: Adam and schedule settings: ``lr, betas, eps, weight_decay, fused, milestones, gamma`` (milestones
-            in epochs; one epoch is ``data.iters_per_epoch`` iterations). Gradient clipping is the
-            Trainer's ``gradient_clip_val`` (set from ``optim.grad_clip``).
+        net_config: the network's config (``_target_`` and arguments), stored in checkpoints so that
+            ``eval.py`` and ``dlsn-sr`` can rebuild the network. Pass it positionally when building the
+            module with Hydra: Hydra would instantiate a keyword argument that has a ``_target_``.
+        scale: upscaling factor (the metrics crop ``scale`` border pixels).
+        optimizer: ``optimizer(parameters)`` builds the optimizer (a Hydra ``_partial_``), default Adam.
+        scheduler: ``scheduler(optimizer)`` builds the LR scheduler, stepped every ``scheduler_interval``
+            (``epoch``: one epoch is ``data.iters_per_epoch`` iterations, so paper milestones read as
+            epochs) or ``step``; ``None`` keeps the learning rate constant.
         inference: keyword arguments of :func:`dlsn.inference.super_resolve` for validation and test
             (``mode, shave, min_size, tile_size, overlap, self_ensemble``).
-        rotation_seed: GLA rotation seed used during validation/test so one checkpoint always gives the
-            same numbers; ``None`` keeps random rotations (not reproducible).
-        skip_factor: a training batch is skipped (no update, counted in ``train/skipped_batches``) when its
-            loss is not finite or exceeds ``skip_factor`` x the running mean of accepted losses (an
-            exponential moving average, checked once ``skip_warmup`` batches were accepted). ``None``
-            skips only non-finite losses. The authors' trainer does the same against the previous epoch's
-            mean loss; a running mean reacts within an epoch.
+        rotation_seed: GLA rotation seed used during validation and test, so that one checkpoint always
+            gives the same numbers; ``None`` keeps random rotations (not reproducible).
+        skip_factor, skip_warmup, skip_momentum: the :class:`LossSkipRule`.
+        max_consecutive_skips: stop training (:class:`DivergenceError`) after this many skipped
+            batches in a row, checked every ``divergence_check_every_n_steps`` steps (each check
+            reads one number from the device).
+        compile: ``torch.compile`` the network's training forward pass: ``False``, ``True``,
+            ``"auto"`` (on CUDA only) or a dict of ``torch.compile`` options (``mode``, ``fullgraph``,
+            ``dynamic``) with an ``enabled`` key. Validation and test always run the network eagerly,
+            so whole images of any size never trigger a recompilation.
         rgb_range: pixel range of the data and metrics.
-        panel_images: number of images of the first validation set shown as LR | SR | HR crops in W&B.
-        panel_crop: side of those crops in LR pixels.
-        save_images_dir: if set, ``test`` writes every SR image as PNG under ``<dir>/<set>/``.
+        degradation: the LR degradation the network is trained for, stored in checkpoints.
     """
 
     def __init__(
         self,
         net: nn.Module,
+        net_config: Mapping[str, Any] | None = None,
+        *,
         scale: int,
-        optim: dict[str, Any] | None = None,
-        inference: dict[str, Any] | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "epoch",
+        inference: Mapping[str, Any] | None = None,
         rotation_seed: int | None = 0,
         skip_factor: float | None = 10.0,
         skip_warmup: int = 20,
         skip_momentum: float = 0.99,
+        max_consecutive_skips: int | None = 100,
+        divergence_check_every_n_steps: int = 25,
+        compile: bool | str | Mapping[str, Any] = False,
         rgb_range: float = 1.0,
-        panel_images: int = 3,
-        panel_crop: int = 48,
-        save_images_dir: str | None = None,
+        degradation: str | None = None,
     ) -> None:
         super().__init__()
-        # The network is stored in checkpoints as weights; its configuration is saved by train.py
-        # (checkpoint["dlsn_config"]), so it is not a hyperparameter here.
-        self.save_hyperparameters(ignore=["net"])
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        if max_consecutive_skips is not None and max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips!r}")
+        self.inference = dict(inference or {})
+        check_inference_options(**self.inference)
+        # Partials, the network and its config are not hyperparameters: the config is stored in the
+        # checkpoint by on_save_checkpoint, and plain values keep checkpoints loadable with weights_only.
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "net_config"], logger=False)
         self.net = net
         self.scale = int(scale)
-        self.optim_cfg = dict(optim or {})
-        self.inference_cfg = dict(inference or {})
-        self.rotation_seed = rotation_seed
-        self.skip_factor = skip_factor
-        self.skip_warmup = skip_warmup
-        self.skip_momentum = skip_momentum
         self.rgb_range = float(rgb_range)
-        self.panel_images = panel_images
-        self.panel_crop = panel_crop
-        self.save_images_dir = save_images_dir
+        self.rotation_seed = rotation_seed
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.Adam, lr=1e-4)
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.net_config = None if net_config is None else dict(net_config)
+        self.degradation = degradation
+        self.max_consecutive_skips = max_consecutive_skips
+        self.divergence_check_every_n_steps = max(1, int(divergence_check_every_n_steps))
+        self.compile_options = _compile_options(compile)
+        self._compiled_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._check_optimizer_factories()
 
-        # Training state that must survive a resume (saved in on_save_checkpoint).
-        self.loss_running_mean: float | None = None
-        self.accepted_batches = 0
-        self.skipped_batches = 0
-        self.best_val_psnr = -math.inf
-
-        self.val_psnr = nn.ModuleDict()
-        self.val_ssim = nn.ModuleDict()
-        self.test_psnr = nn.ModuleDict()
-        self.test_ssim = nn.ModuleDict()
+        self.skip_rule = LossSkipRule(skip_factor, skip_warmup, skip_momentum)
+        self.register_buffer("_epoch_loss_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("_epoch_loss_count", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.val_psnr_best = MaxMetric()
+        self.metrics = nn.ModuleDict()  # "<stage>/<set>/<psnr|ssim|n>" -> metric
         self.test_results: dict[str, dict[str, float]] = {}
-        self._batch_start: float | None = None
-        self._panel: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        # The resolved run config (set by train.py), saved in checkpoints so eval.py can rebuild the network.
-        self.run_config: dict[str, Any] | None = None
 
-    # ------------------------------------------------------------------------------------------ set-up
-    def _set_names(self, stage: str) -> list[str]:
-        datamodule = getattr(self.trainer, "datamodule", None)
+    # ------------------------------------------------------------------------------------------- set-up
+    def _check_optimizer_factories(self) -> None:
+        """Build the optimizer and scheduler once, so that a bad setting fails before training starts."""
+        optimizer = self.optimizer_factory(self.net.parameters()) if any(True for _ in self.net.parameters()) else None
+        if optimizer is not None and self.scheduler_factory is not None:
+            self.scheduler_factory(optimizer)
+
+    def set_names(self, stage: str) -> list[str]:
+        """Names of the evaluation sets of ``stage`` (``val`` or ``test``), from the data module."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         names = getattr(datamodule, f"{stage}_set_names", None) if datamodule is not None else None
         return list(names) if names else [stage]
 
-    def _make_metrics(self, psnr: nn.ModuleDict, ssim: nn.ModuleDict, names: Sequence[str]) -> None:
-        for name in names:
-            if name not in psnr:
-                psnr[name] = PSNR_Y(crop_border=self.scale, rgb_range=self.rgb_range).to(self.device)
-                ssim[name] = SSIM_Y(crop_border=self.scale, rgb_range=self.rgb_range).to(self.device)
-
     def setup(self, stage: str) -> None:
-        if stage in ("fit", "validate"):
-            self._make_metrics(self.val_psnr, self.val_ssim, self._set_names("val"))
-        if stage == "test":
-            self._make_metrics(self.test_psnr, self.test_ssim, self._set_names("test"))
+        stages = {"fit": ["val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
+        for evaluation in stages:
+            for name in self.set_names(evaluation):
+                prefix = f"{evaluation}/{name}"
+                if f"{prefix}/psnr" not in self.metrics:
+                    self.metrics[f"{prefix}/psnr"] = PSNR_Y(crop_border=self.scale, rgb_range=self.rgb_range)
+                    self.metrics[f"{prefix}/ssim"] = SSIM_Y(crop_border=self.scale, rgb_range=self.rgb_range)
+                    self.metrics[f"{prefix}/n"] = SumMetric()
+        if stage == "fit" and self._compiled_forward is None and self._compile_enabled():
+            options = {k: v for k, v in self.compile_options.items() if k != "enabled"}
+            log.info("compiling the network's training forward pass with torch.compile(%s)", options)
+            self._compiled_forward = torch.compile(self.net, **options)
+
+    def _compile_enabled(self) -> bool:
+        enabled = self.compile_options.get("enabled", False)
+        return self.device.type == "cuda" if enabled == "auto" else bool(enabled)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         return self.net(lr)
 
     def super_resolve(self, lr: torch.Tensor) -> torch.Tensor:
         """Whole-image SR with the configured memory strategy (chop/tile) and optional self-ensemble."""
-        return super_resolve(self.net, lr, self.scale, **self.inference_cfg)
+        return super_resolve(self.net, lr, self.scale, **self.inference)
 
-    # ---------------------------------------------------------------------------------------- training
+    # ----------------------------------------------------------------------------------------- training
+    def on_train_epoch_start(self) -> None:
+        _set_rotation_seed(self.net, None)  # fresh random rotations while training, as in the paper
+        self._epoch_loss_sum.zero_()
+        self._epoch_loss_count.zero_()
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        sr = self.net(batch["lr"])
-        loss = F.l1_loss(sr, batch["hr"])
-        value = float(loss.detach())
-        skip = not math.isfinite(value) or (
-            self.skip_factor is not None
-            and self.loss_running_mean is not None
-            and self.accepted_batches >= self.skip_warmup
-            and value > self.skip_factor * self.loss_running_mean
-        )
-        # All processes must agree, or DDP would wait forever for the gradients of the skipping ones.
-        skip = self.trainer.strategy.reduce_boolean_decision(skip, all=False)
-        if skip:
-            self.skipped_batches += 1
-            log.warning(
-                "step %d: skipped batch with loss %.4g (running mean %s)", self.global_step, value, self.loss_running_mean
-            )
-            self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
-            return None  # Lightning then skips backward and the optimizer step.
+        forward = self._compiled_forward or self.net
+        loss = F.l1_loss(forward(batch["lr"]), batch["hr"])
+        # Every process must skip together, or DDP would wait forever for the skipping ones' gradients.
+        skip = self.trainer.strategy.reduce(self.skip_rule.decide(loss).float(), reduce_op="max") > 0
+        self.skip_rule.update(loss, skip)
+        accepted_loss = torch.where(skip, torch.zeros_like(loss), loss.detach()).double()
+        self._epoch_loss_sum.add_(accepted_loss)
+        self._epoch_loss_count.add_((~skip).double())
+        # Skipped steps are logged as NaN: a curve never shows the last good loss for them.
+        self.log("train/loss_step", torch.where(skip, torch.full_like(loss, float("nan")), loss.detach()),
+                 on_step=True, on_epoch=False, prog_bar=True, batch_size=batch["lr"].shape[0])
+        self.log("train/skipped_batches", self.skip_rule.skipped, on_step=True, on_epoch=False)
+        self._check_divergence()
 
-        self.accepted_batches += 1
-        if self.loss_running_mean is None:
-            self.loss_running_mean = value
-        else:
-            self.loss_running_mean = self.skip_momentum * self.loss_running_mean + (1 - self.skip_momentum) * value
-        batch_size = batch["lr"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
-        self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        if _skips_on_device(optimizer, self.trainer):
+            # A fused optimizer reads `found_inf` (as it does from a GradScaler) and leaves the
+            # parameters and its state untouched when it is set: the skip needs no host decision.
+            optimizer.found_inf = skip.float()
+            optimizer.grad_scale = None
+            return loss
+        if bool(skip):  # the optimizer cannot skip on the device: decide on the host
+            log.warning("step %d: skipped a batch with loss %.4g", self.global_step, float(loss))
+            return None  # Lightning then skips backward and the optimizer step
         return loss
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._batch_start = time.perf_counter()
+    def _check_divergence(self) -> None:
+        """Stop when ``max_consecutive_skips`` batches in a row were skipped (one device read every few steps)."""
+        if self.max_consecutive_skips is None or (self.global_step + 1) % self.divergence_check_every_n_steps:
+            return
+        consecutive = int(self.skip_rule.consecutive)
+        if consecutive >= self.max_consecutive_skips:
+            raise DivergenceError(
+                f"training diverged: the last {consecutive} batches (up to step {self.global_step}) were skipped "
+                f"(loss not finite or above module.skip_factor x the running mean {float(self.skip_rule.running_mean):.4g}); "
+                f"limit module.max_consecutive_skips={self.max_consecutive_skips}. Lower the learning rate and "
+                "resume from the last good checkpoint."
+            )
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._batch_start is not None:
-            elapsed = time.perf_counter() - self._batch_start
-            patches = batch["lr"].shape[0] * self.trainer.world_size
-            self.log("train/throughput", patches / max(elapsed, 1e-9), on_step=True, on_epoch=False)
-
-    def on_train_epoch_start(self) -> None:
-        _set_rotation_seed(self.net, None)  # random rotations while training, as in the paper
+    def on_train_epoch_end(self) -> None:
+        mean = self._epoch_loss_sum / self._epoch_loss_count.clamp_min(1)
+        self.log("train/loss_epoch", torch.where(self._epoch_loss_count > 0, mean, torch.full_like(mean, float("nan"))),
+                 on_step=False, on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = self.optim_cfg
-        optimizer = torch.optim.Adam(
-            self.net.parameters(),
-            lr=cfg.get("lr", 1e-4),
-            betas=tuple(cfg.get("betas", (0.9, 0.999))),
-            eps=cfg.get("eps", 1e-8),
-            weight_decay=cfg.get("weight_decay", 0.0),
-            fused=cfg.get("fused", True),
-        )
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=list(cfg.get("milestones", [])), gamma=cfg.get("gamma", 0.5)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        optimizer = self.optimizer_factory(self.net.parameters())
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        scheduler = self.scheduler_factory(optimizer)
+        # `name` is the key LearningRateMonitor logs the learning rate under.
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval, "name": "train/lr"}}
 
-    # -------------------------------------------------------------------------------------- evaluation
-    def _evaluation_start(self) -> None:
+    # --------------------------------------------------------------------------------------- evaluation
+    def on_validation_epoch_start(self) -> None:
         _set_rotation_seed(self.net, self.rotation_seed)
 
-    def _evaluation_end(self) -> None:
-        _set_rotation_seed(self.net, None)
-
-    def on_validation_epoch_start(self) -> None:
-        self._evaluation_start()
-        self._panel = []
-
     def on_test_epoch_start(self) -> None:
-        self._evaluation_start()
+        _set_rotation_seed(self.net, self.rotation_seed)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        names = self._set_names("val")
-        name = names[dataloader_idx]
+    def _evaluation_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> dict[str, torch.Tensor]:
+        """Super-resolve one whole image and add it to its set's metrics (shared by validation and test)."""
+        name = self.set_names(stage)[dataloader_idx]
         sr = self.super_resolve(batch["lr"])
         # "gray" marks single-channel source images, scored on their gray level as in the published protocol.
-        self.val_psnr[name].update(sr, batch["hr"], gray=batch.get("gray"))
-        self.val_ssim[name].update(sr, batch["hr"], gray=batch.get("gray"))
-        # Metric objects (not values) so Lightning syncs their sum/count states across processes.
-        self.log(f"val/{name}/psnr", self.val_psnr[name], on_step=False, on_epoch=True, add_dataloader_idx=False)
-        self.log(f"val/{name}/ssim", self.val_ssim[name], on_step=False, on_epoch=True, add_dataloader_idx=False)
-        if dataloader_idx == 0 and batch_idx < self.panel_images:
-            self._panel.append(self._panel_crops(batch, sr))
+        for metric in ("psnr", "ssim"):
+            self.metrics[f"{stage}/{name}/{metric}"].update(sr, batch["hr"], gray=batch.get("gray"))
+            # Metric objects, not values: Lightning syncs their sum/count states across processes.
+            self.log(f"{stage}/{name}/{metric}", self.metrics[f"{stage}/{name}/{metric}"],
+                     on_step=False, on_epoch=True, add_dataloader_idx=False)
+        self.metrics[f"{stage}/{name}/n"].update(sr.shape[0])
+        return {"sr": sr}  # for callbacks (image panel, SR image files)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        return self._evaluation_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        return self._evaluation_step("test", batch, dataloader_idx)
+
+    def _set_results(self, stage: str) -> dict[str, dict[str, float]]:
+        """``{set: {"psnr", "ssim", "n"}}`` of the sets evaluated in this epoch, synced over processes."""
+        results = {}
+        for name in self.set_names(stage):
+            count = self.metrics[f"{stage}/{name}/n"] if f"{stage}/{name}/n" in self.metrics else None
+            if count is not None and count.update_called:
+                results[name] = {
+                    "psnr": float(self.metrics[f"{stage}/{name}/psnr"].compute()),
+                    "ssim": float(self.metrics[f"{stage}/{name}/ssim"].compute()),
+                    "n": int(count.compute()),
+                }
+        return results
 
     def on_validation_epoch_end(self) -> None:
-        names = [n for n in self._set_names("val") if n in self.val_psnr and int(self.val_psnr[n].count) > 0]
-        if names:
-            # compute() returns the synced value; Lightning reuses the cached result for the logs above.
-            mean_psnr = float(np.mean([float(self.val_psnr[n].compute()) for n in names]))
+        results = self._set_results("val")
+        if results:
+            # compute() returned synced values: the mean over sets is the same on every process.
+            mean_psnr = float(np.mean([r["psnr"] for r in results.values()]))
             self.log("val/psnr", mean_psnr, sync_dist=False)
-            if not self.trainer.sanity_checking:
-                self.best_val_psnr = max(self.best_val_psnr, mean_psnr)
-            if math.isfinite(self.best_val_psnr):
-                self.log("val/psnr_best", self.best_val_psnr, sync_dist=False)
-        if not self.trainer.sanity_checking:
-            self._log_panel()
-        self._evaluation_end()
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        name = self._set_names("test")[dataloader_idx]
-        sr = self.super_resolve(batch["lr"])
-        # "gray" marks single-channel source images, scored on their gray level as in the published protocol.
-        self.test_psnr[name].update(sr, batch["hr"], gray=batch.get("gray"))
-        self.test_ssim[name].update(sr, batch["hr"], gray=batch.get("gray"))
-        self.log(f"test/{name}/psnr", self.test_psnr[name], on_step=False, on_epoch=True, add_dataloader_idx=False)
-        self.log(f"test/{name}/ssim", self.test_ssim[name], on_step=False, on_epoch=True, add_dataloader_idx=False)
-        if self.save_images_dir:
-            self._save_images(name, batch.get("name"), sr)
+            if not self.trainer.sanity_checking and np.isfinite(mean_psnr):
+                self.val_psnr_best.update(mean_psnr)
+            if self.val_psnr_best.update_called:
+                self.log("val/psnr_best", self.val_psnr_best.compute(), sync_dist=False)
+        for name in self.set_names("val"):
+            if f"val/{name}/n" in self.metrics:
+                self.metrics[f"val/{name}/n"].reset()
+        _set_rotation_seed(self.net, None)
 
     def on_test_epoch_end(self) -> None:
-        self.test_results = {}
-        for name in self._set_names("test"):
-            if name in self.test_psnr and int(self.test_psnr[name].count) > 0:
-                psnr = float(self.test_psnr[name].compute())
-                ssim = float(self.test_ssim[name].compute())
-                # compute() syncs states only while computing; the image count is summed explicitly.
-                count = int(synced_sum(self.test_psnr[name].count))
-                self.test_results[name] = {"psnr": psnr, "ssim": ssim, "n": count}
-        self._evaluation_end()
+        self.test_results = self._set_results("test")
+        for name in self.set_names("test"):
+            if f"test/{name}/n" in self.metrics:
+                self.metrics[f"test/{name}/n"].reset()
+        _set_rotation_seed(self.net, None)
 
-    # --------------------------------------------------------------------------------------- images
-    def _panel_crops(self, batch: dict[str, Any], sr: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Centre crops (LR upsampled by nearest neighbour to the HR size) of the first image in the batch."""
-        lr, hr = batch["lr"][:1], batch["hr"][:1]
-        h, w = lr.shape[-2:]
-        c = min(self.panel_crop, h, w)
-        top, left = (h - c) // 2, (w - c) // 2
-        s = self.scale
-        lr_crop = F.interpolate(lr[..., top : top + c, left : left + c], scale_factor=s, mode="nearest")
-        sr_crop = sr[:1, :, top * s : (top + c) * s, left * s : (left + c) * s]
-        hr_crop = hr[..., top * s : (top + c) * s, left * s : (left + c) * s]
-        names = batch.get("name") or ["image"]
-        return (str(names[0]), lr_crop.cpu(), sr_crop.clamp(0, self.rgb_range).cpu(), hr_crop.cpu())
+    # ----------------------------------------------------------------------------- checkpointed state
+    @property
+    def best_val_psnr(self) -> float:
+        return float(self.val_psnr_best.compute()) if self.val_psnr_best.update_called else float("-inf")
 
-    def _log_panel(self) -> None:
-        """LR | SR | HR crops of a few fixed validation images; only W&B shows images, others are skipped."""
-        if not self._panel:
-            return
-        from lightning.pytorch.loggers import WandbLogger
+    @property
+    def skipped_batches(self) -> int:
+        return int(self.skip_rule.skipped)
 
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                rows = [torch.cat([lr, sr, hr], dim=-1)[0] / self.rgb_range for _, lr, sr, hr in self._panel]
-                # uint8 HxWx3 arrays: W&B's handling of float tensors depends on their range.
-                images = [(row.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy() for row in rows]
-                logger.log_image(
-                    key="val/samples",
-                    images=images,
-                    caption=[f"{name}: LR | SR | HR" for name, *_ in self._panel],
-                    step=self.global_step,
-                )
-        self._panel = []
+    @property
+    def accepted_batches(self) -> int:
+        return int(self.skip_rule.accepted)
 
-    def _save_images(self, set_name: str, names: Sequence[str] | None, sr: torch.Tensor) -> None:
-        from PIL import Image
+    @property
+    def loss_running_mean(self) -> float | None:
+        return float(self.skip_rule.running_mean) if self.accepted_batches else None
 
-        out_dir = Path(self.save_images_dir) / set_name
-        out_dir.mkdir(parents=True, exist_ok=True)
-        levels = (sr.detach().float() * (255.0 / self.rgb_range)).round().clamp(0, 255).to(torch.uint8).cpu()
-        for i, image in enumerate(levels):
-            stem = Path(str(names[i])).stem if names else f"{self.global_step}_{i}"
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(out_dir / f"{stem}_x{self.scale}_SR.png")
-
-    # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.run_config is not None:
-            checkpoint["dlsn_config"] = self.run_config
-        checkpoint["dlsn_training_state"] = {
-            "loss_running_mean": self.loss_running_mean,
-            "accepted_batches": self.accepted_batches,
-            "skipped_batches": self.skipped_batches,
-            "best_val_psnr": self.best_val_psnr,
-        }
+        # Plain values and tensors only, so that checkpoints load with torch.load(weights_only=True).
+        checkpoint["dlsn_network"] = {"config": self.net_config, "scale": self.scale, "degradation": self.degradation}
+        checkpoint["dlsn_training_state"] = {"skip_rule": self.skip_rule.state(), "best_val_psnr": self.best_val_psnr}
         # RNG streams, so that a resumed run draws the same patches and rotations as an uninterrupted one.
         checkpoint["dlsn_rng_state"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            # As plain tensors/ints so that checkpoints load with torch.load(weights_only=True).
             "numpy": _numpy_state_to_safe(np.random.get_state()),
             "python": random.getstate(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("dlsn_training_state")
-        if state:
-            self.loss_running_mean = state["loss_running_mean"]
-            self.accepted_batches = state["accepted_batches"]
-            self.skipped_batches = state["skipped_batches"]
-            self.best_val_psnr = state["best_val_psnr"]
+        state = checkpoint.get("dlsn_training_state") or {}
+        if "skip_rule" in state:
+            self.skip_rule.load_state(state["skip_rule"])
+        best = state.get("best_val_psnr")
+        self.val_psnr_best.reset()
+        if best is not None and np.isfinite(best):
+            self.val_psnr_best.update(best)
         self._pending_rng_state = checkpoint.get("dlsn_rng_state")
 
     def on_train_start(self) -> None:
@@ -340,3 +399,34 @@ class SRModule(LightningModule):
             np.random.set_state(_numpy_state_from_safe(rng["numpy"]))
             random.setstate(rng["python"])
             self._pending_rng_state = None
+
+
+def _compile_options(compile: bool | str | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(compile, Mapping):
+        options = dict(compile)
+        options.setdefault("enabled", True)
+    else:
+        options = {"enabled": compile}
+    if options["enabled"] not in (True, False, "auto"):
+        raise ValueError(f"compile must be true, false, 'auto' or a dict of torch.compile options, got {compile!r}")
+    return options
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer, trainer) -> bool:
+    """Whether ``optimizer`` can skip a step from a device flag (fused Adam/AdamW/SGD read ``found_inf``).
+
+    Not with float16 mixed precision, whose GradScaler sets ``found_inf`` itself.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and scaler is None
+
+
+def warmup_then(optimizer: torch.optim.Optimizer, then: SchedulerFactory, warmup: int = 5,
+                start_factor: float = 1e-3) -> torch.optim.lr_scheduler.LRScheduler:
+    """A linear warm-up from ``start_factor`` x lr over ``warmup`` intervals, then the scheduler ``then``
+    builds (e.g. a cosine decay): ``module/scheduler=warmup_cosine``."""
+    return torch.optim.lr_scheduler.SequentialLR(
+        optimizer,
+        [torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=start_factor, total_iters=warmup), then(optimizer)],
+        milestones=[warmup],
+    )

@@ -2,12 +2,13 @@
 
 * :func:`objective_value` turns the finished run's metrics into the number a sweeper optimises,
   raising (not returning NaN) when the run produced nothing usable; see its docstring for why.
-* :func:`register_resolvers` adds the interpolations the launcher/sweeper configs use:
-  ``${dlsn_sweep_group:}`` (one W&B group per sweep), ``${dlsn_makedirs:DIR}`` (the Optuna SQLite
-  directory must exist before the study is created) and ``${dlsn_slurm_count:VALUE,KEY}``
-  (SLURM nodes / tasks from the trainer settings, refusing "auto" before a job is submitted) and
-  ``${dlsn_run_id:DIR}`` (a W&B run id fixed by the run directory, so a requeued or restarted job,
-  which resumes from that directory's checkpoint, also continues the same W&B run).
+* The functions behind the interpolations of the logger/launcher/sweeper configs (registered by
+  :func:`dlsn.utils.config.register_resolvers`): ``${dlsn_sweep_group:}`` (one W&B group per sweep),
+  ``${dlsn_makedirs:DIR}`` (the Optuna SQLite directory must exist before the study is created),
+  ``${dlsn_slurm_count:VALUE,KEY}`` (SLURM nodes / tasks from the trainer settings, refusing "auto"
+  before a job is submitted), ``${dlsn_run_id:DIR}`` (a W&B run id fixed by the run directory, so a
+  requeued or restarted job also continues its W&B run) and ``${dlsn_run_name:TASK}`` /
+  ``${dlsn_run_tags:TAGS}`` (runs named and tagged after their command-line overrides).
 """
 
 from __future__ import annotations
@@ -120,24 +121,36 @@ def slurm_count(value: Any, key: str = "value") -> int:
     return count
 
 
-def run_id(output_dir: str) -> str:
+def run_id(output_dir: str | None) -> str | None:
     """A W&B run id derived from the run's output directory (16 hex digits).
 
     A job restarted in the same directory (SLURM requeue, a crashed run launched again) resumes
     from that directory's last checkpoint and, with this id and ``resume: allow``, logs into the
     same W&B run; every new directory (new run, each sweep job) gets a run of its own.
     """
+    if output_dir is None:  # no run directory yet, e.g. `python train.py --cfg job --resolve`
+        return None
     return hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
 
 
-def register_resolvers() -> None:
-    """Register the ``dlsn_*`` resolvers (idempotent). Call before Hydra composes the config,
-    e.g. at import time of train.py / eval.py, next to the other resolvers."""
-    for name, function in (
-        (SWEEP_GROUP_RESOLVER, sweep_group_name),
-        (MAKEDIRS_RESOLVER, makedirs),
-        (SLURM_COUNT_RESOLVER, slurm_count),
-        (RUN_ID_RESOLVER, run_id),
-    ):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, function)
+def job_overrides() -> list[str]:
+    """The command-line overrides of this job (for a sweep job: its sweep values too), ``hydra.*`` left out."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    overrides = OmegaConf.select(HydraConfig.get(), "overrides.task", default=None) or []
+    return [str(o) for o in overrides if not str(o).lstrip("+~").startswith("hydra")]
+
+
+def run_name(task_name: str) -> str:
+    """``task_name``, then the job's overrides: ``train-model.n_hashes=2,optim.lr=1e-4`` (at most 128 characters)."""
+    overrides = job_overrides()
+    name = f"{task_name}-{','.join(overrides)}" if overrides else str(task_name)
+    return name if len(name) <= 128 else name[:125] + "..."
+
+
+def run_tags(tags: Any) -> list[str]:
+    """The configured tags plus one per override of this job (W&B tags are at most 64 characters)."""
+    configured = [str(tag) for tag in (tags or [])]
+    return configured + [o[:64] for o in job_overrides() if o[:64] not in configured]

@@ -53,9 +53,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dlsn.checkpoint import atomic_write_json
-from dlsn.utils import PROJECT_ROOT, build_network, count_parameters
+import rootutils
+
+from dlsn.utils.config import register_resolvers
+from dlsn.utils.files import atomic_write_json
+from dlsn.utils.instantiate import build_network, count_parameters
+
+PROJECT_ROOT = rootutils.find_root(__file__, indicator=".project-root")
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 BASELINE = "32-true"
@@ -81,6 +85,7 @@ def model_config(model: str, scale: int):
     """The ``model`` section train.py composes for ``model=<dlsn|dlsn_small>`` (same defaults list)."""
     from hydra import compose, initialize_config_dir
 
+    register_resolvers()
     with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "configs")):
         cfg = compose("train", overrides=[f"model={MODEL_CONFIGS[model]}", f"scale={scale}"])
     return cfg.model
@@ -212,7 +217,7 @@ def measure_throughput(precision: str, args: argparse.Namespace, net_cfg) -> dic
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(args.seed)  # the same initial weights and batches in every precision
     model = build_network(net_cfg).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=THROUGHPUT_LR, fused=True)  # as configs/optim/adam.yaml
+    optimizer = torch.optim.Adam(model.parameters(), lr=THROUGHPUT_LR, fused=True)  # as configs/module/optimizer/adam.yaml
     hr_size = args.patch * args.scale
     lr_batch = torch.rand(args.batch, 3, args.patch, args.patch, device=device)
     hr_batch = torch.rand(args.batch, 3, hr_size, hr_size, device=device)
@@ -298,8 +303,8 @@ def train_overrides(args: argparse.Namespace, precision: str, seed: int, run_dir
         f"trainer.precision={precision}",
         f"trainer.benchmark={str(args.cudnn_benchmark).lower()}",
         *accelerator,
-        f"optim.lr={args.lr}",
-        "optim.milestones=[]",  # a constant rate over the short run
+        f"module.optimizer.lr={args.lr}",
+        "module.scheduler=null",  # a constant rate over the short run
         "logger=csv",
         # No checkpoints (the paper model's with Adam state is large) and no progress bar in the log.
         "callbacks=none",

@@ -1,11 +1,26 @@
-"""Crash-safe checkpoint writing and model.pretrained loading (this project's files and the authors')."""
+"""Checkpoints: crash-safe writing, safe reading with errors naming the file, init_from (this project's files,
+the authors' and safetensors), and finding the checkpoint to resume from."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from dlsn.checkpoint import AtomicCheckpointIO, atomic_write, atomic_write_json, load_pretrained
+import os
+import time
+
+from dlsn.checkpoint import (
+    NETWORK_PREFIX,
+    AtomicCheckpointIO,
+    CheckpointError,
+    find_resume_checkpoint,
+    init_from,
+    read_checkpoint,
+    read_weights,
+    save_weights,
+)
+from dlsn.lightning_module import SRModule
+from dlsn.utils.files import atomic_write, atomic_write_json
 from dlsn.models import DLSN, to_official
 
 TINY = dict(n_feats=8, n_resgroups=1, n_resblocks=1, chunk_size=16, n_hashes=1)
@@ -68,7 +83,7 @@ def test_pretrained_lightning_checkpoint_across_scales(tmp_path, target_scale):
     torch.manual_seed(1)
     target = DLSN(target_scale, **TINY)
     fresh = {k: v.clone() for k, v in target.state_dict().items()}
-    reinitialised = load_pretrained(target, path)
+    reinitialised = init_from(target, path)
 
     source_state, target_state = source.state_dict(), target.state_dict()
     upsampler = _upsampler_names(target)
@@ -86,13 +101,13 @@ def test_pretrained_lightning_checkpoint_across_scales(tmp_path, target_scale):
 def test_pretrained_mismatch_outside_upsampler_is_an_error(tmp_path):
     path = tmp_path / "wide.ckpt"
     _lightning_checkpoint(DLSN(2, **{**TINY, "n_feats": 16}), path)
-    with pytest.raises(ValueError, match=r"model.pretrained=.*wide.ckpt.*head|shape"):
-        load_pretrained(DLSN(2, **TINY), path)
+    with pytest.raises(CheckpointError, match=r"(?s)init_from=.*wide.ckpt does not fit.*head.weight: shape \(16, 3, 3, 3\)"):
+        init_from(DLSN(2, **TINY), path)
 
 
 def test_pretrained_missing_file_names_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
-        load_pretrained(DLSN(2, **TINY), tmp_path / "nope.ckpt")
+    with pytest.raises(CheckpointError, match="not found: .*nope.ckpt"):
+        init_from(DLSN(2, **TINY), tmp_path / "nope.ckpt")
 
 
 @pytest.mark.parametrize("target_scale", [2, 3])
@@ -102,13 +117,13 @@ def test_pretrained_official_state_dict(tmp_path, target_scale):
     path = tmp_path / "model_best.pt"
     torch.save(to_official(source), path)
     target = DLSN(target_scale, **TINY)
-    reinitialised = load_pretrained(target, path)
+    reinitialised = init_from(target, path)
     official_source, official_target = to_official(source), to_official(target)
     for key, value in official_target.items():
         if not key.startswith("tail.0."):
             assert torch.equal(value, official_source[key]), key
     assert (reinitialised == []) == (target_scale == 2)
-    assert all(k.startswith("tail.0.") for k in reinitialised)
+    assert set(reinitialised) == (set() if target_scale == 2 else _upsampler_names(target))
 
 
 @pytest.mark.skipif(not (FIXTURES / "dlsn_tiny_x2.pt").exists(), reason=f"official fixtures absent at {FIXTURES}")
@@ -118,5 +133,97 @@ def test_pretrained_authors_file_reproduces_their_output(tmp_path):
     torch.save(fixture["state_dict"], path)
     config = {k: v for k, v in fixture["config"].items() if k in ("n_feats", "n_resgroups", "n_resblocks", "reduction", "chunk_size", "n_hashes", "res_scale", "rgb_range")}
     net = DLSN(fixture["config"].get("scale", 2), **config)
-    assert load_pretrained(net, path) == []
+    assert init_from(net, path) == []
     assert torch.equal(to_official(net)["head.0.weight"], fixture["state_dict"]["head.0.weight"])
+
+
+def test_the_module_keeps_the_network_under_the_prefix_checkpoints_are_read_with():
+    module = SRModule(DLSN(2, **TINY), scale=2)
+    assert {k for k in module.state_dict() if k.startswith(NETWORK_PREFIX)} == {
+        NETWORK_PREFIX + k for k in module.net.state_dict()
+    }
+
+
+def test_safetensors_export_round_trip_with_config(tmp_path):
+    torch.manual_seed(0)
+    net = DLSN(2, **TINY)
+    config = {"_target_": "dlsn.models.DLSN", "scale": 2, **TINY}
+    save_weights(tmp_path / "w.safetensors", net, config)
+    weights = read_weights(tmp_path / "w.safetensors")
+    assert weights.format == "safetensors" and weights.config == config
+    assert all(torch.equal(weights.state_dict[k], v) for k, v in net.state_dict().items())
+
+
+def test_official_file_gives_its_configuration(tmp_path):
+    source = DLSN(3, **{**TINY, "n_resblocks": 2}, rgb_range=255)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in to_official(source).items()}}, tmp_path / "x3.pt")
+    weights = read_weights(tmp_path / "x3.pt")
+    assert weights.format == "official"
+    assert {k: weights.config[k] for k in ("scale", "n_feats", "n_resgroups", "n_resblocks", "chunk_size", "rgb_range")} == {
+        "scale": 3, "n_feats": 8, "n_resgroups": 1, "n_resblocks": 2, "chunk_size": 16, "rgb_range": 255.0}
+    assert all(torch.equal(weights.state_dict[k], v) for k, v in source.state_dict().items())
+
+
+# ------------------------------------------------------------------------- damaged and hostile files
+
+
+def test_empty_truncated_and_random_files_are_named_with_the_reason(tmp_path):
+    good = tmp_path / "good.ckpt"
+    torch.save({"global_step": 3, "state_dict": {"net.w": torch.ones(1000)}}, good)
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match=r"empty.ckpt is empty \(0 bytes\)"):
+        read_checkpoint(empty)
+    with pytest.raises(CheckpointError, match=r"truncated.ckpt is truncated"):
+        read_checkpoint(truncated)
+    with pytest.raises(CheckpointError, match=r"noise.pt is (truncated or )?not a PyTorch checkpoint") as info:
+        read_checkpoint(noise)
+    assert "weights_only=False" not in str(info.value) and "trust_checkpoint" not in str(info.value)
+
+
+class Payload:
+    """Unpickling this runs ``os.system``: what a hostile checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_payload_does_not_run_unless_trusted(tmp_path):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "DLSN_x2.pt"
+    torch.save({"state_dict": {"head.0.weight": torch.zeros(1)}, "hook": Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match=r"DLSN_x2.pt holds a Python object \(posix.system\).*trust_checkpoint=true"):
+        read_weights(path)
+    with pytest.raises(CheckpointError):
+        init_from(DLSN(2, **TINY), path)
+    assert not marker.exists()
+    read_checkpoint(path, trust=True)  # the explicit opt-in runs it, as documented
+    assert marker.exists()
+
+
+def test_resume_skips_an_empty_or_truncated_last_checkpoint_naming_it(tmp_path, caplog):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    now = time.time()
+    best = checkpoints / "best.ckpt"
+    torch.save({"global_step": 1200, "state_dict": {}}, best)
+    os.utime(best, (now - 100, now - 100))
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    torch.save({"global_step": 1000, "state_dict": {"w": torch.ones(100)}}, hpc)
+    os.utime(hpc, (now - 50, now - 50))
+    last = checkpoints / "last.ckpt"
+    last.write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        assert find_resume_checkpoint(tmp_path) == str(hpc)
+    assert "last.ckpt" in caplog.text and "empty" in caplog.text
+    hpc.write_bytes(hpc.read_bytes()[:100])
+    assert find_resume_checkpoint(tmp_path) == str(best)  # the last resort
+    best.write_bytes(b"garbage")
+    assert find_resume_checkpoint(tmp_path) is None

@@ -19,17 +19,9 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from dlsn.distributed import (
-    LauncherConfigError,
-    UnpaddedEvalSampler,
-    check_launcher_compatibility,
-    eval_sampler,
-    evaluation_split_sizes,
-    find_resume_checkpoint,
-    resolve_ckpt_path,
-    synced_sum,
-    trainer_process_count,
-)
+from dlsn.checkpoint import find_resume_checkpoint, resolve_ckpt_path
+from dlsn.data.samplers import UnpaddedEvalSampler, eval_sampler
+from dlsn.utils.launcher import LauncherConfigError, check_launcher_compatibility, trainer_process_count
 from dlsn.metrics import PSNR_Y, SSIM_Y
 
 SCRIPTS = Path(__file__).parent / "distributed_scripts"
@@ -80,7 +72,6 @@ def test_unpadded_sampler_covers_every_index_exactly_once(dataset_size, world_si
     per_rank = [list(UnpaddedEvalSampler(dataset, num_replicas=world_size, rank=r)) for r in range(world_size)]
     flat = sorted(i for indices in per_rank for i in indices)
     assert flat == list(range(dataset_size))
-    assert [len(indices) for indices in per_rank] == evaluation_split_sizes(dataset_size, world_size)
     assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
     assert per_rank[0][:2] == [0, world_size][: len(per_rank[0][:2])]  # round robin: r, r+R, ...
     assert [len(UnpaddedEvalSampler(dataset, world_size, r)) for r in range(world_size)] == list(map(len, per_rank))
@@ -110,9 +101,8 @@ def test_sampler_needs_rank_or_process_group():
         UnpaddedEvalSampler(range(3))
 
 
-def test_without_process_group_eval_sampler_is_none_and_sums_are_local():
+def test_without_process_group_eval_sampler_is_none():
     assert eval_sampler(range(5)) is None
-    assert synced_sum(torch.tensor(3)) == 3.0
 
 
 # ------------------------------------------------------------------ DDP evaluation, two processes
@@ -145,7 +135,7 @@ def test_padded_sampler_would_change_the_numbers(two_process_eval):
 
 
 def test_metric_states_are_local_again_after_compute(two_process_eval):
-    # Why `synced_sum` exists: after compute() a rank's count is its own (3 of 5), not the total.
+    # Why image counts are metrics of their own: after compute() a rank's count is its own (3 of 5).
     assert two_process_eval["unpadded"]["count_after_compute"] == 3
 
 
@@ -260,7 +250,7 @@ def test_auto_devices_count_visible_gpus_only_on_gpu(monkeypatch):
 
 def touch(path: Path, mtime: float) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"checkpoint")
+    torch.save({"global_step": 1, "state_dict": {}}, path)
     os.utime(path, (mtime, mtime))
     return path
 
@@ -278,7 +268,7 @@ def test_requeued_run_resumes_from_newest_checkpoint(tmp_path):
     assert find_resume_checkpoint(tmp_path) == str(hpc)
     newer_last = touch(tmp_path / "checkpoints" / "last.ckpt", now)
     assert find_resume_checkpoint(tmp_path) == str(newer_last)
-    touch(tmp_path / "checkpoints" / "best.ckpt", now + 50)  # best.ckpt is not a resume point
+    touch(tmp_path / "checkpoints" / "best.ckpt", now + 50)  # best.ckpt is only the last resort
     assert find_resume_checkpoint(tmp_path) == str(newer_last)
 
 
@@ -288,8 +278,8 @@ def test_empty_checkpoint_files_are_ignored(tmp_path):
     assert find_resume_checkpoint(tmp_path) is None
 
 
-def test_explicit_ckpt_path_wins_and_auto_resume_can_be_off(tmp_path):
+def test_explicit_ckpt_path_wins(tmp_path):
     touch(tmp_path / "checkpoints" / "last.ckpt", time.time())
-    assert resolve_ckpt_path("/some/where.ckpt", tmp_path) == "/some/where.ckpt"
-    assert resolve_ckpt_path(None, tmp_path, auto_resume=False) is None
+    explicit = touch(tmp_path / "elsewhere" / "some.ckpt", time.time() - 1000)
+    assert resolve_ckpt_path(str(explicit), tmp_path) == str(explicit)
     assert resolve_ckpt_path(None, tmp_path).endswith("last.ckpt")

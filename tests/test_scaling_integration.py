@@ -123,7 +123,7 @@ def test_optuna_search_with_train_py_stores_trials_in_sqlite(tmp_path):
 
     # A plain `key=value` on the command line fixes a searched parameter, so the tiny-model
     # overrides of the searched keys are left out; a sweep value replaces the config's dimension.
-    searched = ("model.chunk_size=", "model.n_hashes=", "optim.lr=")
+    searched = ("model.chunk_size=", "model.n_hashes=", "module.optimizer.lr=")
     tiny = [arg for arg in TINY_TRAIN if not arg.startswith(searched)]
     run("train.py", "-m", "hparams_search=dlsn_optuna", f"paths.log_dir={tmp_path}", *tiny,
         "hydra.sweeper.n_trials=2", "model.chunk_size=choice(16,32)")
@@ -133,7 +133,7 @@ def test_optuna_search_with_train_py_stores_trials_in_sqlite(tmp_path):
     for trial in study.trials:
         rows = read_csv_metrics(sweep_dir / str(trial.number))
         assert trial.value == pytest.approx(last_value(rows, "val/psnr_best"))
-        assert set(trial.params) == {"optim.lr", "model.n_hashes", "model.chunk_size"}
+        assert set(trial.params) == {"module.optimizer.lr", "model.n_hashes", "model.chunk_size"}
         assert trial.params["model.chunk_size"] in (16, 32)
 
 
@@ -157,7 +157,7 @@ def test_real_configs_compose_for_slurm_and_optuna():
     # (storage is checked unresolved: resolving it creates the logs/optuna directory)
     storage = OmegaConf.to_container(search.hydra.sweeper, resolve=False)["storage"]
     assert storage.startswith("sqlite:///") and storage.endswith("/optuna}/${hydra.sweeper.study_name}.db")
-    assert set(search.hydra.sweeper.params) == {"optim.lr", "model.n_hashes", "model.chunk_size"}
+    assert set(search.hydra.sweeper.params) == {"module.optimizer.lr", "model.n_hashes", "model.chunk_size"}
     # Every searched key exists in the composed training config.
     for key in search.hydra.sweeper.params:
         assert OmegaConf.select(search, key) is not None, key

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from dlsn.sweep import TrialFailedError, objective_value, register_resolvers, slurm_count
+from dlsn.sweep import TrialFailedError, objective_value, slurm_count
+from dlsn.utils.config import register_resolvers
 
 REPO_ROOT = Path(__file__).parents[1]
 APP = Path(__file__).parent / "sweep_app" / "app.py"
@@ -184,7 +185,7 @@ def sbatch_text(cfg, folder: Path, monkeypatch) -> str:
 
 
 def test_slurm_launcher_config_gives_one_task_per_gpu_and_requeue(tmp_path, monkeypatch):
-    from dlsn.distributed import check_launcher_compatibility
+    from dlsn.utils.launcher import check_launcher_compatibility
 
     cfg = compose_app(["hydra/launcher=slurm", "trainer.devices=4", "+trainer.num_nodes=2",
                        "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=600"])

@@ -20,7 +20,7 @@ def test_training_writes_checkpoints_and_metrics(tiny_train_run):
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best.ckpt", "last.ckpt"]
     last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 2 * 3  # 2 epochs of data.iters_per_epoch=3
-    assert last["dlsn_config"]["model"]["n_feats"] == 8
+    assert last["dlsn_network"]["config"]["n_feats"] == 8  # eval.py rebuilds the network from it
     assert {"optimizer_states", "lr_schedulers", "dlsn_rng_state", "dlsn_training_state"} <= set(last)
     rows = read_csv_metrics(tiny_train_run)
     for key in ("train/loss_step", "train/lr", "train/throughput", "train/skipped_batches", "val/sample/psnr",
@@ -32,11 +32,11 @@ def test_training_writes_checkpoints_and_metrics(tiny_train_run):
 
 def test_resume_restores_step_optimizer_and_scheduler(tiny_train_run, tmp_path):
     first = tmp_path / "first"
-    run_script("train.py", first, *TINY_TRAIN, "trainer.max_epochs=1", "optim.milestones=[1]")
+    run_script("train.py", first, *TINY_TRAIN, "trainer.max_epochs=1", "module.scheduler.milestones=[1]")
     saved = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)  # safe to load
     assert saved["global_step"] == 3
     resumed = tmp_path / "resumed"
-    run_script("train.py", resumed, *TINY_TRAIN, "trainer.max_epochs=2", "optim.milestones=[1]",
+    run_script("train.py", resumed, *TINY_TRAIN, "trainer.max_epochs=2", "module.scheduler.milestones=[1]",
                f"ckpt_path={first}/checkpoints/last.ckpt")
     continued = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert continued["global_step"] == 6 and continued["epoch"] == 1
@@ -140,4 +140,4 @@ def test_eval_of_an_official_state_dict(tmp_path):
     # A file for another configuration is refused with the reason.
     proc = run_script("eval.py", tmp_path / "bad", f"ckpt_path={tmp_path / 'model_x2.pt'}", "model=dlsn_small", "data=sample",
                       "logger=none", expect_success=False)
-    assert proc.returncode != 0 and "cannot load as an official DLSN state_dict" in proc.stderr
+    assert proc.returncode != 0 and "model_x2.pt does not fit the configured network" in proc.stderr

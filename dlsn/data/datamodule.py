@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dlsn.data.cache import ArrayCache
-from dlsn.distributed import TrainPatchSampler, distributed_world_size, eval_sampler
+from dlsn.data.samplers import TrainPatchSampler, distributed_world_size, eval_sampler
 from dlsn.data.datasets import ON_ERROR, SREvalDataset, SRTrainDataset, benchmark_records, folder_records
 from dlsn.data.degradations import check_degradation, check_scale
 from dlsn.data.div2k import TRAIN_IDS, div2k_records, prepare_div2k
@@ -124,7 +124,8 @@ class SRDataModule(L.LightningDataModule):
         self.use_official_lr = bool(use_official_lr)
         self.persistent_workers = bool(persistent_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
-        self.save_hyperparameters()
+        # Not logged: train.py logs the whole config once (the data section included).
+        self.save_hyperparameters(logger=False)
 
         self._cache = ArrayCache(None if self.cache_dir is None else self.cache_dir / "arrays")
         self.train_dataset: Dataset | None = None

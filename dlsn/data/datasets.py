@@ -150,7 +150,7 @@ class SRTrainDataset(Dataset):
     vertical flip and transposition. ``len(dataset) == length`` (``iters_per_epoch * batch_size``),
     independent of the number of images.
 
-    Randomness: with a key ``(seed, epoch, index)`` (what :class:`dlsn.distributed.TrainPatchSampler`
+    Randomness: with a key ``(seed, epoch, index)`` (what :class:`dlsn.data.samplers.TrainPatchSampler`
     yields) the patch depends on the key alone, so runs with the same seed draw the same patches
     and a resumed run continues exactly. With a plain integer index, a numpy generator per
     process seeded from ``torch.initial_seed()`` (which PyTorch sets per DataLoader worker) is used.

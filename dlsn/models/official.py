@@ -12,11 +12,12 @@ and the scalar ``a`` (unused by the official forward pass) must be a one-element
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from dlsn.models.dlsn import DLSN
+from dlsn.models.dlsn import DIV2K_RGB_MEAN, DLSN
 from dlsn.models.gla import GLA
 
 _GLA_NAMES = {
@@ -63,8 +64,9 @@ def official_names(module: nn.Module) -> dict[str, str]:
 
 
 def _mean_shift(module: DLSN) -> dict[str, torch.Tensor]:
-    identity = torch.eye(3).view(3, 3, 1, 1)
-    mean = module.rgb_mean.detach().flatten().cpu().float()
+    # From the constants, not the module's buffer: the module may be a structure on the meta device.
+    identity = torch.eye(3, device="cpu").view(3, 3, 1, 1)
+    mean = module.rgb_range * torch.tensor(DIV2K_RGB_MEAN, device="cpu")
     return {
         "sub_mean.weight": identity.clone(),
         "sub_mean.bias": -mean,
@@ -99,6 +101,13 @@ def load_official(
     neither required nor loaded, so that weights trained at another scale can be fine-tuned.
     Returns the module.
     """
+    converted = _converted(module, state_dict, skip_upsampler)
+    module.load_state_dict(converted, strict=not skip_upsampler)
+    return module
+
+
+def _converted(module: nn.Module, state_dict: Mapping[str, torch.Tensor], skip_upsampler: bool = False) -> dict[str, torch.Tensor]:
+    """The official ``state_dict`` under ``module``'s parameter names, after checking every key and shape."""
     state_dict = _strip_wrapper_prefix(state_dict)
     mapping = official_names(module)
     if skip_upsampler:
@@ -127,10 +136,56 @@ def load_official(
         problems.append(f"a: expected a one-element tensor, got shape {list(state_dict['a'].shape)}")
     if problems:
         raise ValueError(f"cannot load official {type(module).__name__} weights: " + "; ".join(problems))
+    return {own: state_dict[official] for official, own in mapping.items()}
 
-    converted = {own: state_dict[official] for official, own in mapping.items()}
-    module.load_state_dict(converted, strict=not skip_upsampler)
-    return module
+
+def official_config(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The DLSN configuration an official ``state_dict`` was trained with, read off its keys and shapes.
+
+    The files do not record ``n_hashes`` and ``res_scale`` (they have no weights): the paper's values
+    (3 and 0.1) are returned for them.
+    """
+    state = _strip_wrapper_prefix(state_dict)
+
+    def count(pattern: str) -> int:
+        return sum(1 for index in range(10_000) if pattern.format(index) in state) if pattern else 0
+
+    if "head.0.weight" not in state:
+        raise ValueError("no head.0.weight: not a DLSN state_dict")
+    n_feats = int(state["head.0.weight"].shape[0])
+    n_resblocks = count("body.0.body.{}.body.0.weight")
+    n_resgroups = count("body.{}.body.0.body.0.weight")
+    attention = f"body.0.body.{n_resblocks}."
+    if n_resgroups < 1 or f"{attention}conv_match.0.weight" not in state:
+        raise ValueError("no residual group with a GLA layer (body.0.body.*): not a DLSN state_dict")
+    upsampler = [state[f"tail.0.{i}.weight"] for i in range(0, 8, 2) if f"tail.0.{i}.weight" in state]
+    factors = [round((weight.shape[0] / n_feats) ** 0.5) for weight in upsampler]
+    scale = 1
+    for factor in factors:
+        scale *= factor
+    mean = state.get("sub_mean.bias")
+    rgb_range = 1.0 if mean is None else round(float(-mean.flatten()[0]) / DIV2K_RGB_MEAN[0], 3)
+    return {
+        "_target_": "dlsn.models.DLSN",
+        "scale": scale,
+        "n_feats": n_feats,
+        "n_resgroups": n_resgroups,
+        "n_resblocks": n_resblocks,
+        "reduction": n_feats // int(state[f"{attention}conv_match.0.weight"].shape[0]),
+        "chunk_size": int(state[f"{attention}fc.2.weight"].shape[0]),
+        "n_hashes": 3,
+        "res_scale": 0.1,
+        "rgb_range": rgb_range,
+    }
+
+
+def from_official(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config, state_dict)`` of an official DLSN file: its configuration (:func:`official_config`)
+    and its weights under this project's names, every key and shape checked."""
+    config = official_config(state_dict)
+    with torch.device("meta"):  # the module's structure gives the names; no memory for weights
+        structure = DLSN(**{k: v for k, v in config.items() if k != "_target_"})
+    return config, _converted(structure, state_dict)
 
 
 def _listing(keys: list[str], limit: int = 8) -> str:

@@ -1,39 +1,8 @@
-"""Helpers for train.py/eval.py: config validation, instantiation, Rich output, Hydra resolvers."""
+"""Helpers of the entry scripts; import the submodule you need (nothing heavy is imported here).
 
-from __future__ import annotations
-
-from pathlib import Path
-
-from omegaconf import OmegaConf
-
-from dlsn.utils.config_validation import ConfigError, validate_config
-from dlsn.utils.instantiate import build_network, count_parameters, instantiate_callbacks, instantiate_loggers
-from dlsn.utils.rich_utils import print_config_tree, results_table
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def register_resolvers() -> None:
-    """Resolvers the configs use: ``${project_root:}`` (the repository root, from any working dir)
-    and the sweep/launcher ones of :mod:`dlsn.sweep` (``${dlsn_sweep_group:}``, ...)."""
-    from dlsn.sweep import register_resolvers as register_sweep_resolvers
-
-    if not OmegaConf.has_resolver("project_root"):
-        OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
-    register_sweep_resolvers()
-
-
-register_resolvers()
-
-__all__ = [
-    "ConfigError",
-    "PROJECT_ROOT",
-    "build_network",
-    "count_parameters",
-    "instantiate_callbacks",
-    "instantiate_loggers",
-    "print_config_tree",
-    "register_resolvers",
-    "results_table",
-    "validate_config",
-]
+* :mod:`dlsn.utils.config`: Hydra resolvers, the project root, cross-key config checks.
+* :mod:`dlsn.utils.instantiate`: building the network, callbacks and loggers from config groups.
+* :mod:`dlsn.utils.launcher`: launcher checks, rank-zero detection, the run-directory lock, exit codes.
+* :mod:`dlsn.utils.files`: crash-safe (atomic) file writing.
+* :mod:`dlsn.utils.rich_utils`: the config tree and results tables.
+"""

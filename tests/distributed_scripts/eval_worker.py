@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dlsn.distributed import UnpaddedEvalSampler, eval_sampler
+from dlsn.data.samplers import UnpaddedEvalSampler, eval_sampler
 from dlsn.metrics import PSNR_Y, SSIM_Y
 
 

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_worker import SyntheticPairs  # noqa: E402
 
-from dlsn.distributed import eval_sampler, shutdown_process_group  # noqa: E402
+from dlsn.data.samplers import eval_sampler  # noqa: E402
+from dlsn.utils.launcher import shutdown_process_group  # noqa: E402
 from dlsn.metrics import PSNR_Y, SSIM_Y  # noqa: E402
 
 

@@ -12,8 +12,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from dlsn.distributed import check_launcher_compatibility
-from dlsn.sweep import finish_experiment_runs, objective_value, register_resolvers
+from dlsn.utils.launcher import check_launcher_compatibility
+from dlsn.sweep import finish_experiment_runs, objective_value
+from dlsn.utils.config import register_resolvers
 
 register_resolvers()
 
@@ -42,12 +43,12 @@ def run_job(cfg: DictConfig) -> float | None:
     job_num = OmegaConf.select(hydra_cfg, "job.num", default=0)  # unset in a single run
     if job_num in cfg.crash_jobs:
         raise RuntimeError(f"simulated crash of job {job_num}")
-    psnr = 30.0 - (math.log10(cfg.optim.lr) + 4.0) ** 2 + 0.1 * cfg.model.n_hashes - cfg.model.chunk_size / 1000
+    psnr = 30.0 - (math.log10(cfg.module.optimizer.lr) + 4.0) ** 2 + 0.1 * cfg.model.n_hashes - cfg.model.chunk_size / 1000
     if job_num in cfg.nan_jobs:
         psnr = float("nan")
     record = {
         "job_num": job_num,
-        "lr": cfg.optim.lr,
+        "lr": cfg.module.optimizer.lr,
         "n_hashes": cfg.model.n_hashes,
         "chunk_size": cfg.model.chunk_size,
         "psnr": psnr,
