@@ -192,32 +192,37 @@ class SRDataModule(L.LightningDataModule):
     def _eval_specs(self, stage: str) -> list[str]:
         return self.val_sets_spec if stage == "val" else (self.test_sets_spec or self.val_sets_spec)
 
-    def _eval_image_problem(self, record: ImageRecord) -> str | None:
-        """Why ``record`` cannot be evaluated (from image headers only), or None when it can."""
+    def _eval_image_problem(self, record: ImageRecord) -> Exception | None:
+        """Why ``record`` cannot be evaluated (from image headers only), or None when it can.
+
+        :class:`ImageReadError` for an unreadable file, ``ValueError`` for a wrong size.
+        """
         s = self.scale
         try:
             height, width = image_size(record.hr_path)
         except ImageReadError as exc:
-            return str(exc)
+            return exc
         crop_h, crop_w = height - height % s, width - width % s
         if crop_h < s or crop_w < s:
-            return (f"evaluation image {record.hr_path} is {height}x{width} pixels, smaller than the scale {s}: "
-                    f"its LR image would be empty")
+            return ValueError(f"evaluation image {record.hr_path} is {height}x{width} pixels, smaller than the scale "
+                              f"{s}: its LR image would be empty")
         y_h, y_w = crop_h - 2 * s, crop_w - 2 * s
         if min(y_h, y_w) < SSIM_WINDOW:
             side = min_hr_size(s)
-            return (f"evaluation image {record.hr_path} is {height}x{width} pixels: after modcrop to a multiple of "
-                    f"{s} ({crop_h}x{crop_w}) and the {s}-pixel border crop of the metrics, {max(y_h, 0)}x{max(y_w, 0)} "
-                    f"are left, but SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW}; x{s} evaluation images must be "
-                    f"at least {side}x{side} pixels")
+            return ValueError(
+                f"evaluation image {record.hr_path} is {height}x{width} pixels: after modcrop to a multiple of {s} "
+                f"({crop_h}x{crop_w}) and the {s}-pixel border crop of the metrics, {max(y_h, 0)}x{max(y_w, 0)} are "
+                f"left, but SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW}; x{s} evaluation images must be at least "
+                f"{side}x{side} pixels"
+            )
         if record.lr_path is not None and self.degradation in ("BI", "DN"):
             try:
                 lr_h, lr_w = image_size(record.lr_path)
             except ImageReadError as exc:
-                return str(exc)
+                return exc
             if (lr_h, lr_w) != (crop_h // s, crop_w // s):
-                return (f"LR file {record.lr_path} has size {lr_h}x{lr_w}, expected {crop_h // s}x{crop_w // s} "
-                        f"(HR {record.hr_path} is {height}x{width}, {crop_h}x{crop_w} after modcrop, scale {s})")
+                return ValueError(f"LR file {record.lr_path} has size {lr_h}x{lr_w}, expected {crop_h // s}x{crop_w // s} "
+                                  f"(HR {record.hr_path} is {height}x{width}, {crop_h}x{crop_w} after modcrop, scale {s})")
         return None
 
     def _note_skipped(self, set_name: str, files: list[str], reasons: dict[str, str] | None = None) -> None:
@@ -268,10 +273,10 @@ class SRDataModule(L.LightningDataModule):
                     if problem is None:
                         kept.append(record)
                     elif self.on_error == "raise":
-                        raise ValueError(f"{problem} (set {name!r}; data.on_error=skip leaves such images out)")
+                        raise type(problem)(f"{problem} (set {name!r}; data.on_error=skip leaves such images out)")
                     else:
                         skipped.append(str(record.hr_path))
-                        reasons[str(record.hr_path)] = problem
+                        reasons[str(record.hr_path)] = str(problem)
                 self._note_skipped(name, skipped, reasons)
                 if not kept:
                     raise ValueError(f"evaluation set {name!r} ({location}) has no usable images"
