@@ -429,6 +429,20 @@ def test_checksum_mismatch_deletes_and_raises(tmp_path, div2k_server):
     assert not dest.exists() and not (tmp_path / "x.zip.part").exists()
 
 
+def test_prepare_div2k_script_reports_no_partial_data_when_there_is_none(tmp_path, capsys):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "prepare_div2k.py"
+    spec = importlib.util.spec_from_file_location("prepare_div2k_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = ["--root", str(tmp_path / "D"), "--splits", "valid", "--scales", "2", "--no-lr",
+            "--base-url", "http://127.0.0.1:9/", "--timeout", "2"]
+    assert module.main(args) == 1
+    err = capsys.readouterr().err
+    assert "cannot download" in err and "DIV2K_valid_HR.zip" in err and "Partial" not in err
+
+
 def test_offline_download_gives_a_clear_message(tmp_path):
     with pytest.raises(DownloadError, match="offline") as no_part:
         download_file("http://127.0.0.1:9/DIV2K_valid_HR.zip", tmp_path / "a.zip", timeout=2)
