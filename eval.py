@@ -23,7 +23,7 @@ rootutils.setup_root(__file__, indicator=".project-root", pythonpath=False, dote
 
 from dlsn.checkpoint import load_into, read_weights  # noqa: E402
 from dlsn.utils.config import ConfigError, apply_extras, register_resolvers, validate_config  # noqa: E402
-from dlsn.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
+from dlsn.utils.files import atomic_write_text, write_json_strict  # noqa: E402
 from dlsn.utils.instantiate import build_network, instantiate_group, network_config  # noqa: E402
 from dlsn.utils.launcher import RunDirectoryLock, is_rank_zero_process  # noqa: E402
 
@@ -98,10 +98,15 @@ def write_results(output_dir: Path, method: str, cfg: DictConfig, results: dict[
 
     from dlsn.utils.rich_utils import results_table
 
-    atomic_write_json(output_dir / "results.json", results)
+    write_json_strict(output_dir / "results.json", results)
     atomic_write_text(output_dir / "results.md", markdown_table(method, cfg.scale, cfg.degradation, results))
     rows = [[name, f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", str(r["n"])] for name, r in results.items()]
     rich.print(results_table(f"{method} x{cfg.scale} {cfg.degradation}", rows, ["set", "PSNR (dB)", "SSIM", "images"]))
+    for name, r in results.items():
+        if r.get("n_capped"):
+            log.warning("%s: %d image(s) identical to their HR image, PSNR capped at 100 dB", name, r["n_capped"])
+        if r.get("skipped"):
+            log.warning("%s: %d image(s) skipped (data.on_error=skip): %s", name, len(r["skipped"]), ", ".join(r["skipped"]))
     log.info("results written to %s", output_dir / "results.json")
     from lightning.pytorch.loggers import WandbLogger
 

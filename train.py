@@ -54,6 +54,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # command in the same directory (a requeued job, a crashed run) continues it.
         resume_from = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
         datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+        if cfg.get("test"):  # the validation sets are checked in setup(); the test sets now, not after training
+            datamodule.prepare_data()
+            datamodule.check_eval_sets("test")
         net = build_network(cfg.model)
         if cfg.get("init_from") and resume_from is None:
             init_from(net, cfg.init_from, trust=cfg.get("trust_checkpoint", False))

@@ -275,13 +275,13 @@ class SaveSRImages(Callback):
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self.enabled or not outputs:
             return
-        from dlsn.data.io import write_png
+        from dlsn.data.io import sr_file_name, write_png
 
         set_name = pl_module.set_names("test")[dataloader_idx]
         levels = _to_uint8_levels(outputs["sr"], pl_module.rgb_range).cpu()
         names = batch.get("name") or [f"{batch_idx}_{i}" for i in range(len(levels))]
-        for name, image in zip(names, levels):
-            write_png(self.out_dir / set_name / f"{name}_x{pl_module.scale}_SR.png", image.permute(1, 2, 0).numpy())
+        for name, image in zip(names, levels):  # names are unique within a set (dlsn.data.io.unique_image_names)
+            write_png(self.out_dir / set_name / sr_file_name(name, pl_module.scale), image.permute(1, 2, 0).numpy())
 
 
 class TrainingLog(Callback):

@@ -315,17 +315,22 @@ class SRModule(LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         return self._evaluation_step("test", batch, dataloader_idx)
 
-    def _set_results(self, stage: str) -> dict[str, dict[str, float]]:
-        """``{set: {"psnr", "ssim", "n"}}`` of the sets evaluated in this epoch, synced over processes."""
+    def _set_results(self, stage: str) -> dict[str, dict[str, Any]]:
+        """``{set: {"psnr", "ssim", "n", "n_capped", "skipped"}}`` of the sets evaluated in this epoch,
+        synced over processes (every process must call it). ``n_capped`` counts images whose PSNR was
+        capped at 100 dB (identical images); ``skipped`` lists images left out (``data.on_error=skip``)."""
+        skipped = getattr(getattr(self.trainer, "datamodule", None), "skipped_eval_images", None) or {}
         results = {}
         for name in self.set_names(stage):
             count = self.metrics[f"{stage}/{name}/n"] if f"{stage}/{name}/n" in self.metrics else None
-            if count is not None and count.update_called:
-                results[name] = {
-                    "psnr": float(self.metrics[f"{stage}/{name}/psnr"].compute()),
-                    "ssim": float(self.metrics[f"{stage}/{name}/ssim"].compute()),
-                    "n": int(count.compute()),
-                }
+            if count is None or not count.update_called:
+                continue
+            psnr = self.metrics[f"{stage}/{name}/psnr"]
+            results[name] = {"psnr": float(psnr.compute()), "ssim": float(self.metrics[f"{stage}/{name}/ssim"].compute()),
+                             "n": int(count.compute())}
+            with psnr.sync_context():  # compute() syncs states only while computing
+                results[name]["n_capped"] = int(psnr.n_capped)
+            results[name]["skipped"] = list(skipped.get(name, []))
         return results
 
     def on_validation_epoch_end(self) -> None:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 import rootutils
 
 from dlsn.utils.config import register_resolvers
-from dlsn.utils.files import atomic_write_json
+from dlsn.utils.files import write_json_strict
 from dlsn.utils.instantiate import build_network, count_parameters
 
 PROJECT_ROOT = rootutils.find_root(__file__, indicator=".project-root")
@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         report["targets"] = evaluate_targets(report)
         report["elapsed_s"] = (datetime.datetime.now() - started).total_seconds()
         if args.json is not None:
-            atomic_write_json(args.json, report)
+            write_json_strict(args.json, report)
 
     print(f"{report['date']}  {report['device_name']}  torch {torch.__version__}  TF32 {report['tf32']}", flush=True)
     run_throughput(args, net_cfg, report)

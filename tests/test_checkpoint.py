@@ -20,7 +20,7 @@ from dlsn.checkpoint import (
     save_weights,
 )
 from dlsn.lightning_module import SRModule
-from dlsn.utils.files import atomic_write, atomic_write_json
+from dlsn.utils.files import atomic_write, write_json_strict
 from dlsn.models import DLSN, to_official
 
 TINY = dict(n_feats=8, n_resgroups=1, n_resblocks=1, chunk_size=16, n_hashes=1)
@@ -29,7 +29,7 @@ FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "offici
 
 def test_failed_write_keeps_previous_file(tmp_path):
     target = tmp_path / "results.json"
-    atomic_write_json(target, {"Set5": {"psnr": 33.0}})
+    write_json_strict(target, {"Set5": {"psnr": 33.0}})
 
     def crash(handle):
         handle.write("{ half a fi")

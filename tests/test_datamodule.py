@@ -113,3 +113,112 @@ def test_hydra_instantiates_benchmark_config_with_eval_overrides(tmp_path, sampl
     dm = instantiate(cfg.data)
     assert isinstance(dm, SRDataModule) and dm.scale == 3 and dm.test_sets_spec == ["Set5", "Set14"]
     assert dm.benchmark_dir == tmp_path
+
+
+# ---------------------------------------------------------------- evaluation sets checked before training
+
+
+def eval_folder(root: Path, name: str, sizes: dict[str, tuple[int, int]]) -> Path:
+    """A folder ``root/name`` with one random PNG per ``{file stem: (height, width)}``."""
+    from data_helpers import random_image, save_png
+
+    for i, (stem, (height, width)) in enumerate(sizes.items()):
+        save_png(root / name / f"{stem}.png", random_image(height, width, seed=i))
+    return root / name
+
+
+def test_too_small_validation_image_stops_setup_before_training(tmp_path, sample_dir):
+    # x4: 19 is the smallest side leaving 11 pixels after the 4-pixel border crop; modcrop makes it 20.
+    val = eval_folder(tmp_path, "val", {"ok": (20, 20), "tiny": (10, 10)})
+    dm = make_dm(tmp_path, sample_dir, scale=4, val_sets=[str(val)])
+    with pytest.raises(ValueError, match=r"tiny\.png is 10x10 pixels.*8x8.*0x0.*11x11.*at least 20x20"):
+        dm.setup("fit")
+    assert dm.train_dataset is None  # checked before the (slow) training set is built
+    from dlsn.metrics import min_hr_size
+
+    assert [min_hr_size(s) for s in (2, 3, 4)] == [16, 18, 20]
+    # An image of exactly the minimum size passes and scores.
+    val_min = eval_folder(tmp_path, "val_min", {"a": (20, 23)})
+    dm = make_dm(tmp_path, sample_dir, scale=4, val_sets=[str(val_min)])
+    dm.setup("validate")
+    assert len(dm.val_datasets[0]) == 1 and dm.skipped_eval_images == {}
+    # Smaller than the scale: the LR image would be empty.
+    lr_empty = eval_folder(tmp_path, "lr_empty", {"ok": (40, 40), "line": (3, 40)})
+    with pytest.raises(ValueError, match=r"line\.png is 3x40 pixels, smaller than the scale 4"):
+        make_dm(tmp_path, sample_dir, scale=4, val_sets=[str(lr_empty)]).setup("validate")
+
+
+def test_on_error_skip_applies_to_evaluation_images(tmp_path, sample_dir, caplog):
+    import logging
+
+    val = eval_folder(tmp_path, "Urban", {"good": (24, 24), "tiny": (10, 10), "other": (30, 26)})
+    (val / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    dm = make_dm(tmp_path, sample_dir, scale=4, val_sets=[str(val)], on_error="skip")
+    with caplog.at_level(logging.WARNING):
+        dm.setup("validate")
+    assert [dm.val_datasets[0][i]["name"] for i in range(2)] == ["good", "other"]
+    assert {k: sorted(Path(p).name for p in v) for k, v in dm.skipped_eval_images.items()} == {
+        "Urban": ["broken.png", "tiny.png"]
+    }
+    assert "skipped 2 image(s)" in caplog.text and "tiny.png" in caplog.text and "broken.png" in caplog.text
+    # Raise mode names the unreadable file.
+    from dlsn.data import ImageReadError
+
+    with pytest.raises(ImageReadError, match="broken.png"):
+        make_dm(tmp_path, sample_dir, scale=4, val_sets=[str(val)]).check_eval_sets("val")
+    # A set with nothing usable left is an error naming the set.
+    bad = eval_folder(tmp_path, "AllTiny", {"t1": (8, 8), "t2": (9, 9)})
+    with pytest.raises(ValueError, match=r"'AllTiny'.*all 2 were skipped"):
+        make_dm(tmp_path, sample_dir, scale=4, val_sets=[str(bad)], on_error="skip").setup("validate")
+
+
+def test_decoding_failures_found_while_building_are_counted_too(tmp_path, sample_dir):
+    """A file whose header is fine but whose pixels are truncated is skipped when the set is built."""
+    import io
+
+    from PIL import Image
+
+    from data_helpers import random_image
+
+    val = eval_folder(tmp_path, "val", {"good": (24, 24)})
+    buffer = io.BytesIO()
+    Image.fromarray(random_image(64, 64)).save(buffer, format="PNG")
+    (val / "cut.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    dm = make_dm(tmp_path, sample_dir, scale=2, val_sets=[str(val)], on_error="skip")
+    dm.setup("validate")
+    assert dm.val_set_names == ["val"] and len(dm.val_datasets[0]) == 1
+    assert [Path(p).name for p in dm.skipped_eval_images["val"]] == ["cut.png"]
+
+
+def test_official_lr_file_of_the_wrong_size_is_found_from_its_header(tmp_path, sample_dir):
+    from data_helpers import random_image, save_png
+
+    save_png(tmp_path / "SetX" / "HR" / "a.png", random_image(32, 32))
+    save_png(tmp_path / "SetX" / "LR_bicubic" / "X2" / "ax2.png", random_image(15, 16))
+    dm = make_dm(tmp_path, sample_dir, scale=2, val_sets=["SetX"], benchmark_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"ax2\.png has size 15x16, expected 16x16"):
+        dm.check_eval_sets("val")
+
+
+def test_set_names_come_from_the_folder_above_hr_and_must_be_unique(tmp_path, sample_dir):
+    from dlsn.data.datamodule import set_name_of_folder
+
+    urban = eval_folder(tmp_path / "a" / "Urban100", "HR", {"x": (24, 24)})
+    manga = eval_folder(tmp_path / "b" / "Manga109", "HR", {"y": (24, 24)})
+    dm = make_dm(tmp_path, sample_dir, scale=2, val_sets=[str(urban), str(manga)])
+    dm.setup("validate")
+    assert dm.val_set_names == ["Urban100", "Manga109"]  # not "HR", "HR"
+    assert set_name_of_folder(tmp_path / "Set5") == "Set5" and set_name_of_folder(tmp_path / "x" / "hr") == "x"
+
+    other_urban = eval_folder(tmp_path / "b" / "Urban100", "HR", {"z": (24, 24)})
+    dm = make_dm(tmp_path, sample_dir, scale=2, val_sets=[str(urban), str(other_urban)])
+    with pytest.raises(ValueError, match=r"a/Urban100/HR and .*b/Urban100/HR both get the name 'Urban100'"):
+        dm.setup("fit")
+    assert dm.train_dataset is None
+    # Test sets are checked on their own (the same set may be validated and tested).
+    dm = make_dm(tmp_path, sample_dir, scale=2, val_sets=[str(urban)], test_sets=[str(urban), str(urban)])
+    dm.setup("validate")
+    with pytest.raises(ValueError, match="both get the name 'Urban100'"):
+        dm.setup("test")
+    with pytest.raises(ValueError, match="both get the name 'Urban100'"):
+        make_dm(tmp_path, sample_dir, scale=2, val_sets=[str(urban)], test_sets=[str(urban), str(urban)]).check_eval_sets("all")

@@ -4,6 +4,7 @@ import io
 import logging
 import os
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +89,63 @@ def test_cache_rebuilds_when_source_changes(tmp_path):
     assert cache.entry_path(other, "hr") != cache.entry_path(src, "hr")
 
 
+def save_bmp(path, array):
+    """Uncompressed BMP: the file size depends on the image size only, not on the pixels."""
+    Image.fromarray(array).save(path, format="BMP")
+    return path
+
+
+@pytest.mark.parametrize("how", ["in_place", "renamed_into_place"])
+def test_cache_is_not_fooled_by_a_replacement_with_equal_size_and_mtime(tmp_path, how):
+    src = save_bmp(tmp_path / "a.bmp", random_image(40, 40, seed=1))
+    before = os.stat(src)
+    cache = ArrayCache(tmp_path / "cache")
+    np.testing.assert_array_equal(cache.get(src, "hr", lambda: read_image(src)), random_image(40, 40, seed=1))
+    new_pixels = random_image(40, 40, seed=2)
+    if how == "in_place":  # same inode, new content
+        save_bmp(src, new_pixels)
+    else:  # e.g. rsync/cp to a temporary name and mv: a new inode
+        os.replace(save_bmp(tmp_path / "new.bmp", new_pixels), src)
+    os.utime(src, ns=(before.st_atime_ns, before.st_mtime_ns))  # cp -p / rsync -t / tar restore times
+    after = os.stat(src)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    np.testing.assert_array_equal(cache.get(src, "hr", lambda: read_image(src)), new_pixels)
+    memory_cache = ArrayCache(None)
+    np.testing.assert_array_equal(memory_cache.get(src, "hr", lambda: read_image(src)), new_pixels)
+
+
+def test_cache_fingerprint_hashes_both_ends_of_the_file(tmp_path):
+    from dlsn.data.cache import FINGERPRINT_BYTES, source_fingerprint
+
+    data = bytearray(np.random.default_rng(0).integers(0, 256, 3 * FINGERPRINT_BYTES, dtype=np.uint8).tobytes())
+    path = tmp_path / "blob.bin"
+    path.write_bytes(bytes(data))
+    digest = source_fingerprint(path)[-1]
+    for position, changes in ((0, True), (len(data) - 1, True), (len(data) // 2, False)):
+        changed = bytearray(data)
+        changed[position] ^= 0xFF
+        path.write_bytes(bytes(changed))
+        assert (source_fingerprint(path)[-1] != digest) is changes, position
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        source_fingerprint(tmp_path / "missing.png")
+
+
+def test_cache_files_get_the_umask_mode(tmp_path):
+    src = save_png(tmp_path / "a.png", random_image(8, 8))
+    from dlsn.data.io import write_png
+
+    png = tmp_path / "out.png"
+    previous = os.umask(0o002)
+    try:
+        entry = ArrayCache(tmp_path / "cache").handle(src, "hr", lambda: read_image(src)).path
+        write_png(png, random_image(8, 8))
+    finally:
+        os.umask(previous)
+    assert os.stat(entry).st_mode & 0o777 == 0o664  # group-readable/writable on shared storage
+    assert os.stat(png).st_mode & 0o777 == 0o664
+    np.testing.assert_array_equal(read_image(png), random_image(8, 8))
+
+
 def test_cached_handles_pickle_as_paths(tmp_path):
     import pickle
 
@@ -115,6 +173,26 @@ def test_benchmark_records_pair_lr_files(tmp_path):
     assert [r.name for r in benchmark_records(tmp_path, "SetA", 2, on_error="skip")] == ["img_001"]
     with pytest.raises(FileNotFoundError, match="SetB"):
         benchmark_records(tmp_path, "SetB", 2)
+
+
+def test_same_stem_in_one_set_gets_distinct_names(tmp_path):
+    from dlsn.data.io import sr_file_name, strip_sr_suffix, unique_image_names
+
+    a_png = save_png(tmp_path / "a.png", random_image(16, 16, seed=1))
+    a_jpg = tmp_path / "a.jpg"
+    Image.fromarray(random_image(16, 16, seed=2)).save(a_jpg, quality=95)
+    save_png(tmp_path / "b.png", random_image(16, 16, seed=3))
+    records = folder_records(tmp_path, 2)
+    assert [(r.name, r.hr_path.name) for r in records] == [("a_jpg", "a.jpg"), ("a_png", "a.png"), ("b", "b.png")]
+    dataset = SREvalDataset(records, 2, "BI", "S")
+    names = [dataset[i]["name"] for i in range(len(dataset))]
+    # The saved SR images (<name>_x<scale>_SR.png) of the two files no longer overwrite each other ...
+    assert len({sr_file_name(n, 2) for n in names}) == 3
+    # ... and map back to their record names.
+    assert [strip_sr_suffix(Path(sr_file_name(n, 2)).stem, 2) for n in names] == names
+    # A name that would still collide is numbered.
+    assert unique_image_names(["x/a.png", "x/a.jpg", "x/a_png.bmp"]) == ["a_png", "a_jpg", "a_png_2"]
+    assert unique_image_names([a_png]) == ["a"]
 
 
 def test_lr_file_with_wrong_size_is_an_error(tmp_path):
@@ -293,6 +371,32 @@ def test_prepare_div2k_downloads_records_checksums_and_extracts(tmp_path, div2k_
     prepare_div2k(root, splits=["valid"], scales=[2], base_url="http://127.0.0.1:9/")  # present: no network
 
 
+def test_two_processes_preparing_div2k_at_once_take_turns(tmp_path, div2k_server):
+    """Per-archive locks: the second preparer waits, then finds the folder extracted (no shared .part)."""
+    import json
+    import threading
+
+    served, url, handler = div2k_server
+    root = tmp_path / "DIV2K"
+    errors = []
+
+    def prepare():
+        try:
+            prepare_div2k(root, splits=["valid"], scales=[2], base_url=url)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=prepare) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert [r.name for r in div2k_records(root, "valid", 2)] == ["0801", "0802"]
+    assert sorted(path for path, _ in handler.requests_seen) == ["/DIV2K_valid_HR.zip", "/DIV2K_valid_LR_bicubic_X2.zip"]
+    assert set(json.loads((root / "checksums.json").read_text())) == {"DIV2K_valid_HR.zip", "DIV2K_valid_LR_bicubic_X2.zip"}
+
+
 def test_download_resumes_with_range(tmp_path, div2k_server):
     served, url, handler = div2k_server
     data = (served / "DIV2K_valid_HR.zip").read_bytes()
@@ -325,8 +429,27 @@ def test_checksum_mismatch_deletes_and_raises(tmp_path, div2k_server):
     assert not dest.exists() and not (tmp_path / "x.zip.part").exists()
 
 
+def test_prepare_div2k_script_reports_no_partial_data_when_there_is_none(tmp_path, capsys):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "prepare_div2k.py"
+    spec = importlib.util.spec_from_file_location("prepare_div2k_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = ["--root", str(tmp_path / "D"), "--splits", "valid", "--scales", "2", "--no-lr",
+            "--base-url", "http://127.0.0.1:9/", "--timeout", "2"]
+    assert module.main(args) == 1
+    err = capsys.readouterr().err
+    assert "cannot download" in err and "DIV2K_valid_HR.zip" in err and "Partial" not in err
+
+
 def test_offline_download_gives_a_clear_message(tmp_path):
-    with pytest.raises(DownloadError, match="offline"):
+    with pytest.raises(DownloadError, match="offline") as no_part:
         download_file("http://127.0.0.1:9/DIV2K_valid_HR.zip", tmp_path / "a.zip", timeout=2)
+    # No partial file exists, so the message must not claim one is kept (issue 12 point 7).
+    assert "Partial" not in str(no_part.value) and not (tmp_path / "a.zip.part").exists()
+    (tmp_path / "b.zip.part").write_bytes(b"x" * 100)
+    with pytest.raises(DownloadError, match=r"Partial data \(100 bytes\) kept in .*b\.zip\.part"):
+        download_file("http://127.0.0.1:9/DIV2K_valid_HR.zip", tmp_path / "b.zip", timeout=2)
     with pytest.raises(FileNotFoundError, match="prepare_div2k"):
         div2k_records(tmp_path, "train", 2)

@@ -9,20 +9,62 @@ Public API::
     SRTrainDataset, SREvalDataset, ArrayCache, prepare_div2k, prepare_sample, ...
 
 See docs/data.md.
+
+The names are imported on first use (PEP 562), so ``import dlsn.data.io`` (image reading, used by
+tools such as ``python -m dlsn.metrics``) does not pull in Lightning with the DataModule.
 """
 
-from dlsn.data.cache import ArrayCache, ArrayHandle
-from dlsn.data.datamodule import SRDataModule
-from dlsn.data.datasets import ImageRecord, SREvalDataset, SRTrainDataset, benchmark_records, folder_records
-from dlsn.data.degradations import DEGRADATIONS, degrade, modcrop
-from dlsn.data.div2k import ChecksumError, DownloadError, div2k_records, prepare_div2k
-from dlsn.data.io import ImageReadError, read_image
-from dlsn.data.sample import prepare_sample
-from dlsn.imresize import imresize, imresize_torch
+from __future__ import annotations
 
-__all__ = [
-    "imresize", "imresize_torch", "degrade", "modcrop", "DEGRADATIONS", "read_image", "ImageReadError",
-    "ArrayCache", "ArrayHandle", "ImageRecord", "SRTrainDataset", "SREvalDataset", "benchmark_records",
-    "folder_records", "div2k_records", "prepare_div2k", "DownloadError", "ChecksumError", "prepare_sample",
-    "SRDataModule",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> submodule that defines it
+_EXPORTS = {
+    "ArrayCache": "dlsn.data.cache",
+    "ArrayHandle": "dlsn.data.cache",
+    "SRDataModule": "dlsn.data.datamodule",
+    "ImageRecord": "dlsn.data.datasets",
+    "SREvalDataset": "dlsn.data.datasets",
+    "SRTrainDataset": "dlsn.data.datasets",
+    "benchmark_records": "dlsn.data.datasets",
+    "folder_records": "dlsn.data.datasets",
+    "DEGRADATIONS": "dlsn.data.degradations",
+    "degrade": "dlsn.data.degradations",
+    "modcrop": "dlsn.data.degradations",
+    "ChecksumError": "dlsn.data.div2k",
+    "DownloadError": "dlsn.data.div2k",
+    "div2k_records": "dlsn.data.div2k",
+    "prepare_div2k": "dlsn.data.div2k",
+    "ImageReadError": "dlsn.data.io",
+    "read_image": "dlsn.data.io",
+    "prepare_sample": "dlsn.data.sample",
+    "imresize": "dlsn.imresize",
+    "imresize_torch": "dlsn.imresize",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dlsn.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from dlsn.data.cache import ArrayCache, ArrayHandle
+    from dlsn.data.datamodule import SRDataModule
+    from dlsn.data.datasets import ImageRecord, SREvalDataset, SRTrainDataset, benchmark_records, folder_records
+    from dlsn.data.degradations import DEGRADATIONS, degrade, modcrop
+    from dlsn.data.div2k import ChecksumError, DownloadError, div2k_records, prepare_div2k
+    from dlsn.data.io import ImageReadError, read_image
+    from dlsn.data.sample import prepare_sample
+    from dlsn.imresize import imresize, imresize_torch

@@ -5,11 +5,27 @@ Decoding a 2K PNG takes tens of milliseconds, far too slow to do per training pa
 ``np.load(mmap_mode="r")``, so a patch costs a slice copy.
 
 Keys: an entry is valid for one exact source file state. Its file name contains a hash of the
-resolved source path, its size and its modification time (ns), the variant (e.g. ``hr``,
-``lr-BD-x4``) and :data:`CACHE_VERSION`; if the source changes the key changes and the entry is
-rebuilt (older entries of the same source and variant are deleted). Writes go to a temporary file
-in the cache folder followed by ``os.replace``, so concurrent workers/processes never observe a
-half-written file.
+resolved source path, the variant (e.g. ``hr``, ``lr-BD-x4``), :data:`CACHE_VERSION` and the
+source's *fingerprint*:
+
+* size, modification time (ns), inode and status-change time (``st_ctime_ns``), read with one
+  ``fstat`` of the opened file. ``mtime`` can be set back by anyone (``os.utime``, ``cp -p``,
+  ``rsync -t``, ``tar``), so size + mtime alone let a replaced file of the same size look unchanged
+  (the bug this key fixes). ``ctime`` cannot be set from user space: writing the file in place or
+  setting its times updates it, and a file renamed into place is a new inode;
+* a BLAKE2 hash of the first and last :data:`FINGERPRINT_BYTES` bytes, which also catches a change
+  made within one tick of the filesystem's ctime clock (a few ms on Linux) for most image files
+  (their headers and the two ends of the compressed stream change with the pixels).
+
+When the fingerprint changes the entry is rebuilt (older entries of the same source and variant are
+deleted). The cost of the stricter key: copying or restoring the image folder (new inodes/ctimes),
+``chmod``/``chown`` of the images, or a filesystem whose inode numbers are not stable across mounts
+makes the cache rebuild once; it never serves a stale image. Reading the fingerprint costs one open
+and two small reads per image and variant when a dataset is built.
+
+Writes go through :func:`dlsn.utils.files.atomic_write` (unique temporary file in the cache folder,
+fsync, ``os.replace``), so concurrent workers/processes never observe a half-written file, and the
+entries get the permissions the umask allows (shared caches stay readable by the group).
 """
 
 from __future__ import annotations
@@ -18,22 +34,45 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CACHE_VERSION", "ArrayCache", "ArrayHandle"]
+from dlsn.utils.files import atomic_write
+
+__all__ = ["CACHE_VERSION", "FINGERPRINT_BYTES", "ArrayCache", "ArrayHandle", "source_fingerprint"]
 
 log = logging.getLogger(__name__)
 
 #: Bump when the content of cached arrays would change (e.g. a fix in the degradation code).
 CACHE_VERSION = 1
+#: Bytes hashed at each end of a source file (see the module docstring).
+FINGERPRINT_BYTES = 8192
 
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:60]
+
+
+def source_fingerprint(source: str | Path) -> tuple[str, int, int, int, int, str]:
+    """``(resolved path, size, mtime_ns, inode, ctime_ns, hash of both ends)`` of a file (module docstring).
+
+    The stat and the bytes come from the same open file, so a file replaced meanwhile cannot mix states.
+    """
+    source = Path(source)
+    try:
+        handle = open(source, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"cache source file not found: {source}") from None
+    with handle:
+        st = os.fstat(handle.fileno())
+        ends = hashlib.blake2b(digest_size=8)
+        ends.update(handle.read(FINGERPRINT_BYTES))
+        if st.st_size > FINGERPRINT_BYTES:
+            handle.seek(max(st.st_size - FINGERPRINT_BYTES, FINGERPRINT_BYTES))
+            ends.update(handle.read(FINGERPRINT_BYTES))
+    return str(source.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, ends.hexdigest()
 
 
 class ArrayHandle:
@@ -67,29 +106,22 @@ class ArrayCache:
         self.root = None if root is None else Path(root).expanduser()
         self._memory: dict[tuple, np.ndarray] = {}
 
-    @staticmethod
-    def _source_state(source: Path) -> tuple[str, int, int]:
-        try:
-            st = source.stat()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"cache source file not found: {source}") from None
-        return str(source.resolve()), st.st_size, st.st_mtime_ns
-
     def entry_path(self, source: str | Path, variant: str) -> Path:
         """Cache file for the current state of ``source`` and ``variant`` (may not exist yet)."""
         if self.root is None:
             raise RuntimeError("ArrayCache without a root folder has no entry paths")
         source = Path(source)
-        resolved, size, mtime = self._source_state(source)
-        path_hash = hashlib.sha1(resolved.encode()).hexdigest()[:10]
-        state_hash = hashlib.sha1(f"{resolved}|{size}|{mtime}|{variant}|v{CACHE_VERSION}".encode()).hexdigest()[:12]
+        fingerprint = source_fingerprint(source)
+        path_hash = hashlib.sha1(fingerprint[0].encode()).hexdigest()[:10]
+        state = "|".join(map(str, fingerprint))
+        state_hash = hashlib.sha1(f"{state}|{variant}|v{CACHE_VERSION}".encode()).hexdigest()[:12]
         return self.root / f"{_safe(source.stem)}.{path_hash}.{_safe(variant)}.{state_hash}.npy"
 
     def handle(self, source: str | Path, variant: str, producer: Callable[[], np.ndarray]) -> ArrayHandle:
         """Return a handle to the cached array, computing it with ``producer()`` when absent or stale."""
         source = Path(source)
         if self.root is None:
-            key = (*self._source_state(source), variant)
+            key = (*source_fingerprint(source), variant)
             if key not in self._memory:
                 self._memory[key] = np.ascontiguousarray(producer())
             return ArrayHandle(array=self._memory[key])
@@ -103,15 +135,8 @@ class ArrayCache:
         return self.handle(source, variant, producer).get()
 
     def _write(self, entry: Path, array: np.ndarray) -> None:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-", suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, np.ascontiguousarray(array))
-            os.replace(tmp, entry)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        array = np.ascontiguousarray(array)
+        atomic_write(entry, lambda handle: np.save(handle, array))
         # Drop stale entries of the same source and variant (same name prefix, other state hash).
         prefix = entry.name.rsplit(".", 2)[0] + "."
         for old in entry.parent.glob(prefix + "*.npy"):

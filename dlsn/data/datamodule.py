@@ -10,6 +10,17 @@ Set specifications (``train_set``, ``val_sets``, ``test_sets``) are resolved in 
 * a path to a folder of images (or to a folder with ``HR/`` and optional ``LR_bicubic/X{s}/``).
 
 Empty ``test_sets`` means "test on the validation sets".
+
+Evaluation sets are named ``sample``, ``DIV2K``, or after their folder; a folder called ``HR`` takes
+the name of the folder above it (``.../Urban100/HR`` -> ``Urban100``). Metrics are logged per set name
+(``val/<name>/psnr``), so two validation (or two test) sets with the same name are an error.
+
+Before any training or evaluation, :meth:`SRDataModule.check_eval_sets` reads the *headers* of every
+evaluation image (no decoding) and rejects, naming the file, images too small for the metrics: after
+modcrop to a multiple of ``scale`` and the ``scale``-pixel border crop the Y image must be at least
+11x11 (the SSIM window; :func:`dlsn.metrics.min_hr_size`), and the LR image at least 1x1. Official
+LR files must have the matching size. With ``on_error=skip`` such images (and unreadable ones) are
+left out instead, logged with a warning, and listed in ``skipped_eval_images``.
 """
 
 from __future__ import annotations
@@ -18,21 +29,30 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dlsn.data.cache import ArrayCache
-from dlsn.data.samplers import TrainPatchSampler, distributed_world_size, eval_sampler
-from dlsn.data.datasets import ON_ERROR, SREvalDataset, SRTrainDataset, benchmark_records, folder_records
+from dlsn.data.datasets import ON_ERROR, ImageRecord, SREvalDataset, SRTrainDataset, folder_records
 from dlsn.data.degradations import check_degradation, check_scale
 from dlsn.data.div2k import TRAIN_IDS, div2k_records, prepare_div2k
+from dlsn.data.io import ImageReadError, image_size
 from dlsn.data.sample import prepare_sample, sample_folder
+from dlsn.data.samplers import TrainPatchSampler, distributed_world_size, eval_sampler
+from dlsn.metrics import SSIM_WINDOW, min_hr_size
 
 __all__ = ["SRDataModule"]
 
 log = logging.getLogger(__name__)
+
+
+def set_name_of_folder(folder: str | os.PathLike) -> str:
+    """Display name of an image-folder set: the folder's name, or its parent's when it is called ``HR``."""
+    path = Path(os.path.abspath(Path(folder).expanduser()))  # absolute without resolving symlinks
+    return path.parent.name if path.name.upper() == "HR" and path.parent.name else path.name
 
 
 def _as_list(value) -> list[str]:
@@ -62,7 +82,8 @@ class SRDataModule(L.LightningDataModule):
         sample_dir: where the sample PNGs go (default ``<cache_dir>/sample``).
         augment: random flips/transposition of training patches.
         eval_seed: base seed of the fixed per-image DN noise of validation/test sets.
-        on_error: ``raise`` (default) or ``skip`` (log and skip) unreadable/too small/unpaired images.
+        on_error: ``raise`` (default) or ``skip`` (log and skip) unreadable/too small/unpaired images, for
+            training and evaluation sets alike; skipped evaluation images are listed in ``skipped_eval_images``.
         use_official_lr: use official bicubic LR files (DIV2K, ``LR_bicubic``) when present.
         persistent_workers, pin_memory: DataLoader options (pin_memory None = when CUDA is available).
     """
@@ -131,6 +152,10 @@ class SRDataModule(L.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_datasets: list[SREvalDataset] = []
         self.test_datasets: list[SREvalDataset] = []
+        #: Evaluation images left out under ``on_error=skip``: ``{set name: [file, ...]}`` (sets with skips only).
+        self.skipped_eval_images: dict[str, list[str]] = {}
+        # Result of check_eval_sets per stage ("val"/"test"): [(set name, records that passed)].
+        self._checked_sets: dict[str, list[tuple[str, list[ImageRecord]]]] = {}
 
     # ------------------------------------------------------------------ set resolution
     def _all_specs(self) -> list[str]:
@@ -141,22 +166,125 @@ class SRDataModule(L.LightningDataModule):
             raise ValueError("set 'DIV2K' requested but data.div2k_dir is not set")
         return self.div2k_dir
 
-    def _resolve(self, spec: str, train: bool):
-        """(display name, records) of one set specification."""
+    def _resolve(self, spec: str, train: bool, skipped: list[str] | None = None) -> tuple[str, list[ImageRecord], str]:
+        """(display name, records, location for messages) of one set specification.
+
+        ``skipped`` collects the HR files left out under ``on_error=skip`` (e.g. without their LR file).
+        """
         key = spec.lower()
         if key == "sample":
-            return "sample", folder_records(sample_folder(self.sample_dir, "train" if train else "val"), self.scale, self.on_error)
+            folder = sample_folder(self.sample_dir, "train" if train else "val")
+            return "sample", folder_records(folder, self.scale, self.on_error, skipped), str(folder)
         if key == "div2k":
             split, ids = ("train", TRAIN_IDS) if train else ("valid", self.div2k_val_ids)
-            return "DIV2K", div2k_records(self._div2k_root(), split, self.scale, ids, self.use_official_lr, self.on_error)
+            records = div2k_records(self._div2k_root(), split, self.scale, ids, self.use_official_lr, self.on_error, skipped)
+            return "DIV2K", records, f"{self._div2k_root()} ({split} {ids[0]:04d}-{ids[1]:04d})"
         if self.benchmark_dir is not None and (self.benchmark_dir / spec).is_dir():
-            return spec, benchmark_records(self.benchmark_dir, spec, self.scale, self.on_error)
+            folder = self.benchmark_dir / spec
+            return set_name_of_folder(folder), folder_records(folder, self.scale, self.on_error, skipped), str(folder)
         path = Path(spec).expanduser()
         if path.is_dir():
-            return path.name, folder_records(path, self.scale, self.on_error)
+            return set_name_of_folder(path), folder_records(path, self.scale, self.on_error, skipped), str(path)
         where = f"under benchmark_dir={self.benchmark_dir}" if self.benchmark_dir else "(data.benchmark_dir is not set)"
         raise FileNotFoundError(f"data set {spec!r} not found: it is not 'sample', 'DIV2K', a set folder {where}, "
                                 f"or an existing folder of images")
+
+    # ------------------------------------------------------------------ evaluation-set checks
+    def _eval_specs(self, stage: str) -> list[str]:
+        return self.val_sets_spec if stage == "val" else (self.test_sets_spec or self.val_sets_spec)
+
+    def _eval_image_problem(self, record: ImageRecord) -> Exception | None:
+        """Why ``record`` cannot be evaluated (from image headers only), or None when it can.
+
+        :class:`ImageReadError` for an unreadable file, ``ValueError`` for a wrong size.
+        """
+        s = self.scale
+        try:
+            height, width = image_size(record.hr_path)
+        except ImageReadError as exc:
+            return exc
+        crop_h, crop_w = height - height % s, width - width % s
+        if crop_h < s or crop_w < s:
+            return ValueError(f"evaluation image {record.hr_path} is {height}x{width} pixels, smaller than the scale "
+                              f"{s}: its LR image would be empty")
+        y_h, y_w = crop_h - 2 * s, crop_w - 2 * s
+        if min(y_h, y_w) < SSIM_WINDOW:
+            side = min_hr_size(s)
+            return ValueError(
+                f"evaluation image {record.hr_path} is {height}x{width} pixels: after modcrop to a multiple of {s} "
+                f"({crop_h}x{crop_w}) and the {s}-pixel border crop of the metrics, {max(y_h, 0)}x{max(y_w, 0)} are "
+                f"left, but SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW}; x{s} evaluation images must be at least "
+                f"{side}x{side} pixels"
+            )
+        if record.lr_path is not None and self.degradation in ("BI", "DN"):
+            try:
+                lr_h, lr_w = image_size(record.lr_path)
+            except ImageReadError as exc:
+                return exc
+            if (lr_h, lr_w) != (crop_h // s, crop_w // s):
+                return ValueError(f"LR file {record.lr_path} has size {lr_h}x{lr_w}, expected {crop_h // s}x{crop_w // s} "
+                                  f"(HR {record.hr_path} is {height}x{width}, {crop_h}x{crop_w} after modcrop, scale {s})")
+        return None
+
+    def _note_skipped(self, set_name: str, files: list[str], reasons: dict[str, str] | None = None) -> None:
+        """Add ``files`` to :attr:`skipped_eval_images` and log one warning with their count and reasons."""
+        if not files:
+            return
+        listed = self.skipped_eval_images.setdefault(set_name, [])
+        new = [f for f in files if f not in listed]
+        listed.extend(new)
+        if new:
+            detail = "; ".join((reasons or {}).get(f, f) for f in new)
+            log.warning("evaluation set %r: skipped %d image(s) (data.on_error=skip): %s", set_name, len(new), detail)
+
+    def check_eval_sets(self, stage: Literal["val", "test", "all"] = "all") -> dict[str, list[str]]:
+        """Check the validation (``"val"``) and/or test (``"test"``) sets before any work is done on them.
+
+        Reads only image headers (see the module docstring for the rules). Raises, naming the file and
+        the size needed, for an image that is too small or unreadable (``on_error=raise``), or skips it
+        (``on_error=skip``: logged, listed in :attr:`skipped_eval_images`). Raises naming both locations
+        when two sets of one stage get the same name, and naming the set when it has no usable image.
+        Also run by :meth:`setup` (``fit``/``validate``: validation sets; ``test``: test sets); call it
+        with ``"all"`` before training to also check the test sets of a ``train.py test=true`` run.
+
+        Returns :attr:`skipped_eval_images`.
+        """
+        if stage not in ("val", "test", "all"):
+            raise ValueError(f"stage must be 'val', 'test' or 'all', got {stage!r}")
+        if "sample" in [s.lower() for s in self._all_specs()]:
+            prepare_sample(self.sample_dir)  # idempotent; the files must exist to be checked
+        for current in (["val", "test"] if stage == "all" else [stage]):
+            if current in self._checked_sets:
+                continue
+            checked: list[tuple[str, list[ImageRecord]]] = []
+            locations: dict[str, str] = {}
+            for spec in self._eval_specs(current):
+                skipped: list[str] = []
+                name, records, location = self._resolve(spec, train=False, skipped=skipped)
+                if name in locations:
+                    raise ValueError(
+                        f"{'validation' if current == 'val' else 'test'} sets {locations[name]} and {location} both "
+                        f"get the name {name!r} (a set is named after its folder, or after the folder above a "
+                        f"folder called HR); metrics are logged per set name, so rename or move one of them"
+                    )
+                locations[name] = location
+                kept, reasons = [], {}
+                for record in records:
+                    problem = self._eval_image_problem(record)
+                    if problem is None:
+                        kept.append(record)
+                    elif self.on_error == "raise":
+                        raise type(problem)(f"{problem} (set {name!r}; data.on_error=skip leaves such images out)")
+                    else:
+                        skipped.append(str(record.hr_path))
+                        reasons[str(record.hr_path)] = str(problem)
+                self._note_skipped(name, skipped, reasons)
+                if not kept:
+                    raise ValueError(f"evaluation set {name!r} ({location}) has no usable images"
+                                     + (f": all {len(skipped)} were skipped" if skipped else ""))
+                checked.append((name, kept))
+            self._checked_sets[current] = checked
+        return self.skipped_eval_images
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
@@ -169,29 +297,36 @@ class SRDataModule(L.LightningDataModule):
             prepare_div2k(self._div2k_root(), splits=splits, scales=(self.scale,),
                           lr=self.use_official_lr and self.degradation in ("BI", "DN"))
 
-    def _eval_datasets(self, specs: list[str]) -> list[SREvalDataset]:
+    def _eval_datasets(self, stage: str) -> list[SREvalDataset]:
+        self.check_eval_sets(stage)
         datasets = []
-        for spec in specs:
-            name, records = self._resolve(spec, train=False)
-            datasets.append(SREvalDataset(records, self.scale, self.degradation, name, self._cache, self.rgb_range,
-                                          self.eval_seed, self.on_error))
+        for name, records in self._checked_sets[stage]:
+            dataset = SREvalDataset(records, self.scale, self.degradation, name, self._cache, self.rgb_range,
+                                    self.eval_seed, self.on_error)
+            self._note_skipped(name, dataset.skipped)  # decoding failures found while building the set
+            datasets.append(dataset)
         return datasets
 
     def setup(self, stage: str | None = None) -> None:
         if "sample" in [s.lower() for s in self._all_specs()]:
             prepare_sample(self.sample_dir)  # idempotent; covers use without prepare_data()
+        # Evaluation sets first: a bad validation image must stop the run before hours of training.
+        if stage in (None, "fit", "validate"):
+            self.check_eval_sets("val")
+        if stage in (None, "test"):
+            self.check_eval_sets("test")
         if stage in (None, "fit") and self.train_dataset is None:
             if not self.train_set:
                 raise ValueError("training needs data.train_set (e.g. 'sample', 'DIV2K' or a folder)")
-            _, records = self._resolve(self.train_set, train=True)
+            _, records, _ = self._resolve(self.train_set, train=True)
             self.train_dataset = SRTrainDataset(records, self.scale, self.degradation, self.patch_size,
                                                 self.iters_per_epoch * self.batch_size * distributed_world_size(),
                                                 self._cache, self.rgb_range,
                                                 self.augment, self.on_error)
         if stage in (None, "fit", "validate") and not self.val_datasets:
-            self.val_datasets = self._eval_datasets(self.val_sets_spec)
+            self.val_datasets = self._eval_datasets("val")
         if stage in (None, "test") and not self.test_datasets:
-            self.test_datasets = self._eval_datasets(self.test_sets_spec or self.val_sets_spec)
+            self.test_datasets = self._eval_datasets("test")
 
     # ------------------------------------------------------------------ loaders
     @property

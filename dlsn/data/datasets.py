@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from dlsn.data.cache import ArrayCache, ArrayHandle
 from dlsn.data.degradations import DN_SIGMA, add_noise, check_degradation, check_scale, degrade, modcrop
-from dlsn.data.io import IMAGE_EXTENSIONS, ImageReadError, is_grayscale_file, list_images, read_image
+from dlsn.data.io import IMAGE_EXTENSIONS, ImageReadError, is_grayscale_file, list_images, read_image, unique_image_names
 
 __all__ = ["ImageRecord", "folder_records", "benchmark_records", "SRTrainDataset", "SREvalDataset", "ON_ERROR"]
 
@@ -39,7 +39,8 @@ ON_ERROR = ("raise", "skip")
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image: its name, HR file and (optional) matching LR file."""
+    """One image: its name (unique within its set, see :func:`dlsn.data.io.unique_image_names`), HR file
+    and (optional) matching LR file."""
 
     name: str
     hr_path: Path
@@ -53,9 +54,14 @@ def _find_lr(lr_dir: Path, hr_path: Path, scale: int) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def _pair_with_lr(hr_files: list[Path], lr_dir: Path | None, scale: int, on_error: str) -> list[ImageRecord]:
+def _pair_with_lr(hr_files: list[Path], lr_dir: Path | None, scale: int, on_error: str,
+                  skipped: list[str] | None = None) -> list[ImageRecord]:
+    """Records of ``hr_files`` with their LR files in ``lr_dir`` (if given); names made unique.
+
+    With ``on_error="skip"`` an HR file without LR file is logged, left out and appended to ``skipped``.
+    """
     records = []
-    for hr in hr_files:
+    for hr, name in zip(hr_files, unique_image_names(hr_files)):
         lr = None
         if lr_dir is not None:
             lr = _find_lr(lr_dir, hr, scale)
@@ -64,22 +70,29 @@ def _pair_with_lr(hr_files: list[Path], lr_dir: Path | None, scale: int, on_erro
                 if on_error == "raise":
                     raise FileNotFoundError(msg)
                 log.warning("skipping: %s", msg)
+                if skipped is not None:
+                    skipped.append(str(hr))
                 continue
-        records.append(ImageRecord(hr.stem, hr, lr))
+        records.append(ImageRecord(name, hr, lr))
     return records
 
 
-def folder_records(folder: str | Path, scale: int, on_error: str = "raise") -> list[ImageRecord]:
-    """Records of a plain image folder, or of a folder with ``HR/`` (and optional ``LR_bicubic/X{s}/``)."""
+def folder_records(folder: str | Path, scale: int, on_error: str = "raise",
+                   skipped: list[str] | None = None) -> list[ImageRecord]:
+    """Records of a plain image folder, or of a folder with ``HR/`` (and optional ``LR_bicubic/X{s}/``).
+
+    ``skipped`` (optional) collects the files left out under ``on_error="skip"``.
+    """
     folder = Path(folder).expanduser()
     if (folder / "HR").is_dir():
         hr_dir = folder / "HR"
         lr_dir = folder / "LR_bicubic" / f"X{scale}"
-        return _pair_with_lr(list_images(hr_dir), lr_dir if lr_dir.is_dir() else None, scale, on_error)
-    return [ImageRecord(p.stem, p) for p in list_images(folder)]
+        return _pair_with_lr(list_images(hr_dir), lr_dir if lr_dir.is_dir() else None, scale, on_error, skipped)
+    return _pair_with_lr(list_images(folder), None, scale, on_error, skipped)
 
 
-def benchmark_records(root: str | Path, set_name: str, scale: int, on_error: str = "raise") -> list[ImageRecord]:
+def benchmark_records(root: str | Path, set_name: str, scale: int, on_error: str = "raise",
+                      skipped: list[str] | None = None) -> list[ImageRecord]:
     """Records of a benchmark set in the usual layout ``<root>/<set_name>/HR/*.png``.
 
     LR files are taken from ``<root>/<set_name>/LR_bicubic/X{scale}/`` (``img_001x2.png`` or
@@ -88,7 +101,7 @@ def benchmark_records(root: str | Path, set_name: str, scale: int, on_error: str
     set_dir = Path(root).expanduser() / set_name
     if not set_dir.is_dir():
         raise FileNotFoundError(f"benchmark set {set_name!r} not found: expected folder {set_dir}")
-    return folder_records(set_dir, scale, on_error)
+    return folder_records(set_dir, scale, on_error, skipped)
 
 
 def _eval_seed(seed: int, set_name: str, name: str) -> np.random.Generator:
@@ -127,8 +140,8 @@ def _to_tensor(img: np.ndarray, rgb_range: float) -> torch.Tensor:
     return t.mul_(rgb_range / 255.0)
 
 
-def _prepare(records, on_error, fn):
-    """Apply ``fn`` to every record; on failure raise (naming the file) or log and skip."""
+def _prepare(records, on_error, fn, skipped: list[str] | None = None):
+    """Apply ``fn`` to every record; on failure raise (naming the file) or log, skip and append to ``skipped``."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
     kept = []
@@ -139,6 +152,8 @@ def _prepare(records, on_error, fn):
             if on_error == "raise":
                 raise
             log.warning("skipping %s: %s", record.hr_path, exc)
+            if skipped is not None:
+                skipped.append(str(record.hr_path))
     return kept
 
 
@@ -228,6 +243,7 @@ class SREvalDataset(Dataset):
 
     Items: ``{"lr": [3,h,w], "hr": [3,H,W], "name": str, "gray": bool}``; ``gray`` marks
     single-channel source files (evaluated on their gray level, see :mod:`dlsn.metrics`).
+    ``skipped`` lists the HR files left out under ``on_error="skip"`` (unreadable, wrong LR size, ...).
     """
 
     def __init__(self, records: list[ImageRecord], scale: int, degradation: str, set_name: str = "eval",
@@ -250,9 +266,11 @@ class SREvalDataset(Dataset):
                                   lambda: add_noise(np.asarray(base.get()), DN_SIGMA, _eval_seed(self.seed, set_name, record.name)))
             return hr, lr, is_grayscale_file(record.hr_path)
 
-        prepared = _prepare(records, on_error, load)
+        self.skipped: list[str] = []
+        prepared = _prepare(records, on_error, load, self.skipped)
         if not prepared:
-            raise ValueError(f"evaluation set {set_name!r} has no usable images")
+            raise ValueError(f"evaluation set {set_name!r} has no usable images"
+                             + (f" ({len(self.skipped)} skipped: {', '.join(self.skipped)})" if self.skipped else ""))
         self.names = [r.name for r, _ in prepared]
         self.items = [item for _, item in prepared]
 

@@ -12,7 +12,12 @@ archive it completes in ``<root>/checksums.json`` and verifies later (re)downloa
 
 Downloads are resumable: a partial ``<archive>.part`` is continued with an HTTP ``Range`` request
 (a server that ignores ``Range`` restarts from zero). Offline, :class:`DownloadError` says what to
-download by hand and where to put it.
+download by hand and where to put it (and whether partial data was kept).
+
+Concurrency: two processes preparing the same ``root`` (two runs started at once, or two nodes on
+shared storage) take turns per archive through a lock file ``<root>/.<archive>.lock``; the second
+one then finds the folder extracted and skips it. ``checksums.json`` is updated under its own lock
+and written atomically.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 
 from dlsn.data.datasets import ImageRecord, _pair_with_lr
 from dlsn.data.io import list_images
+from dlsn.utils.files import file_lock, write_json_strict
 
 __all__ = ["DIV2K_URL", "KNOWN_SHA256", "DownloadError", "ChecksumError", "archive_names", "download_file",
            "sha256_of", "extract_zip", "prepare_div2k", "div2k_records", "TRAIN_IDS", "VALID_IDS"]
@@ -92,16 +98,18 @@ def download_file(url: str, dest: str | Path, sha256: str | None = None, timeout
             mode = "ab" if offset else "wb"
             with open(part, mode) as f:
                 shutil.copyfileobj(response, f, chunk)
+                f.flush()
+                os.fsync(f.fileno())  # the rename below must not publish data still in the page cache
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:  # range not satisfiable: the part file is already complete
             pass
         else:
-            raise DownloadError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from exc
+            raise DownloadError(f"download of {url} failed: HTTP {exc.code} {exc.reason}." + _partial_note(part)) from exc
     except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
         raise DownloadError(
             f"cannot download {url} ({exc}). If this machine is offline, download the file elsewhere and "
-            f"place it at {dest} (or extract DIV2K yourself and point data.div2k_dir at it). "
-            f"Partial data kept in {part} is resumed next time."
+            f"place it at {dest} (or extract DIV2K yourself and point data.div2k_dir at it)."
+            + _partial_note(part)
         ) from exc
     if sha256 is not None:
         actual = sha256_of(part)
@@ -111,6 +119,18 @@ def download_file(url: str, dest: str | Path, sha256: str | None = None, timeout
                                 f"the file was deleted, run again to re-download")
     os.replace(part, dest)
     return dest
+
+
+def _partial_note(part: Path) -> str:
+    """The sentence about a kept partial download, only when there is one (an empty file is removed)."""
+    try:
+        size = part.stat().st_size
+    except FileNotFoundError:
+        return ""
+    if size == 0:
+        part.unlink(missing_ok=True)
+        return ""
+    return f" Partial data ({size} bytes) kept in {part} is resumed next time."
 
 
 def extract_zip(archive: str | Path, target_dir: str | Path) -> None:
@@ -133,11 +153,11 @@ def _load_checksums(root: Path) -> dict[str, str]:
 
 
 def _record_checksum(root: Path, name: str, digest: str) -> None:
-    sums = _load_checksums(root)
-    sums[name] = digest
-    tmp = root / (CHECKSUM_FILE + ".tmp")
-    tmp.write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, root / CHECKSUM_FILE)
+    # Read-modify-write under a lock, so that two processes recording different archives keep both.
+    with file_lock(root / f".{CHECKSUM_FILE}.lock"):
+        sums = _load_checksums(root)
+        sums[name] = digest
+        write_json_strict(root / CHECKSUM_FILE, dict(sorted(sums.items())))
 
 
 def _extracted_folder(name: str) -> str:
@@ -159,29 +179,36 @@ def prepare_div2k(root: str | Path, splits=("train", "valid"), scales=(2, 3, 4),
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     for name in archive_names(splits, scales, hr, lr):
-        folder = root / _extracted_folder(name)
-        if folder.is_dir() and any(folder.iterdir()):
-            log.info("%s already present", folder)
-            continue
-        archive = root / name
-        expected = KNOWN_SHA256.get(name) or _load_checksums(root).get(name)
-        if not archive.exists():
-            log.info("downloading %s", base_url + name)
-            download_file(base_url.rstrip("/") + "/" + name, archive, sha256=expected, timeout=timeout)
-        elif expected is not None and sha256_of(archive) != expected:
-            raise ChecksumError(f"{archive} does not match the recorded sha256 {expected}; delete it and run again")
-        digest = expected or sha256_of(archive)
-        if expected is None:
-            _record_checksum(root, name, digest)
-            log.info("recorded sha256 of %s in %s", name, root / CHECKSUM_FILE)
-        extract_zip(archive, root)
-        if not keep_archives:
-            archive.unlink()
+        with file_lock(root / f".{name}.lock"):  # another process may be fetching the same archive
+            _prepare_archive(root, name, base_url, keep_archives, timeout)
     return root
 
 
+def _prepare_archive(root: Path, name: str, base_url: str, keep_archives: bool, timeout: float) -> None:
+    """Download (if needed), verify and extract one archive, unless its folder is already there."""
+    folder = root / _extracted_folder(name)
+    if folder.is_dir() and any(folder.iterdir()):
+        log.info("%s already present", folder)
+        return
+    archive = root / name
+    expected = KNOWN_SHA256.get(name) or _load_checksums(root).get(name)
+    if not archive.exists():
+        log.info("downloading %s", base_url + name)
+        download_file(base_url.rstrip("/") + "/" + name, archive, sha256=expected, timeout=timeout)
+    elif expected is not None and sha256_of(archive) != expected:
+        raise ChecksumError(f"{archive} does not match the recorded sha256 {expected}; delete it and run again")
+    digest = expected or sha256_of(archive)
+    if expected is None:
+        _record_checksum(root, name, digest)
+        log.info("recorded sha256 of %s in %s", name, root / CHECKSUM_FILE)
+    extract_zip(archive, root)
+    if not keep_archives:
+        archive.unlink()
+
+
 def div2k_records(root: str | Path, split: str, scale: int, ids: tuple[int, int] | None = None,
-                  use_official_lr: bool = True, on_error: str = "raise") -> list[ImageRecord]:
+                  use_official_lr: bool = True, on_error: str = "raise",
+                  skipped: list[str] | None = None) -> list[ImageRecord]:
     """Records of DIV2K ``split`` ('train' or 'valid'), restricted to image numbers ``ids`` (inclusive).
 
     The official bicubic LR (``DIV2K_{split}_LR_bicubic/X{s}``) is paired when that folder exists.
@@ -202,4 +229,4 @@ def div2k_records(root: str | Path, split: str, scale: int, ids: tuple[int, int]
         if not files:
             raise FileNotFoundError(f"no DIV2K images numbered {first:04d}-{last:04d} in {hr_dir}")
     lr_dir = root / f"DIV2K_{split}_LR_bicubic" / f"X{scale}"
-    return _pair_with_lr(files, lr_dir if use_official_lr and lr_dir.is_dir() else None, scale, on_error)
+    return _pair_with_lr(files, lr_dir if use_official_lr and lr_dir.is_dir() else None, scale, on_error, skipped)

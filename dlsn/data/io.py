@@ -7,16 +7,28 @@ Every image entering the data pipeline becomes an ``HxWx3`` uint8 array:
 * 16-bit images are scaled to 8 bits with ``round(v * 255 / 65535)``.
 
 Unreadable or corrupt files raise :class:`ImageReadError` naming the file.
+
+Image names: a record, a metric row and a saved SR image are named after the file's stem (``img_001``).
+When two files of one folder share a stem (``a.png`` and ``a.jpg``), both keep their extension in the
+name (``a_png``, ``a_jpg``), so their results and saved images stay apart (see :func:`unique_image_names`).
+Saved SR images are called ``<name>_x<scale>_SR.png`` (:func:`sr_file_name`); :func:`strip_sr_suffix`
+undoes that, so such a folder can be scored against the HR folder (``python -m dlsn.metrics``).
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "read_image", "is_grayscale_file", "to_rgb_uint8", "list_images", "write_png"]
+from dlsn.utils.files import atomic_write
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "read_image", "image_size", "is_grayscale_file", "to_rgb_uint8",
+           "list_images", "write_png", "unique_image_names", "sr_file_name", "strip_sr_suffix"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -80,6 +92,18 @@ def read_image(path: str | Path) -> np.ndarray:
     return to_rgb_uint8(array, str(path))
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` of an image file, from its header only (no pixel decoding)."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        raise ImageReadError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageReadError(f"cannot read the header of image {path}: {exc}") from exc
+    return height, width
+
+
 def is_grayscale_file(path: str | Path) -> bool:
     """True when the file stores a single colour channel (optionally with alpha), e.g. PNG mode 'L'.
 
@@ -104,17 +128,38 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def write_png(path: str | Path, array: np.ndarray) -> None:
-    """Write a uint8 image atomically (temporary file + ``os.replace``)."""
-    import os
-    import tempfile
+    """Write a uint8 image as PNG atomically (:func:`dlsn.utils.files.atomic_write`)."""
+    image = Image.fromarray(np.ascontiguousarray(array))
+    atomic_write(path, lambda handle: image.save(handle, format="PNG"))
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.tmp")
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+def unique_image_names(paths: Sequence[str | Path]) -> list[str]:
+    """One distinct name per file of a set: the stem, or ``<stem>_<ext>`` for stems that occur twice.
+
+    ``[a.png, a.jpg, b.png] -> [a_png, a_jpg, b]``: records, metric rows and saved SR images
+    (``a_png_x4_SR.png``) of the two files stay apart. A name that still collides (a file literally
+    called ``a_png.bmp`` beside those two) gets ``_2``, ``_3``, ... in file order.
+    """
+    paths = [Path(p) for p in paths]
+    stem_counts = Counter(p.stem for p in paths)
+    names = [p.stem if stem_counts[p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.')}" for p in paths]
+    used: set[str] = set()
+    unique = []
+    for name in names:
+        candidate, number = name, 1
+        while candidate in used:
+            number += 1
+            candidate = f"{name}_{number}"
+        used.add(candidate)
+        unique.append(candidate)
+    return unique
+
+
+def sr_file_name(name: str, scale: int) -> str:
+    """File name of a saved SR image: ``<name>_x<scale>_SR.png`` (the name is used as it is)."""
+    return f"{name}_x{int(scale)}_SR.png"
+
+
+def strip_sr_suffix(stem: str, scale: int) -> str:
+    """Image name from an SR file stem: drops a trailing ``_x<scale>_SR`` or ``_x<scale>`` (any case)."""
+    return re.sub(rf"_x{int(scale)}(?:_SR)?$", "", stem, flags=re.IGNORECASE)
