@@ -15,19 +15,17 @@ from typing import Any
 
 import hydra
 import lightning as L
-import rootutils
 from omegaconf import DictConfig
 from torch import nn
 
-rootutils.setup_root(__file__, indicator=".project-root", pythonpath=False, dotenv=False)
-
-from dlsn.checkpoint import load_into, read_weights  # noqa: E402
-from dlsn.utils.config import ConfigError, apply_extras, register_resolvers, validate_config  # noqa: E402
-from dlsn.utils.files import atomic_write_text, write_json_strict  # noqa: E402
-from dlsn.utils.instantiate import build_network, instantiate_group, network_config  # noqa: E402
-from dlsn.utils.launcher import RunDirectoryLock, is_rank_zero_process  # noqa: E402
+from dlsn.checkpoint import load_into, read_weights
+from dlsn.utils.config import ConfigError, apply_extras, register_resolvers, set_project_root, validate_config
+from dlsn.utils.files import atomic_write_text, write_json_strict
+from dlsn.utils.instantiate import build_network, instantiate_group, network_config
+from dlsn.utils.launcher import RunDirectoryLock, is_rank_zero_process
 
 log = logging.getLogger("dlsn.eval")
+set_project_root(__file__)
 register_resolvers()
 
 

@@ -17,19 +17,16 @@ from typing import Any
 
 import hydra
 import lightning as L
-import rootutils
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-rootutils.setup_root(__file__, indicator=".project-root", pythonpath=False, dotenv=False)
-
-from dlsn.callbacks import LastCheckpoint, RunStopped, find_callback  # noqa: E402
-from dlsn.checkpoint import init_from, resolve_ckpt_path  # noqa: E402
-from dlsn.lightning_module import DivergenceError  # noqa: E402
-from dlsn.sweep import finish_experiment_runs, objective_value  # noqa: E402
-from dlsn.utils.config import apply_extras, register_resolvers, validate_config  # noqa: E402
-from dlsn.utils.instantiate import build_network, instantiate_group, log_hyperparameters, network_config  # noqa: E402
-from dlsn.utils.launcher import (  # noqa: E402
+from dlsn.callbacks import LastCheckpoint, RunStopped, find_callback
+from dlsn.checkpoint import init_from, resolve_ckpt_path
+from dlsn.lightning_module import DivergenceError
+from dlsn.sweep import finish_experiment_runs, objective_value
+from dlsn.utils.config import apply_extras, register_resolvers, set_project_root, validate_config
+from dlsn.utils.instantiate import build_network, instantiate_group, log_hyperparameters, network_config
+from dlsn.utils.launcher import (
     RunDirectoryLock,
     check_launcher_compatibility,
     exit_code_for_signal,
@@ -38,6 +35,7 @@ from dlsn.utils.launcher import (  # noqa: E402
 )
 
 log = logging.getLogger("dlsn.train")
+set_project_root(__file__)
 register_resolvers()
 
 

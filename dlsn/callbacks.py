@@ -95,7 +95,7 @@ class LastCheckpoint(Checkpoint):
     """Keeps ``<dirpath>/last.ckpt`` at the latest state of the run.
 
     Saved after every validation, every ``every_n_steps`` optimizer steps (a paper epoch is 1000
-    steps: a crash should cost minutes, not an epoch) and by :class:`GracefulStop`. The file is
+    steps: a crash should cost minutes, not an epoch), at the end of training and by :class:`GracefulStop`. The file is
     written atomically (``AtomicCheckpointIO``); weights that are no longer finite never replace it.
     """
 
@@ -128,6 +128,10 @@ class LastCheckpoint(Checkpoint):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
             self.save(trainer, "after validation")
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step != self.saved_step:  # e.g. trainer.max_steps reached inside an epoch
+            self.save(trainer, "end of training")
 
 
 def find_callback(trainer: Trainer, kind: type) -> Any | None:

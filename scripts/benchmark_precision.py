@@ -53,13 +53,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-import rootutils
-
-from dlsn.utils.config import register_resolvers
+from dlsn.utils.config import find_project_root, register_resolvers
 from dlsn.utils.files import write_json_strict
 from dlsn.utils.instantiate import build_network, count_parameters
 
-PROJECT_ROOT = rootutils.find_root(__file__, indicator=".project-root")
+PROJECT_ROOT = find_project_root(__file__)
 
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 BASELINE = "32-true"

@@ -142,7 +142,9 @@ def test_real_configs_compose_for_slurm_and_optuna():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import dlsn.utils  # noqa: F401  (registers the resolvers, as importing train.py does)
+    from dlsn.utils.config import register_resolvers
+
+    register_resolvers()  # as importing train.py does
 
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base="1.3"):
         slurm = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",

@@ -41,7 +41,7 @@ from dlsn.data.degradations import check_degradation, check_scale
 from dlsn.data.div2k import TRAIN_IDS, div2k_records, prepare_div2k
 from dlsn.data.io import ImageReadError, image_size
 from dlsn.data.sample import prepare_sample, sample_folder
-from dlsn.data.samplers import TrainPatchSampler, distributed_world_size, eval_sampler
+from dlsn.data.samplers import ResumableTrainLoader, TrainPatchSampler, distributed_world_size, eval_sampler
 from dlsn.metrics import SSIM_WINDOW, min_hr_size
 
 __all__ = ["SRDataModule"]
@@ -348,9 +348,16 @@ class SRDataModule(L.LightningDataModule):
         if self.train_dataset is None:
             self.setup("fit")
         # Patches are drawn at random inside the dataset from (seed, epoch, index) keys: no shuffling,
-        # and a resumed run sees the same patches as an uninterrupted one.
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, drop_last=True,
-                          sampler=TrainPatchSampler(self.train_dataset), **self._loader_kwargs())
+        # and a resumed run sees the same patches as an uninterrupted one, even from inside an epoch.
+        loader = ResumableTrainLoader(self.train_dataset, batch_size=self.batch_size, drop_last=True,
+                                      sampler=TrainPatchSampler(self.train_dataset), **self._loader_kwargs())
+        loader.consumed_batches = self._consumed_training_batches
+        return loader
+
+    def _consumed_training_batches(self) -> int:
+        """Batches the training loop has used in the current epoch (saved with mid-epoch checkpoints)."""
+        trainer = self.trainer
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         """One evaluation DataLoader: full images, batch size 1, sequential order."""

@@ -3,17 +3,20 @@
 * :class:`TrainPatchSampler` yields ``(seed, epoch, index)`` keys, from which
   :class:`dlsn.data.datasets.SRTrainDataset` draws each patch: an epoch's patches depend only on the
   run's seed and the epoch number, so a resumed run draws the patches of an uninterrupted one.
+* :class:`ResumableTrainLoader` saves its position inside an epoch in checkpoints, so that a run
+  resumed from a mid-epoch checkpoint continues with exactly the next batch.
 * :class:`UnpaddedEvalSampler` / :func:`eval_sampler` split an evaluation set over the DDP ranks
   without repeating any image, so validation/test metrics under DDP equal the one-process numbers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 class UnpaddedEvalSampler(DistributedSampler):
@@ -91,13 +94,45 @@ class TrainPatchSampler(DistributedSampler):
         self.seed = torch.initial_seed() if seed is None else int(seed)
         self.num_samples = len(dataset) // self.num_replicas
         self.total_size = self.num_samples * self.num_replicas
+        self._resume: tuple[int, int] | None = None  # (epoch, samples of this rank already used in it)
+
+    def resume_at(self, epoch: int, consumed_samples: int) -> None:
+        """Leave out the first ``consumed_samples`` keys of ``epoch`` (a run resumed inside that epoch)."""
+        self._resume = (int(epoch), int(consumed_samples))
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self._resume is not None and self._resume[0] != epoch:
+            self._resume = None
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        for index in range(self.rank, self.total_size, self.num_replicas):
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+        for index in range(self.rank + skip * self.num_replicas, self.total_size, self.num_replicas):
             yield (self.seed, self.epoch, index)
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableTrainLoader(DataLoader):
+    """The training DataLoader, with its position inside the epoch saved in checkpoints.
+
+    Lightning saves ``state_dict()`` of such a loader with its loop state and gives it back through
+    ``load_state_dict()`` on resume. The position is the number of batches the training loop has
+    used this epoch (``consumed_batches``, set by the data module; Lightning fetches one batch ahead,
+    so the loader's own count would be one too many). Resumed there, the :class:`TrainPatchSampler`
+    leaves out the used keys, so a run stopped mid-epoch (``last.ckpt`` every N steps, a stop
+    signal) continues with exactly the batches the uninterrupted run would have drawn.
+    """
+
+    consumed_batches: Callable[[], int] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        consumed = self.consumed_batches() if self.consumed_batches is not None else 0
+        return {"epoch": int(self.sampler.epoch), "batches": int(consumed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.resume_at(state["epoch"], state["batches"] * self.batch_size)
 
 
 def distributed_world_size() -> int:

@@ -20,21 +20,36 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the key and what is expected."""
 
 
+def find_project_root(start: str | os.PathLike) -> Path | None:
+    """The nearest directory at or above ``start`` that holds ``.project-root``, or ``None``.
+
+    (The ``rootutils`` package does the same, but its wheel installs a top-level ``tests`` package
+    into site-packages, which shadows this repository's ``tests`` helpers.)
+    """
+    start = Path(start).resolve()
+    for directory in [start, *start.parents] if start.is_dir() else start.parents:
+        if (directory / PROJECT_ROOT_MARKER).is_file():
+            return directory
+    return None
+
+
+def set_project_root(entry_script: str | os.PathLike) -> None:
+    """Set ``$PROJECT_ROOT`` from an entry script's location (train.py, eval.py), if not set already."""
+    root = find_project_root(entry_script)
+    if root is not None and not os.environ.get("PROJECT_ROOT"):
+        os.environ["PROJECT_ROOT"] = str(root)
+
+
 def project_root() -> str:
     """The directory holding ``.project-root`` (logs/ and data/ live there).
 
-    ``$PROJECT_ROOT`` when set (the entry scripts set it from their own location), else the nearest
+    ``$PROJECT_ROOT`` when set (train.py and eval.py set it from their own location), else the nearest
     marked directory above the working directory, else the working directory itself (an installed
     package used from anywhere).
     """
     if os.environ.get("PROJECT_ROOT"):
         return os.environ["PROJECT_ROOT"]
-    import rootutils
-
-    try:
-        return str(rootutils.find_root(Path.cwd(), indicator=PROJECT_ROOT_MARKER))
-    except FileNotFoundError:
-        return str(Path.cwd())
+    return str(find_project_root(Path.cwd()) or Path.cwd())
 
 
 def register_resolvers() -> None:
