@@ -216,7 +216,9 @@ class SRModule(LightningModule):
         if stage == "fit" and self._compiled_forward is None and self._compile_enabled():
             options = {k: v for k, v in self.compile_options.items() if k != "enabled"}
             log.info("compiling the network's training forward pass with torch.compile(%s)", options)
-            self._compiled_forward = torch.compile(self.net, **options)
+            # The bound forward, not the module: a compiled module assigned here would be registered as
+            # a submodule and duplicate every weight in the state_dict.
+            self._compiled_forward = torch.compile(self.net.forward, **options)
 
     def _compile_enabled(self) -> bool:
         enabled = self.compile_options.get("enabled", False)
@@ -236,7 +238,7 @@ class SRModule(LightningModule):
         self._epoch_loss_count.zero_()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        forward = self._compiled_forward or self.net
+        forward = self.net if self._compiled_forward is None else self._compiled_forward
         loss = F.l1_loss(forward(batch["lr"]), batch["hr"])
         # Every process must skip together, or DDP would wait forever for the skipping ones' gradients.
         skip = self.trainer.strategy.reduce(self.skip_rule.decide(loss).float(), reduce_op="max") > 0

@@ -1,0 +1,223 @@
+"""Time one DLSN training step: this project (eager and compiled, float32 and bf16) against the published code.
+
+The step is the paper's (x2, batch 16, 48x48 LR patches, L1 loss, Adam): forward, backward and the
+optimizer update. Cases:
+
+* ``project``: this project's training step as it runs in ``train.py``: SRModule inside a Lightning
+  Trainer (skip rule decided on the device, fused Adam), on batches already on the device;
+* ``project-compiled``: the same with ``module.compile`` (torch.compile, mode ``--compile-mode``);
+* ``published``: the authors' DLSN (``--published-src``: the ``src/`` folder of a checkout of
+  laoyangui/DLSN; CUDA only, it calls ``.cuda()``) in a plain loop with torch's default Adam, as
+  their trainer does.
+
+For each precision (``--precisions``) and case the script prints the median step time over windows
+of steps after warm-up, the peak memory and the warm-up time (which includes compilation), then a
+markdown table with the project/published ratios; ``--json FILE`` writes the raw numbers.
+
+    python scripts/benchmark_train_step.py --device cuda --published-src .published/DLSN/src --json step.json
+    python scripts/benchmark_train_step.py --device cpu --n-feats 16 --n-resgroups 1 --batch 2 --patch 16 --steps 4   # a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def paper_config(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(scale=2, n_feats=args.n_feats, n_resgroups=args.n_resgroups, n_resblocks=args.n_resblocks,
+                reduction=4, chunk_size=args.chunk_size, n_hashes=args.n_hashes, res_scale=0.1)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def batches(args: argparse.Namespace, device: torch.device, count: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    size = (args.batch, 3, args.patch, args.patch)
+    return [{"lr": torch.rand(size, generator=generator).to(device),
+             "hr": torch.rand(size[:2] + (2 * args.patch, 2 * args.patch), generator=generator).to(device)}
+            for _ in range(count)]
+
+
+def window_times(step_times: list[float], window: int) -> list[float]:
+    """Seconds per step of consecutive windows: robust against the host running ahead of the device."""
+    return [(step_times[i + window] - step_times[i]) / window for i in range(0, len(step_times) - window, window)]
+
+
+# ---------------------------------------------------------------------------------------- project
+
+
+def time_project(args: argparse.Namespace, device: torch.device, precision: str, compiled: bool) -> dict[str, Any]:
+    import lightning as L
+
+    from dlsn.lightning_module import SRModule
+    from dlsn.models import DLSN
+
+    torch.manual_seed(0)
+    net = DLSN(**paper_config(args))
+    compile_options = {"enabled": compiled, "mode": args.compile_mode} if compiled else False
+    module = SRModule(net, scale=2, optimizer=functools.partial(torch.optim.Adam, lr=1e-4, fused=True),
+                      compile=compile_options, max_consecutive_skips=None)
+    data = batches(args, device, 4)
+    total = args.warmup + args.steps + 1
+    stamps: list[float] = []
+
+    class Stamp(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *rest) -> None:
+            if trainer.global_step == args.warmup:
+                synchronize(device)  # steady state from here: compilation and warm-up are behind
+                stamps.append(time.perf_counter())
+            elif trainer.global_step > args.warmup:
+                stamps.append(time.perf_counter())
+
+    class Loader(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for index in range(total):
+                yield data[index % len(data)]
+
+    trainer = L.Trainer(accelerator=device.type, devices=1, precision=precision, max_steps=total, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Stamp()])
+    reset_peak(device)
+    started = time.perf_counter()
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(Loader(), batch_size=None))
+    synchronize(device)
+    stamps[-1] = time.perf_counter()  # the last step's work included
+    warmup_s = stamps[0] - started
+    return {"step_s": statistics.median(window_times(stamps, args.window)), "warmup_s": warmup_s,
+            "peak_mb": peak_mb(device), "steps": len(stamps) - 1}
+
+
+# -------------------------------------------------------------------------------------- published
+
+
+def published_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The authors' DLSN from ``--published-src`` (their argparse options as a namespace)."""
+    source = Path(args.published_src).resolve()
+    if not (source / "model" / "dlsn.py").is_file():
+        raise SystemExit(f"--published-src {source}: expected the src/ folder of laoyangui/DLSN (model/dlsn.py)")
+    sys.path.insert(0, str(source))
+    if "matplotlib" not in sys.modules:  # their model module imports pyplot only to set a backend
+        with contextlib.suppress(ImportError):
+            import matplotlib  # noqa: F401
+    if "matplotlib" not in sys.modules:
+        pyplot = types.SimpleNamespace(switch_backend=lambda *a, **k: None)
+        sys.modules["matplotlib"] = types.SimpleNamespace(pyplot=pyplot)
+        sys.modules["matplotlib.pyplot"] = pyplot
+    from model.dlsn import DLSN as PublishedDLSN  # noqa: N814
+
+    config = paper_config(args)
+    options = argparse.Namespace(n_resgroups=config["n_resgroups"], n_resblocks=config["n_resblocks"],
+                                 n_feats=config["n_feats"], reduction=config["reduction"], scale=[2], rgb_range=1,
+                                 n_colors=3, res_scale=config["res_scale"], chunk_size=config["chunk_size"],
+                                 n_hashes=config["n_hashes"])
+    torch.manual_seed(0)
+    return PublishedDLSN(options).to(device)
+
+
+def time_published(args: argparse.Namespace, device: torch.device, precision: str) -> dict[str, Any]:
+    model = published_model(args, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)  # torch's default implementation, as theirs
+    data = batches(args, device, 4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    reset_peak(device)
+    stamps, started = [], time.perf_counter()
+    for index in range(args.warmup + args.steps + 1):
+        batch = data[index % len(data)]
+        with autocast:
+            loss = F.l1_loss(model(batch["lr"]), batch["hr"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if index + 1 == args.warmup:
+            synchronize(device)
+        if index + 1 >= args.warmup:
+            stamps.append(time.perf_counter())
+    synchronize(device)
+    stamps[-1] = time.perf_counter()
+    return {"step_s": statistics.median(window_times(stamps, args.window)), "warmup_s": stamps[0] - started,
+            "peak_mb": peak_mb(device), "steps": len(stamps) - 1}
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
+    parser.add_argument("--cases", nargs="+", default=["project", "project-compiled", "published"],
+                        choices=["project", "project-compiled", "published"])
+    parser.add_argument("--published-src", default=None, help="src/ of a laoyangui/DLSN checkout (CUDA only)")
+    parser.add_argument("--compile-mode", default="reduce-overhead")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--patch", type=int, default=48)
+    parser.add_argument("--n-feats", type=int, default=256)
+    parser.add_argument("--n-resgroups", type=int, default=10)
+    parser.add_argument("--n-resblocks", type=int, default=4)
+    parser.add_argument("--chunk-size", type=int, default=128)
+    parser.add_argument("--n-hashes", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5, help="steps before timing (compilation included)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (at least 10 for the issue's medians)")
+    parser.add_argument("--window", type=int, default=2, help="steps per timed window")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    cases = [c for c in args.cases if c != "published" or args.published_src]
+    if "published" in args.cases and not args.published_src:
+        print("published: skipped (no --published-src)")
+    if "published" in cases and device.type != "cuda":
+        print("published: skipped (the authors' code runs on CUDA only)")
+        cases.remove("published")
+
+    results = []
+    for precision in args.precisions:
+        for case in cases:
+            if case == "published":
+                result = time_published(args, device, precision)
+            else:
+                result = time_project(args, device, precision, compiled=case == "project-compiled")
+            result |= {"case": case, "precision": precision, "device": str(device)}
+            results.append(result)
+            memory = "-" if result["peak_mb"] is None else f"{result['peak_mb']:.0f} MB"
+            print(f"train_step {case:17s} {precision:10s} {result['step_s'] * 1e3:9.1f} ms/step  peak {memory:>9s}  "
+                  f"warm-up {result['warmup_s']:.1f} s", flush=True)
+
+    print("\n| precision | case | ms/step | peak memory | warm-up | vs published |\n|---|---|---|---|---|---|")
+    for result in results:
+        published = next((r for r in results if r["case"] == "published" and r["precision"] == result["precision"]), None)
+        ratio = f"{published['step_s'] / result['step_s']:.2f}x" if published else "-"
+        memory = "-" if result["peak_mb"] is None else f"{result['peak_mb']:.0f} MB"
+        print(f"| {result['precision']} | {result['case']} | {result['step_s'] * 1e3:.1f} | {memory} | "
+              f"{result['warmup_s']:.1f} s | {ratio} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
