@@ -83,7 +83,7 @@ def time_project(args: argparse.Namespace, device: torch.device, precision: str,
     module = SRModule(net, scale=2, optimizer=functools.partial(torch.optim.Adam, lr=1e-4, fused=True),
                       compile=compile_options, max_consecutive_skips=None)
     data = batches(args, device, 4)
-    total = args.warmup + args.steps + 1
+    total = args.warmup + args.steps
     stamps: list[float] = []
 
     class Stamp(L.Callback):
@@ -146,7 +146,7 @@ def time_published(args: argparse.Namespace, device: torch.device, precision: st
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     reset_peak(device)
     stamps, started = [], time.perf_counter()
-    for index in range(args.warmup + args.steps + 1):
+    for index in range(args.warmup + args.steps):
         batch = data[index % len(data)]
         with autocast:
             loss = F.l1_loss(model(batch["lr"]), batch["hr"])
