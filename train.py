@@ -63,6 +63,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer: L.Trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks"), "callbacks"), logger=loggers or False
         )
+        if not trainer.is_global_zero:  # the text log is written once, by rank 0; other ranks only warn
+            logging.getLogger("dlsn").setLevel(logging.WARNING)
         log_hyperparameters(loggers, cfg, net)
 
         if cfg.get("train", True):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -31,6 +32,9 @@ from dlsn.inference import check_inference_options, super_resolve
 from dlsn.metrics import PSNR_Y, SSIM_Y
 
 log = logging.getLogger(__name__)
+# val/psnr and val/psnr_best are computed from metrics already synchronised over the processes; Lightning
+# cannot know that and recommends sync_dist=True, which would only add an all-reduce.
+warnings.filterwarnings("ignore", message=r".*self\.log\('val/psnr(_best)?', \.\.\., sync_dist=True\).*")
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]

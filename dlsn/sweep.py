@@ -150,7 +150,11 @@ def run_name(task_name: str) -> str:
     return name if len(name) <= 128 else name[:125] + "..."
 
 
-def run_tags(tags: Any) -> list[str]:
-    """The configured tags plus one per override of this job (W&B tags are at most 64 characters)."""
+def run_tags(tags: Any) -> Any:
+    """The configured tags plus one per override of this job (W&B tags are at most 64 characters).
+
+    A ListConfig, not a list: ``OmegaConf.resolve`` (``train.py --cfg job --resolve``) can only put a
+    container in place of an interpolation.
+    """
     configured = [str(tag) for tag in (tags or [])]
-    return configured + [o[:64] for o in job_overrides() if o[:64] not in configured]
+    return OmegaConf.create(configured + [o[:64] for o in job_overrides() if o[:64] not in configured])

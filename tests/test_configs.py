@@ -95,6 +95,7 @@ def test_experiment_scales_and_degradations():
     ("trainer", "cpu"), ("logger", "csv"), ("logger", "none"), ("logger", "tensorboard"), ("callbacks", "ema"),
     ("debug", "fast"), ("debug", "overfit"), ("inference", "tile"), ("inference", "self_ensemble"), ("model", "bicubic"),
     ("module/optimizer", "adamw"), ("module/scheduler", "cosine"), ("module/scheduler", "warmup_cosine"),
+    ("trainer", "ddp_cpu"), ("debug", "profile"),
 ])
 def test_group_options_compose_and_build(group, option):
     cfg = compose_config(overrides=[f"{group}={option}"])
@@ -184,3 +185,13 @@ def test_train_script_fails_before_any_work(tmp_path):
     assert "scale must be 3 or a power of two (2, 4, 8), got 5" in proc.stderr and "full_key: model" in proc.stderr
     assert not (run_dir / "checkpoints").exists()
     assert not (run_dir / "wandb").exists()
+
+
+def test_printing_the_resolved_job_config_works_and_names_the_run_after_its_overrides():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "train.py"), "--cfg", "job", "--resolve", "model.n_hashes=2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "name: train-model.n_hashes=2" in proc.stdout and "- model.n_hashes=2" in proc.stdout
