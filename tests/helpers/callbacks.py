@@ -18,3 +18,14 @@ class SignalAtStep(Callback):
         if not self.sent and trainer.global_step >= self.step:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+class WriteLearningRates(Callback):
+    """Append each optimizer step's learning rate to a text file (the callback example of docs/architecture.md)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(f"{trainer.global_step} {trainer.optimizers[0].param_groups[0]['lr']}\n")
