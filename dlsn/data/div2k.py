@@ -38,13 +38,12 @@ from dlsn.data.io import list_images
 from dlsn.utils.files import file_lock, write_json_strict
 
 __all__ = ["DIV2K_URL", "KNOWN_SHA256", "DownloadError", "ChecksumError", "archive_names", "download_file",
-           "sha256_of", "extract_zip", "prepare_div2k", "div2k_records", "TRAIN_IDS", "VALID_IDS"]
+           "sha256_of", "extract_zip", "prepare_div2k", "div2k_records", "TRAIN_IDS"]
 
 log = logging.getLogger(__name__)
 
 DIV2K_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K/"
 TRAIN_IDS = (1, 800)
-VALID_IDS = (801, 900)
 #: SHA-256 of the official archives, by file name. Empty: none are published; see module docstring.
 KNOWN_SHA256: dict[str, str] = {}
 CHECKSUM_FILE = "checksums.json"
