@@ -163,7 +163,7 @@ class GracefulStop(Callback):
     processes agree on stopping every ``check_every_n_steps`` steps (one small collective).
     """
 
-    def __init__(self, requeue_signal: str | None = "SIGUSR2", check_every_n_steps: int = 10) -> None:
+    def __init__(self, requeue_signal: str | None = "SIGUSR2", check_every_n_steps: int = 50) -> None:
         super().__init__()
         self.requeue_signum = None if not requeue_signal else int(getattr(signal, str(requeue_signal)))
         self.check_every_n_steps = max(1, int(check_every_n_steps))

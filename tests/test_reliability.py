@@ -36,8 +36,10 @@ def test_last_checkpoint_follows_every_validation_and_every_n_steps_on_a_plateau
     assert load(run_dir / "checkpoints" / "best.ckpt")["global_step"] == 3
     log = (run_dir / "train.log").read_text()
     assert "saved" in log and "(every 2 steps, step 2)" in log and "(after validation, step 9)" in log
-    # The text log has a line per validation with the numbers.
-    assert log.count("validation at step") == 3
+    # The text log has a line per validation with the numbers, and a progress line per logging interval.
+    assert log.count("validation at step") == 3 and "| mean " in log and "| best " in log
+    progress = [line for line in log.splitlines() if "patches/s" in line]
+    assert len(progress) == 9 and all("step " in line and "| lr " in line and "ETA" in line for line in progress)
 
 
 def test_sigterm_saves_the_step_exits_143_and_the_restart_continues_exactly(tmp_path):
