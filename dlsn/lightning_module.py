@@ -264,9 +264,17 @@ class SRModule(LightningModule):
             optimizer.grad_scale = None
             return loss
         if bool(skip):  # the optimizer cannot skip on the device: decide on the host
-            log.warning("step %d: skipped a batch with loss %.4g", self.global_step, float(loss))
-            return None  # Lightning then skips backward and the optimizer step
+            log.warning("step %d: skipped a batch with loss %.4g", self.global_step, float(loss.detach()))
+            # Not `return None`: under DDP every process must run backward. A zero loss that does not
+            # depend on the bad batch gives finite (zero) gradients, which on_before_optimizer_step drops.
+            self._drop_gradients = True
+            return sum((parameter * 0).sum() for parameter in self.net.parameters() if parameter.requires_grad)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if getattr(self, "_drop_gradients", False):
+            optimizer.zero_grad(set_to_none=True)  # parameters without gradients are not updated
+            self._drop_gradients = False
 
     def _check_divergence(self) -> None:
         """Stop when ``max_consecutive_skips`` batches in a row were skipped (one device read every few steps)."""
