@@ -622,7 +622,7 @@ def run(files: Sequence[Path], outputs: Sequence[Path], upscaler: Upscaler, cons
     from dlsn.data.io import ImageReadError
 
     failures: list[str] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with deterministic_cudnn(), Progress(*columns, console=console) as progress:
         images = progress.add_task("images", total=len(files))
         tiles = progress.add_task("tiles", total=None, visible=False)
