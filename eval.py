@@ -18,6 +18,7 @@ import lightning as L
 from omegaconf import DictConfig
 from torch import nn
 
+from dlsn.checkpoint import build_network as build_network_from_file
 from dlsn.checkpoint import load_into, read_weights
 from dlsn.utils.config import ConfigError, apply_extras, register_resolvers, set_project_root, validate_config
 from dlsn.utils.files import atomic_write_text, write_json_strict
@@ -40,19 +41,21 @@ def load_network(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
                               "models such as model=bicubic are evaluated without one")
         return net, network_config(cfg.model)
 
-    weights = read_weights(path, trust=cfg.get("trust_checkpoint", False))
-    if weights.format == "official":  # the authors' files: n_hashes and res_scale come from model.*
+    trust = cfg.get("trust_checkpoint", False)
+    weights = read_weights(path, trust=trust)
+    if weights.format == "official" or weights.config is None:  # n_hashes and res_scale come from model.*
         config = network_config(cfg.model)
-        trained_scale = weights.config["scale"]
+        trained_scale = (weights.config or {}).get("scale")
     else:
-        config = weights.config or network_config(cfg.model)
+        config = weights.config
         trained_scale = config.get("scale")
     if trained_scale is not None and trained_scale != cfg.scale:
         raise ConfigError(f"ckpt_path={path} was trained for scale {trained_scale}, but scale={cfg.scale}; "
                           f"pass scale={trained_scale}")
     if weights.degradation not in (None, cfg.degradation):
         log.warning("checkpoint trained for degradation %s, evaluating on %s", weights.degradation, cfg.degradation)
-    net = build_network(config)
+    # The file's config may only name dlsn.models networks or the run's own model._target_ (see network_class).
+    net = build_network_from_file(config, f"ckpt_path={path}", trust, also_allowed=[cfg.model._target_])
     load_into(net, weights.state_dict, source=f"ckpt_path={path}")
     return net, config
 

@@ -20,17 +20,18 @@ be read, warning about (and skipping) empty or truncated ones.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import logging
 import os
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from dlsn.utils.files import atomic_write
@@ -223,6 +224,42 @@ def load_into(net: nn.Module, state: Mapping[str, torch.Tensor], reinit_upsample
     return reinitialised
 
 
+TRUSTED_NETWORK_PACKAGE = "dlsn.models"
+
+
+def network_class(target: str, source: str, trust: bool = False, also_allowed: Iterable[str] = ()) -> type:
+    """The ``nn.Module`` class named by ``target``, the ``_target_`` of a network config read from ``source``.
+
+    The name comes from the file: importing and calling an arbitrary name (``subprocess.run``) would let
+    the file run code although it was read with ``weights_only``. Without ``trust`` only classes of
+    ``dlsn.models`` and the names in ``also_allowed`` (e.g. the run's own ``model._target_``) are built.
+    """
+    if not (trust or target.startswith(TRUSTED_NETWORK_PACKAGE + ".") or target in set(also_allowed)):
+        raise CheckpointError(
+            f"{source}: its network config names _target_={target!r}, which is not a network of "
+            f"{TRUSTED_NETWORK_PACKAGE}; building it would run code named by the file. If you trust the file's "
+            "source, allow it with trust_checkpoint=true (dlsn-sr: --trust-checkpoint)."
+        )
+    module_name, _, attribute = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise CheckpointError(f"{source}: cannot import the network class _target_={target!r} ({err})") from err
+    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
+        raise CheckpointError(f"{source}: _target_={target!r} is not a torch.nn.Module class")
+    return cls
+
+
+def build_network(config: Mapping[str, Any], source: str, trust: bool = False, also_allowed: Iterable[str] = ()) -> nn.Module:
+    """The network a config read from a file describes (see :func:`network_class` for what is allowed)."""
+    cls = network_class(str(config["_target_"]), source, trust, also_allowed)
+    arguments = {key: value for key, value in config.items() if not (key.startswith("_") and key.endswith("_"))}
+    try:
+        return cls(**arguments)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"cannot build {config['_target_']} from {source} with {arguments}: {err}") from err
+
+
 def init_from(net: nn.Module, path: str | os.PathLike, trust: bool = False) -> list[str]:
     """Start ``net`` from the weights in ``path`` (``init_from=PATH``), re-initialising the upsampler
     when the file was trained for another scale. Returns the re-initialised keys."""
@@ -246,24 +283,39 @@ def save_weights(path: str | os.PathLike, net: nn.Module, config: Mapping[str, A
 # -------------------------------------------------------------------------------------------- writing
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` that writes local checkpoints atomically (temporary file + fsync + rename).
+def _atomic_checkpoint_io() -> type:
+    from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: PLC0415 - see __getattr__
+    
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """``TorchCheckpointIO`` that writes local checkpoints atomically (temporary file + fsync + rename).
 
-    Remote URLs (``s3://`` ...) are left to Lightning/fsspec, whose object stores commit whole objects.
-    Reading goes through :func:`read_checkpoint` (weights only, errors naming the file).
-    """
+        Remote URLs (``s3://`` ...) are left to Lightning/fsspec, whose object stores commit whole objects.
+        Reading goes through :func:`read_checkpoint` (weights only, errors naming the file).
+        """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} does not support storage_options, got {storage_options!r}")
-        if "://" in str(path) and not str(path).startswith("file://"):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_write(str(path).removeprefix("file://"), lambda handle: torch.save(checkpoint, handle))
+        def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+            if storage_options is not None:
+                raise TypeError(f"{type(self).__name__} does not support storage_options, got {storage_options!r}")
+            if "://" in str(path) and not str(path).startswith("file://"):
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            atomic_write(str(path).removeprefix("file://"), lambda handle: torch.save(checkpoint, handle))
 
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
-        if "://" in str(path) and not str(path).startswith("file://"):
-            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        return read_checkpoint(str(path).removeprefix("file://"))
+        def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+            if "://" in str(path) and not str(path).startswith("file://"):
+                return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+            return read_checkpoint(str(path).removeprefix("file://"))
+
+    AtomicCheckpointIO.__module__, AtomicCheckpointIO.__qualname__ = __name__, "AtomicCheckpointIO"
+    return AtomicCheckpointIO
+
+
+def __getattr__(name: str) -> Any:
+    # AtomicCheckpointIO is a Lightning plugin: defined on first use, so that reading weights (eval, dlsn-sr)
+    # does not import Lightning.
+    if name == "AtomicCheckpointIO":
+        globals()[name] = _atomic_checkpoint_io()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------------- resuming

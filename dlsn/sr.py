@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
-import importlib
 import inspect
 import json
 import math
@@ -60,8 +59,6 @@ DEFAULT_TILE_OVERLAP = 16
 ROTATION_SEED = 0  # the seed evaluation uses (module.rotation_seed default)
 # ITU-R BT.601 luma weights: dlsn.metrics' full-range Y for gray images, (65.481, 128.553, 24.966) / 219.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
-# Config keys of a network class that a checkpoint may name without --trust-checkpoint.
-TRUSTED_NETWORK_MODULE = "dlsn.models"
 DEFAULT_NETWORK = "dlsn.models.DLSN"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXIF_ORIENTATION_TAG = 0x0112
@@ -169,26 +166,6 @@ def parse_model_overrides(items: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def network_class(target: str, weights_path: Path, trust: bool) -> type:
-    """The class a config's ``_target_`` names. Without ``trust`` only classes of ``dlsn.models`` are
-    accepted: the name comes from the weights file, and importing and calling an arbitrary name would
-    let the file run code although it was read with ``weights_only``."""
-    import torch
-
-    if not (target.startswith(TRUSTED_NETWORK_MODULE + ".") or trust):
-        raise UsageError(f"{weights_path}: its network config names _target_={target!r}, which is not a network of "
-                         f"{TRUSTED_NETWORK_MODULE}; building it would run code named by the file. If you trust the "
-                         "file's source, allow it with --trust-checkpoint.")
-    module_name, _, attribute = target.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise UsageError(f"{weights_path}: cannot import the network class _target_={target!r} ({err})") from err
-    if not (inspect.isclass(cls) and issubclass(cls, torch.nn.Module)):
-        raise UsageError(f"{weights_path}: _target_={target!r} is not a torch.nn.Module class")
-    return cls
-
-
 @dataclass
 class LoadedNetwork:
     net: Any  # torch.nn.Module, in eval mode, on the CPU
@@ -205,7 +182,7 @@ def load_network(weights_path: Path, scale: int | None, overrides: dict[str, Any
     bare state_dict the paper DLSN; ``overrides`` (``--model-config``) replace its keys. ``scale``
     (``--scale``) must agree with the weights and may be ``None`` when the file records it.
     """
-    from dlsn.checkpoint import CheckpointError, load_into, read_weights
+    from dlsn.checkpoint import CheckpointError, load_into, network_class, read_weights
 
     try:
         weights = read_weights(weights_path, trust=trust)
@@ -227,7 +204,10 @@ def load_network(weights_path: Path, scale: int | None, overrides: dict[str, Any
         elif scale is not None and int(trained_scale) != scale:
             raise UsageError(f"{weights_path} holds x{trained_scale} weights ({weights.format} file), but --scale is "
                              f"{scale}: omit --scale or pass --scale {trained_scale}")
-    cls = network_class(str(config["_target_"]), weights_path, trust)
+    try:
+        cls = network_class(str(config["_target_"]), str(weights_path), trust)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
     # Hydra's own keys (_convert_, _recursive_, ...) are not arguments of the network.
     arguments = {key: value for key, value in config.items() if not (key.startswith("_") and key.endswith("_"))}
     accepted = [name for name, p in inspect.signature(cls).parameters.items()

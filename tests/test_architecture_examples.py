@@ -40,8 +40,10 @@ def test_a_new_model_optimizer_data_set_and_callback_need_only_configuration(tmp
     steps = [line.split() for line in learning_rates.read_text().splitlines()]
     assert [int(step) for step, _ in steps] == list(range(1, 7))
     assert float(steps[-1][1]) < float(steps[0][1])  # the cosine schedule lowered the rate
-    # eval.py rebuilds the new network from the checkpoint alone.
+    # eval.py rebuilds the new network from the checkpoint; a network outside dlsn.models is built when the
+    # run's own model config names it (or with trust_checkpoint=true).
     run_script("eval.py", tmp_path / "eval", f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}", "data=folder",
+               "model._target_=tests.helpers.models.TinyUpsampler", *(f"~model.{key}" for key in DLSN_ONLY_KEYS),
                f"data.test_sets=[{tmp_path / 'val'}]", "data.train_set=null", "data.val_sets=[]", "trainer.accelerator=cpu",
                "logger=none", "extras.print_config=false", "data.num_workers=0")
     import json

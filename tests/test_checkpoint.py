@@ -11,6 +11,7 @@ import time
 
 from dlsn.checkpoint import (
     NETWORK_PREFIX,
+    build_network,
     AtomicCheckpointIO,
     CheckpointError,
     find_resume_checkpoint,
@@ -227,3 +228,16 @@ def test_resume_skips_an_empty_or_truncated_last_checkpoint_naming_it(tmp_path, 
     assert find_resume_checkpoint(tmp_path) == str(best)  # the last resort
     best.write_bytes(b"garbage")
     assert find_resume_checkpoint(tmp_path) is None
+
+
+@pytest.mark.parametrize("target", ["subprocess.run", "os.system", "torch.nn.Conv2d"])
+def test_a_network_config_from_a_file_builds_only_dlsn_networks_unless_trusted_or_configured(target):
+    with pytest.raises(CheckpointError, match=rf"evil.ckpt: its network config names _target_='{target}'.*trust_checkpoint=true"):
+        build_network({"_target_": target, "args": ["touch", "/tmp/owned"]}, "evil.ckpt")
+    net = build_network({"_target_": "dlsn.models.DLSN", "scale": 2, **TINY}, "good.ckpt")
+    assert isinstance(net, DLSN)
+    with pytest.raises(CheckpointError, match="is not a torch.nn.Module class"):
+        build_network({"_target_": "os.system"}, "evil.ckpt", trust=True)
+    conv = build_network({"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 3, "kernel_size": 1},
+                         "mine.ckpt", also_allowed=["torch.nn.Conv2d"])
+    assert isinstance(conv, torch.nn.Conv2d)
