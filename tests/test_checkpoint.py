@@ -1,15 +1,13 @@
 """Crash-safe checkpoint writing and model.pretrained loading (this project's files and the authors')."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from dlsn.checkpoint import AtomicCheckpointIO, atomic_write, atomic_write_json, load_pretrained
+from conftest import OFFICIAL_FIXTURES as FIXTURES
 from dlsn.models import DLSN, to_official
 
 TINY = dict(n_feats=8, n_resgroups=1, n_resblocks=1, chunk_size=16, n_hashes=1)
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_dlsn"
 
 
 def test_failed_write_keeps_previous_file(tmp_path):
@@ -112,11 +110,22 @@ def test_pretrained_official_state_dict(tmp_path, target_scale):
 
 
 @pytest.mark.skipif(not (FIXTURES / "dlsn_tiny_x2.pt").exists(), reason=f"official fixtures absent at {FIXTURES}")
-def test_pretrained_authors_file_reproduces_their_output(tmp_path):
+@pytest.mark.parametrize("wrapping", ["bare", "state_dict", "DataParallel"])
+def test_pretrained_authors_file_reproduces_their_output(tmp_path, wrapping):
+    """model.pretrained with the authors' .pt: the network computes what the published code recorded."""
     fixture = torch.load(FIXTURES / "dlsn_tiny_x2.pt", weights_only=True)
+    state = fixture["state_dict"]
+    if wrapping == "DataParallel":
+        state = {f"module.{key}": value for key, value in state.items()}
     path = tmp_path / "official.pt"
-    torch.save(fixture["state_dict"], path)
-    config = {k: v for k, v in fixture["config"].items() if k in ("n_feats", "n_resgroups", "n_resblocks", "reduction", "chunk_size", "n_hashes", "res_scale", "rgb_range")}
-    net = DLSN(fixture["config"].get("scale", 2), **config)
+    torch.save({"state_dict": state} if wrapping == "state_dict" else state, path)
+    net = DLSN(**fixture["config"])
     assert load_pretrained(net, path) == []
-    assert torch.equal(to_official(net)["head.0.weight"], fixture["state_dict"]["head.0.weight"])
+    net.eval()
+    n_hashes = fixture["config"]["n_hashes"]
+    for run in fixture["runs"]:
+        rounds = run["rotations"]
+        rotations = [torch.stack(rounds[i:i + n_hashes]) for i in range(0, len(rounds), n_hashes)]
+        with torch.no_grad():
+            output = net(run["input"], rotations)
+        torch.testing.assert_close(output, run["output"], rtol=1e-5, atol=1e-5)
