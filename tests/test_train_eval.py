@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY_TRAIN, last_value, read_csv_metrics, requires_official_fixtures, run_script
+from join_probes import load_records, probe_overrides
 from join_helpers import (
     OFFICIAL_TINY_MODEL,
     evaluation_batches,
@@ -119,19 +120,39 @@ def test_eval_bicubic_reproduces_published_numbers(benchmark_dir, tmp_path, scal
 
 
 @pytest.mark.slow
-def test_ema_weights_are_validated_saved_and_evaluated(tmp_path):
+def test_ema_weights_follow_the_ema_formula_and_are_validated_saved_tested_and_evaluated(tmp_path):
+    decay = 0.5
     run_dir = tmp_path / "ema"
-    run_script("train.py", run_dir, *TINY_TRAIN, "callbacks=ema", "callbacks.ema.decay=0.5", "trainer.max_epochs=2")
+    run_script("train.py", run_dir, *TINY_TRAIN, "callbacks=ema", f"callbacks.ema.decay={decay}", "trainer.max_epochs=2",
+               "test=true", *probe_overrides(tmp_path / "probe"))
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    # state_dict holds the averaged weights, current_model_state the trained ones: they differ.
-    assert "current_model_state" in last and "averaging_state" in last
-    key = "net.head.weight" if "net.head.weight" in last["state_dict"] else next(k for k in last["state_dict"] if k.startswith("net."))
-    assert not torch.equal(last["state_dict"][key], last["current_model_state"][key])
+    [record] = load_records(tmp_path / "probe")
+    trained = record["after_batch"]  # the weights after each of the 2 x 3 optimizer steps
+    assert len(trained) == 6
+    # state_dict holds the averaged weights, current_model_state the trained ones. Lightning's
+    # EMAWeightAveraging (torch.optim.swa_utils.get_ema_avg_fn) copies the weights at the first step, then
+    # ema_t = decay * ema_(t-1) + (1 - decay) * w_t after every step.
+    network_keys = [key for key in last["state_dict"] if key.startswith("net.")]
+    assert network_keys
+    for key in network_keys:
+        expected = trained[0][key].double()
+        for weights in trained[1:]:
+            expected = decay * expected + (1 - decay) * weights[key].double()
+        torch.testing.assert_close(last["state_dict"][key].double(), expected, rtol=1e-6, atol=1e-7, msg=key)
+        torch.testing.assert_close(last["current_model_state"][key], trained[-1][key], rtol=0, atol=0, msg=key)
+    assert not torch.equal(last["state_dict"]["net.head.weight"], last["current_model_state"]["net.head.weight"])
+
+    rows = read_csv_metrics(run_dir)
+    validated = [float(r["val/sample/psnr"]) for r in rows if r.get("val/sample/psnr")]
+    assert len(validated) == 2
+    # test=true tests best.ckpt's weights: the averaged weights of the best validation.
+    assert last_value(rows, "test/sample/psnr") == pytest.approx(max(validated), abs=1e-6)
+    # Validation scored the averaged weights: eval.py on last.ckpt reproduces the last validation.
     out = tmp_path / "eval"
     run_script("eval.py", out, f"ckpt_path={run_dir}/checkpoints/last.ckpt", "data=sample", "data.num_workers=0",
                "trainer.accelerator=cpu", "logger=none", "extras.print_config=false")
     results = json.loads((out / "results.json").read_text())
-    assert results["sample"]["psnr"] == pytest.approx(last_value(read_csv_metrics(run_dir), "val/sample/psnr"), abs=1e-6)
+    assert results["sample"]["psnr"] == pytest.approx(validated[-1], abs=1e-6)
 
 
 @pytest.fixture(scope="module")
