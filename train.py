@@ -17,7 +17,7 @@ import lightning as L
 import rich
 from omegaconf import DictConfig, OmegaConf
 
-from dlsn.checkpoint import AtomicCheckpointIO
+from dlsn.checkpoint import AtomicCheckpointIO, network_state_from_lightning, read_checkpoint
 from dlsn.distributed import check_launcher_compatibility, resolve_ckpt_path, shutdown_process_group
 from dlsn.lightning_module import SRModule
 from dlsn.sweep import finish_experiment_runs, objective_value
@@ -153,7 +153,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics.update({f"compare/{k}": v for k, v in compare_with_bicubic(cfg, trainer, datamodule).items()})
 
     if cfg.get("test"):
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        if best:
+            # The weights best.ckpt's state_dict holds, i.e. what validation scored (with callbacks=ema the
+            # averaged ones). trainer.test(ckpt_path=best) would let EMAWeightAveraging restore the raw
+            # training weights (current_model_state) instead.
+            module.net.load_state_dict(network_state_from_lightning(read_checkpoint(best)))
+        trainer.test(module, datamodule=datamodule)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     return metrics
 
