@@ -9,6 +9,8 @@ from conftest import TINY_TRAIN, last_value, read_csv_metrics, requires_official
 from join_probes import load_records, probe_overrides
 from join_helpers import (
     OFFICIAL_TINY_MODEL,
+    dihedral,
+    dihedral_inverse,
     evaluation_batches,
     mean_psnr_ssim,
     official_tiny_fixture,
@@ -200,3 +202,27 @@ def test_eval_refuses_an_official_state_dict_of_another_configuration(official_e
                       "logger=none", expect_success=False)
     assert proc.returncode != 0 and "cannot load as an official DLSN state_dict" in proc.stderr
     assert "model_x2.pt" in proc.stderr
+
+
+@pytest.mark.slow
+@requires_official_fixtures()
+def test_self_ensemble_through_eval_is_the_mean_of_the_eight_views(official_eval_inputs, tmp_path):
+    weights, folder = official_eval_inputs
+    out = tmp_path / "eval"
+    run_script("eval.py", out, f"ckpt_path={weights}", *OFFICIAL_TINY_MODEL, "inference=self_ensemble",
+               f"data.test_sets=[{folder}]", "data.num_workers=0", "trainer.accelerator=cpu", "logger=none",
+               "extras.print_config=false")
+    [result] = json.loads((out / "results.json").read_text()).values()
+    net = official_tiny_network()
+    net.set_rotation_seed(0)
+
+    def ensemble(lr):
+        return sum(dihedral_inverse(net(dihedral(lr, index)), index) for index in range(8)) / 8
+
+    ensemble_psnr, ensemble_ssim = direct_scores(folder, ensemble)
+    plain_psnr, _ = direct_scores(folder, net)
+    # The eight views are summed in another order here: allow float32 rounding (far below the gap to plain).
+    assert result["psnr"] == pytest.approx(ensemble_psnr, abs=1e-4)
+    assert result["ssim"] == pytest.approx(ensemble_ssim, abs=1e-6)
+    assert abs(ensemble_psnr - plain_psnr) > 0.01, (ensemble_psnr, plain_psnr)
+    assert "| DLSN+ | x2 (BI) |" in (out / "results.md").read_text()
