@@ -108,6 +108,7 @@ class SRModule(LightningModule):
         self.test_ssim = nn.ModuleDict()
         self.test_results: dict[str, dict[str, float]] = {}
         self._batch_start: float | None = None
+        self._drop_gradients = False  # set by training_step for a skipped batch
         self._panel: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         # The resolved run config (set by train.py), saved in checkpoints so eval.py can rebuild the network.
         self.run_config: dict[str, Any] | None = None
@@ -150,13 +151,17 @@ class SRModule(LightningModule):
         )
         # All processes must agree, or DDP would wait forever for the gradients of the skipping ones.
         skip = self.trainer.strategy.reduce_boolean_decision(skip, all=False)
+        self._drop_gradients = skip
         if skip:
             self.skipped_batches += 1
             log.warning(
                 "step %d: skipped batch with loss %.4g (running mean %s)", self.global_step, value, self.loss_running_mean
             )
             self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
-            return None  # Lightning then skips backward and the optimizer step.
+            # Not None: Lightning refuses that under DDP, whose processes must all run the same backward. A zero
+            # loss that does not touch the bad batch gives every parameter a zero gradient; on_before_optimizer_step
+            # then drops the gradients, so the optimizer leaves the weights and its state unchanged.
+            return sum((parameter * 0.0).sum() for parameter in self.net.parameters() if parameter.requires_grad)
 
         self.accepted_batches += 1
         if self.loss_running_mean is None:
@@ -168,6 +173,10 @@ class SRModule(LightningModule):
         self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._drop_gradients:  # a skipped batch: parameters without gradients are not updated
+            optimizer.zero_grad(set_to_none=True)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
