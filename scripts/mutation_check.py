@@ -308,6 +308,7 @@ class TestRun:
     seconds: float
     counts: dict[str, int] = field(default_factory=dict)
     tail: str = ""
+    first_failure: str = ""  # "<test>: <message>" of the first failed test
 
 
 def shared_dir() -> Path:
@@ -334,11 +335,19 @@ def run_tests(root: Path, tests: list[str], report: Path, stop_at_first_failure:
     except subprocess.TimeoutExpired as timeout:
         returncode, output = -1, f"pytest timed out after {PYTEST_TIMEOUT_S} s\n{timeout.stdout or ''}"
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    first_failure = ""
     if report.is_file():
         suite = ElementTree.parse(report).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         counts = {key: int(suite.get(key, 0)) for key in counts}
-    return TestRun(returncode, time.perf_counter() - start, counts, "\n".join(output.strip().splitlines()[-15:]))
+        for case in suite.iter("testcase"):
+            problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+            if problem is not None:
+                message = " ".join((problem.get("message") or "").split())
+                first_failure = f"{case.get('name')}: {message[:160]}"
+                break
+    return TestRun(returncode, time.perf_counter() - start, counts, "\n".join(output.strip().splitlines()[-15:]),
+                   first_failure)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutations and their tests, run nothing")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations only")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies (their paths are printed)")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="do not run the tests on an unmodified copy first (quicker, for iterating on one mutation; "
+                             "a 'caught' then does not prove that the tests fail because of the mutation)")
     args = parser.parse_args(argv)
 
     names = [m.name for m in MUTATIONS]
@@ -368,13 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # 1. The selected tests must pass, unskipped, on an unmodified copy.
         union = list(dict.fromkeys(test for mutation in selected for test in mutation.tests))
-        baseline = run_tests(copy_repository(work / "baseline", files), union, work / "baseline.xml", False)
-        print(f"baseline: {baseline.counts['tests']} tests, {baseline.counts['failures'] + baseline.counts['errors']} "
-              f"failed, {baseline.counts['skipped']} skipped ({baseline.seconds:.0f} s)", flush=True)
-        if baseline.returncode != 0 or baseline.counts["skipped"] or not baseline.counts["tests"]:
-            print("baseline FAILED: the selected tests must pass without skips before mutations mean anything\n"
-                  + baseline.tail)
-            return 2
+        if not args.skip_baseline:
+            baseline = run_tests(copy_repository(work / "baseline", files), union, work / "baseline.xml", False)
+            print(f"baseline: {baseline.counts['tests']} tests, {baseline.counts['failures'] + baseline.counts['errors']} "
+                  f"failed, {baseline.counts['skipped']} skipped ({baseline.seconds:.0f} s)", flush=True)
+            if baseline.returncode != 0 or baseline.counts["skipped"] or not baseline.counts["tests"]:
+                print("baseline FAILED: the selected tests must pass without skips before mutations mean anything\n"
+                      + baseline.tail)
+                return 2
+            shutil.rmtree(work / "baseline", ignore_errors=True)
 
         # 2. Each mutation in its own copy; caught = its tests fail.
         results = []
@@ -388,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = outcome.seconds
                 failed = outcome.counts["failures"] + outcome.counts["errors"]
                 if outcome.returncode == 1 and failed:
-                    verdict, detail = "caught", f"{failed} of {outcome.counts['tests']} tests failed"
+                    verdict, detail = "caught", f"{failed} of {outcome.counts['tests']} failed; {outcome.first_failure}"
                 elif outcome.returncode == 0:
                     verdict = "MISSED"
                     detail = f"{outcome.counts['tests']} tests passed, {outcome.counts['skipped']} skipped"
@@ -397,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.keep:
                 shutil.rmtree(root, ignore_errors=True)
             results.append((mutation, verdict, seconds, detail))
-            print(f"{verdict:7s} {mutation.name:36s} {seconds:6.0f} s  {detail}", flush=True)
+            print(f"{verdict:7s} {mutation.name:34s} {seconds:5.0f} s  {detail}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
