@@ -91,8 +91,8 @@ def test_two_process_validation_equals_one_process(ddp_run, tmp_path):
 def test_all_processes_skip_a_batch_that_is_bad_on_one_of_them(tmp_path):
     run_dir, probe_dir = tmp_path / "run", tmp_path / "probe"
     bad_batch = 1
-    # A NaN input batch on rank 1 only: rank 0's loss is fine, but both must skip, or DDP's gradient
-    # all-reduce would wait for the skipping process (or the replicas would drift apart).
+    # A NaN input batch on rank 1 only: rank 0's loss is fine, but both must skip it, or one replica would
+    # update and the other not (and Lightning stops a DDP run whose training_step returns None).
     run("train.py", f"hydra.run.dir={run_dir}", *TINY_TRAIN, *DDP_CPU, "trainer.max_epochs=1",
         *probe_overrides(probe_dir, bad_batch=bad_batch, bad_rank=1), timeout=240)
     records = load_records(probe_dir)
