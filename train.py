@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from dlsn.callbacks import LastCheckpoint, RunStopped, find_callback
-from dlsn.checkpoint import init_from, resolve_ckpt_path
+from dlsn.checkpoint import init_from, load_into, read_weights, resolve_ckpt_path
 from dlsn.lightning_module import DivergenceError
 from dlsn.sweep import finish_experiment_runs, objective_value
 from dlsn.utils.config import apply_extras, register_resolvers, set_project_root, validate_config
@@ -79,7 +79,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if best:
             log.info("best checkpoint: %s", best)
         if cfg.get("test"):
-            trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+            if best:
+                # The weights best.ckpt's state_dict holds, i.e. what validation scored (with callbacks=ema
+                # the averaged ones): trainer.test(ckpt_path=best) would let EMAWeightAveraging put the raw
+                # training weights back.
+                load_into(module.net, read_weights(best).state_dict, source=best)
+            trainer.test(module, datamodule=datamodule)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     return metrics
 

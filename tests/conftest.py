@@ -1,7 +1,12 @@
 """Shared fixtures for the tests of training, evaluation, configs and checkpoints.
 
-Tests marked ``slow`` are skipped unless a marker expression is given (``pytest -m slow``; CI runs a
-selection with ``pytest -m slow -k ...``), so plain ``pytest`` stays fast.
+Tests marked ``slow`` (subprocess runs of train.py/eval.py that take more than a few seconds, DDP,
+sweeps, the mutation check) are skipped unless a marker expression is given, so plain ``pytest``
+stays fast. ``.ci/run`` runs the default suite (``pytest``) and then every slow test
+(``pytest -m slow``), which includes ``scripts/mutation_check.py`` (tests/test_mutation_check.py).
+
+Test data outside the repository: ``../shared`` beside the checkout (``DLSN_TEST_SHARED`` overrides
+it, e.g. for a git worktree elsewhere); tests that need it skip with the path in the reason.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from pathlib import Path
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-BENCHMARK_DIR = Path(os.environ.get("DLSN_TEST_BENCHMARKS", PROJECT_ROOT.parent / "shared" / "benchmarks"))
+TESTS_DIR = Path(__file__).resolve().parent
+SHARED_DIR = Path(os.environ.get("DLSN_TEST_SHARED", PROJECT_ROOT.parent / "shared"))
+BENCHMARK_DIR = Path(os.environ.get("DLSN_TEST_BENCHMARKS", SHARED_DIR / "benchmarks"))
+OFFICIAL_FIXTURES = SHARED_DIR / "fixtures" / "official_dlsn"
 
 # A DLSN small enough for a training step in about a second, on tiny patches, with two checkpoints'
 # worth of steps; no W&B, CSV logs to read metrics back.
@@ -49,11 +57,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
-def run_script(script: str, run_dir: Path, *overrides: str, expect_success: bool = True) -> subprocess.CompletedProcess:
+def subprocess_env(wandb_mode: str = "disabled", **extra: str) -> dict[str, str]:
+    """Environment of a train.py/eval.py subprocess: W&B offline or disabled, and tests/ importable so
+    that a run can be given a test callback (``+callbacks.probe._target_=join_probes.RecordTraining``)."""
+    python_path = [*filter(None, [os.environ.get("PYTHONPATH")]), str(TESTS_DIR)]
+    env = {**os.environ, "WANDB_MODE": wandb_mode, "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(python_path), **extra}
+    env.pop("LOCAL_RANK", None)  # never inherit a rank from an outer launcher
+    return env
+
+
+def run_script(script: str, run_dir: Path, *overrides: str, expect_success: bool = True, wandb_mode: str = "disabled",
+               timeout: float = 900) -> subprocess.CompletedProcess:
     """Run train.py / eval.py in a subprocess with Hydra's output in ``run_dir``."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, str(PROJECT_ROOT / script), f"hydra.run.dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=subprocess_env(wandb_mode), capture_output=True, text=True,
+                          timeout=timeout)
     if expect_success and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -79,6 +98,12 @@ def tiny_train_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("tiny_train") / "run"
     run_script("train.py", run_dir, *TINY_TRAIN, "trainer.max_epochs=2")
     return run_dir
+
+
+def requires_official_fixtures():
+    """Skip mark for tests that compare against ../shared/fixtures/official_dlsn."""
+    return pytest.mark.skipif(not (OFFICIAL_FIXTURES / "dlsn_tiny_x2.pt").is_file(),
+                              reason=f"official DLSN fixtures not found at {OFFICIAL_FIXTURES} (set DLSN_TEST_SHARED)")
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-BENCHMARKS = SHARED / "benchmarks"
-requires_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared (benchmark images) not present")
+from conftest import BENCHMARK_DIR as BENCHMARKS
+
+requires_shared = pytest.mark.skipif(not (BENCHMARKS / "Set5" / "HR").is_dir(),
+                                     reason=f"benchmark images not found at {BENCHMARKS} (set DLSN_TEST_SHARED)")
 
 
 def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -14,6 +14,12 @@ from dlsn.imresize import imresize_torch
 from dlsn.metrics import psnr_y, ssim_y
 from data_helpers import BENCHMARKS, requires_shared
 
+# Tolerance to the published rows. This pipeline's measured differences are at most 0.0134 dB and 0.00074
+# (Set5 x2 / x3, Set5 x4); a metric crop of scale+1 pixels moves a row by up to 0.03 dB, luma computed
+# from levels / 256 instead of / 255 by up to 0.047 dB.
+PSNR_TOLERANCE_DB = 0.02
+SSIM_TOLERANCE = 0.001
+
 PUBLISHED = {  # (set, scale): (PSNR dB, SSIM)
     ("Set5", 2): (33.66, 0.9299), ("Set5", 3): (30.39, 0.8682), ("Set5", 4): (28.42, 0.8104),
     ("Set14", 2): (30.24, 0.8688), ("Set14", 3): (27.55, 0.7742), ("Set14", 4): (26.00, 0.7027),
@@ -54,14 +60,14 @@ def bicubic_scores(set_name: str, scale: int, use_torch: bool = False):
 def test_bicubic_baseline_matches_published(set_name, scale):
     psnr, ssim = bicubic_scores(set_name, scale)
     pub_psnr, pub_ssim = PUBLISHED[(set_name, scale)]
-    assert abs(psnr - pub_psnr) <= 0.05, f"{set_name} x{scale}: PSNR {psnr:.3f} vs published {pub_psnr}"
-    assert abs(ssim - pub_ssim) <= 0.002, f"{set_name} x{scale}: SSIM {ssim:.4f} vs published {pub_ssim}"
+    assert abs(psnr - pub_psnr) <= PSNR_TOLERANCE_DB, f"{set_name} x{scale}: PSNR {psnr:.4f} vs published {pub_psnr}"
+    assert abs(ssim - pub_ssim) <= SSIM_TOLERANCE, f"{set_name} x{scale}: SSIM {ssim:.5f} vs published {pub_ssim}"
 
 
 @requires_shared
 def test_torch_bicubic_path_matches_published_set5_x4():
     psnr, ssim = bicubic_scores("Set5", 4, use_torch=True)
-    assert abs(psnr - 28.42) <= 0.05 and abs(ssim - 0.8104) <= 0.002
+    assert abs(psnr - 28.42) <= PSNR_TOLERANCE_DB and abs(ssim - 0.8104) <= SSIM_TOLERANCE, (psnr, ssim)
 
 
 @requires_shared

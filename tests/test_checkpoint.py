@@ -1,14 +1,13 @@
 """Checkpoints: crash-safe writing, safe reading with errors naming the file, init_from (this project's files,
 the authors' and safetensors), and finding the checkpoint to resume from."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 import os
 import time
 
+from conftest import OFFICIAL_FIXTURES as FIXTURES
 from dlsn.checkpoint import (
     NETWORK_PREFIX,
     build_network,
@@ -25,7 +24,6 @@ from dlsn.utils.files import atomic_write, write_json_strict
 from dlsn.models import DLSN, to_official
 
 TINY = dict(n_feats=8, n_resgroups=1, n_resblocks=1, chunk_size=16, n_hashes=1)
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_dlsn"
 
 
 def test_failed_write_keeps_previous_file(tmp_path):
@@ -128,14 +126,25 @@ def test_pretrained_official_state_dict(tmp_path, target_scale):
 
 
 @pytest.mark.skipif(not (FIXTURES / "dlsn_tiny_x2.pt").exists(), reason=f"official fixtures absent at {FIXTURES}")
-def test_pretrained_authors_file_reproduces_their_output(tmp_path):
+@pytest.mark.parametrize("wrapping", ["bare", "state_dict", "DataParallel"])
+def test_pretrained_authors_file_reproduces_their_output(tmp_path, wrapping):
+    """init_from with the authors' .pt: the network computes what the published code recorded."""
     fixture = torch.load(FIXTURES / "dlsn_tiny_x2.pt", weights_only=True)
+    state = fixture["state_dict"]
+    if wrapping == "DataParallel":
+        state = {f"module.{key}": value for key, value in state.items()}
     path = tmp_path / "official.pt"
-    torch.save(fixture["state_dict"], path)
-    config = {k: v for k, v in fixture["config"].items() if k in ("n_feats", "n_resgroups", "n_resblocks", "reduction", "chunk_size", "n_hashes", "res_scale", "rgb_range")}
-    net = DLSN(fixture["config"].get("scale", 2), **config)
+    torch.save({"state_dict": state} if wrapping == "state_dict" else state, path)
+    net = DLSN(**fixture["config"])
     assert init_from(net, path) == []
-    assert torch.equal(to_official(net)["head.0.weight"], fixture["state_dict"]["head.0.weight"])
+    net.eval()
+    n_hashes = fixture["config"]["n_hashes"]
+    for run in fixture["runs"]:
+        rounds = run["rotations"]
+        rotations = [torch.stack(rounds[i:i + n_hashes]) for i in range(0, len(rounds), n_hashes)]
+        with torch.no_grad():
+            output = net(run["input"], rotations)
+        torch.testing.assert_close(output, run["output"], rtol=1e-5, atol=1e-5)
 
 
 def test_the_module_keeps_the_network_under_the_prefix_checkpoints_are_read_with():

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import OFFICIAL_FIXTURES as FIXTURES
 from dlsn.models import DLSN, GLA, load_official, to_official
 from dlsn.models.official import official_names
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official_dlsn"
 pytestmark = pytest.mark.skipif(
-    not FIXTURES.exists(), reason=f"official DLSN fixtures not found at {FIXTURES} (../shared is absent)"
+    not FIXTURES.exists(), reason=f"official DLSN fixtures not found at {FIXTURES} (set DLSN_TEST_SHARED)"
 )
-TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+# Outputs are float32 computations of the same arithmetic in another order: measured differences are
+# 1-2 ulp (at most 5e-7 for GLA layers, 1.2e-7 for the tiny DLSN, whose outputs are about 1).
+OUTPUT_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+# Gradients sum thousands of float32 terms (see the parameter-gradient bound below).
+GRADIENT_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+# The whole network attenuates a GLA error by res_scale (0.1) and the convolutions after it: scaling the
+# round-mixing logits by 0.9 moves the tiny DLSN's outputs by only 4e-6..6e-6, so its outputs are held to
+# 2e-6 (still more than 10x the measured 1.2e-7).
+NETWORK_ATOL = 2e-6
 
 
 def _gla_cases():
@@ -43,10 +49,10 @@ def test_gla_output_and_gradients_match_published(case_index, rotation_source):
     else:
         torch.manual_seed(case["rotation_seed"])
         output = layer(x)
-    torch.testing.assert_close(output, case["output"], **TOLERANCE)
+    torch.testing.assert_close(output, case["output"], **OUTPUT_TOLERANCE)
 
     (output ** 2).sum().backward()
-    torch.testing.assert_close(x.grad, case["grad_input"], **TOLERANCE)
+    torch.testing.assert_close(x.grad, case["grad_input"], **GRADIENT_TOLERANCE)
     own_params = dict(layer.named_parameters())
     names = official_names(layer)
     assert set(case["grad_params"]) == set(names)
@@ -83,7 +89,9 @@ def test_tiny_dlsn_matches_published(tiny_network, rotation_source):
             else:
                 torch.manual_seed(run["rotation_seed"])
                 output = model(run["input"])
-        torch.testing.assert_close(output, run["output"], **TOLERANCE)
+        torch.testing.assert_close(output, run["output"], **OUTPUT_TOLERANCE)
+        difference = (output - run["output"]).abs().max().item()
+        assert difference <= NETWORK_ATOL, f"largest output difference {difference:.3g} > {NETWORK_ATOL}"
 
 
 def test_round_trip_to_official_is_exact(tiny_network):

@@ -1,9 +1,11 @@
 """End-to-end scaling checks with the real train.py / eval.py on the CPU (all `slow`).
 
-* two-process DDP training: checkpoints, step count, validation logged;
+* two-process DDP training: checkpoints, step count, validation logged; its validation PSNR/SSIM equal
+  one process's on the same weights (1e-6); both processes skip a batch that is bad on one of them;
 * DDP evaluation of an odd number of images equals one process (PSNR/SSIM to 1e-6, image count);
-* a requeued run resumes from its own last checkpoint;
-* a 2-job grid multirun and a 2-trial Optuna search (SQLite) with train.py.
+* a requeued run resumes from its own last checkpoint and continues its W&B run;
+* a 2-job grid multirun (each job its own W&B run, with its own swept value, in the sweep's group) and a
+  2-trial Optuna search (SQLite) with train.py.
 
 DDP runs are subprocesses with a timeout (Lightning re-executes the script for the other rank).
 """
@@ -11,7 +13,6 @@ DDP runs are subprocesses with a timeout (Lightning re-executes the script for t
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -20,14 +21,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from conftest import PROJECT_ROOT, TINY_TRAIN, last_value, read_csv_metrics
+from conftest import PROJECT_ROOT, TINY_TRAIN, last_value, read_csv_metrics, subprocess_env
+from join_helpers import the_wandb_run, wandb_run_id_for_directory, wandb_runs
+from join_probes import load_records, probe_overrides
 
 pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 420
 ITERS_PER_EPOCH = 3  # from TINY_TRAIN
 DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+TINY_WITH_WANDB = [o for o in TINY_TRAIN if not o.startswith("logger=")] + ["logger=wandb"]
 
 
 def free_port() -> str:
@@ -36,11 +41,11 @@ def free_port() -> str:
         return str(sock.getsockname()[1])
 
 
-def run(script: str, *args: str, expect_success: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "MASTER_PORT": free_port()}
-    env.pop("LOCAL_RANK", None)
+def run(script: str, *args: str, expect_success: bool = True, wandb_mode: str = "disabled",
+        timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    env = subprocess_env(wandb_mode, MASTER_PORT=free_port())
     proc = subprocess.run([sys.executable, str(PROJECT_ROOT / script), *args], cwd=PROJECT_ROOT, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+                          capture_output=True, text=True, timeout=timeout)
     if expect_success:
         assert proc.returncode == 0, f"{script} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -66,6 +71,41 @@ def test_two_process_training_writes_checkpoints_and_validates(ddp_run):
     assert np.isfinite(last_value(rows, "val/psnr"))
     assert np.isfinite(last_value(rows, "train/loss_epoch"))
     assert len({r["epoch"] for r in rows if r.get("val/psnr")}) == 2  # validated after each epoch
+
+
+def test_two_process_validation_equals_one_process(ddp_run, tmp_path):
+    """The validation PSNR/SSIM that DDP training logged (rank 0, each process validating one of the two
+    sample images) equal one process's scores of the same weights (eval.py on the saved last.ckpt, which
+    reproduces one-process validation: test_train_eval.py::test_eval_reproduces_the_metric_logged_in_training)."""
+    out_dir = tmp_path / "single"
+    run("eval.py", f"hydra.run.dir={out_dir}", f"ckpt_path={ddp_run / 'checkpoints' / 'last.ckpt'}", "data=sample",
+        "data.num_workers=0", "logger=none", "extras.print_config=false", "trainer.accelerator=cpu", "trainer.devices=1")
+    single = json.loads((out_dir / "results.json").read_text())["sample"]
+    assert single["n"] == 2
+    rows = read_csv_metrics(ddp_run)
+    assert last_value(rows, "val/sample/psnr") == pytest.approx(single["psnr"], abs=1e-6)
+    assert last_value(rows, "val/sample/ssim") == pytest.approx(single["ssim"], abs=1e-6)
+    assert last_value(rows, "val/psnr") == pytest.approx(single["psnr"], abs=1e-5)  # logged as float32
+
+
+def test_all_processes_skip_a_batch_that_is_bad_on_one_of_them(tmp_path):
+    run_dir, probe_dir = tmp_path / "run", tmp_path / "probe"
+    bad_batch = 1
+    # A NaN input batch on rank 1 only: rank 0's loss is fine, but both must skip it, or one replica would
+    # update and the other not (and Lightning stops a DDP run whose training_step returns None).
+    run("train.py", f"hydra.run.dir={run_dir}", *TINY_TRAIN, *DDP_CPU, "trainer.max_epochs=1",
+        *probe_overrides(probe_dir, bad_batch=bad_batch, bad_rank=1), timeout=240)
+    records = load_records(probe_dir)
+    assert [r["world_size"] for r in records] == [2, 2]
+    for rank, record in enumerate(records):
+        weights = [record["initial"], *record["after_batch"]]
+        assert len(weights) == 1 + ITERS_PER_EPOCH
+        changed = [not torch.equal(before["net.head.weight"], after["net.head.weight"])
+                   for before, after in zip(weights, weights[1:])]
+        assert changed == [index != bad_batch for index in range(ITERS_PER_EPOCH)], f"rank {rank}: {changed}"
+    for key, value in records[0]["after_batch"][-1].items():
+        assert torch.equal(records[1]["after_batch"][-1][key], value), key  # replicas still identical
+    assert last_value(read_csv_metrics(run_dir), "train/skipped_batches") == 1  # counted on rank 0 too
 
 
 @pytest.fixture(scope="module")
@@ -97,25 +137,37 @@ def test_ddp_evaluation_equals_one_process_on_odd_image_count(ddp_run, odd_image
     assert ddp["ssim"] == pytest.approx(single["ssim"], abs=1e-6)
 
 
-def test_rerun_in_same_directory_resumes_from_last_checkpoint(tmp_path):
+def test_rerun_in_same_directory_resumes_from_last_checkpoint_and_its_wandb_run(tmp_path):
     run_dir = tmp_path / "run"
-    run("train.py", f"hydra.run.dir={run_dir}", *TINY_TRAIN, "trainer.max_epochs=1")
+    run("train.py", f"hydra.run.dir={run_dir}", *TINY_WITH_WANDB, "trainer.max_epochs=1", wandb_mode="offline")
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == ITERS_PER_EPOCH
     # What a requeued SLURM job does: the same command, the same output directory, more epochs.
-    proc = run("train.py", f"hydra.run.dir={run_dir}", *TINY_TRAIN, "trainer.max_epochs=2")
+    proc = run("train.py", f"hydra.run.dir={run_dir}", *TINY_WITH_WANDB, "trainer.max_epochs=2", wandb_mode="offline")
     assert "Resuming from" in proc.stdout + proc.stderr
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == 2 * ITERS_PER_EPOCH
+    # Both attempts log into one W&B run, whose id the run directory fixes.
+    first, second = wandb_runs(run_dir)
+    assert first.run_id == second.run_id == wandb_run_id_for_directory(str(run_dir))
+    assert second.values("trainer/global_step")[-1] >= 2 * ITERS_PER_EPOCH - 1
 
 
 def test_grid_multirun_trains_every_combination(tmp_path):
-    run("train.py", "-m", f"paths.log_dir={tmp_path}", *TINY_TRAIN, "model.n_hashes=1,2")
+    """`-m model.n_hashes=1,2` with the real configs: one job per value, each with that value in its saved
+    config and checkpoint, each its own W&B run (id from its directory) in the sweep's W&B group."""
+    run("train.py", "-m", f"paths.log_dir={tmp_path}", *TINY_WITH_WANDB, "model.n_hashes=1,2", wandb_mode="offline")
     [sweep_dir] = (tmp_path / "train" / "multiruns").iterdir()
-    for job in ("0", "1"):
-        assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
-        assert np.isfinite(last_value(read_csv_metrics(sweep_dir / job), "val/psnr"))
-    hashes = {(sweep_dir / job / ".hydra" / "overrides.yaml").read_text().count("model.n_hashes=")
-              for job in ("0", "1")}
-    assert hashes == {1}
+    jobs = [sweep_dir / "0", sweep_dir / "1"]
+    saved = [OmegaConf.load(job / ".hydra" / "config.yaml").model.n_hashes for job in jobs]
+    in_checkpoints = [torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+                      ["dlsn_config"]["model"]["n_hashes"] for job in jobs]
+    assert saved == in_checkpoints == [1, 2]
+    runs = [the_wandb_run(job) for job in jobs]
+    assert [r.run_id for r in runs] == [wandb_run_id_for_directory(str(job)) for job in jobs]
+    assert len({r.run_id for r in runs}) == 2
+    assert {r.group for r in runs} == {f"sweep-{sweep_dir.name}"}
+    assert [r.config["model"]["n_hashes"] for r in runs] == [1, 2]
+    for r in runs:  # each job's metrics in its own run
+        assert len(r.values("val/psnr")) == 1 and np.isfinite(r.values("val/psnr")[0])
 
 
 def test_optuna_search_with_train_py_stores_trials_in_sqlite(tmp_path):
