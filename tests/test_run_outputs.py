@@ -69,7 +69,9 @@ def test_wandb_run_is_identified_by_its_run_directory(train_run):
     assert run.run_id == wandb_run_id_for_directory(str(run_dir))
     assert run.directory.name.endswith(f"-{run.run_id}")
     assert run.group == ""  # a single run is in no group
-    assert (run.project, run.name, run.job_type) == ("dlsn", "train_x2_BI", "train")
+    assert (run.project, run.job_type) == ("dlsn", "train")
+    # Named after the task and the command-line overrides, so sweep jobs are told apart at a glance.
+    assert run.name.startswith("train-model=dlsn_small,model.n_feats=8,") and len(run.name) <= 128
 
 
 def test_wandb_records_the_resolved_config_and_parameter_count(train_run):
@@ -79,7 +81,7 @@ def test_wandb_records_the_resolved_config_and_parameter_count(train_run):
     config = the_wandb_run(run_dir).config
     assert config["model"]["n_feats"] == 8 and config["model"]["n_hashes"] == 1
     assert config["model"]["_target_"] == "dlsn.models.DLSN"
-    assert config["optim"]["lr"] == pytest.approx(1e-4) and config["data"]["patch_size"] == 12
+    assert config["module"]["optimizer"]["lr"] == pytest.approx(1e-4) and config["data"]["patch_size"] == 12
     assert config["trainer"]["max_epochs"] == EPOCHS and config["scale"] == 2 and config["degradation"] == "BI"
     tiny = DLSN(2, n_feats=8, n_resgroups=1, n_resblocks=1, chunk_size=16, n_hashes=1)
     assert config["model/params"] == sum(p.numel() for p in tiny.parameters())

@@ -159,7 +159,7 @@ def test_grid_multirun_trains_every_combination(tmp_path):
     jobs = [sweep_dir / "0", sweep_dir / "1"]
     saved = [OmegaConf.load(job / ".hydra" / "config.yaml").model.n_hashes for job in jobs]
     in_checkpoints = [torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-                      ["dlsn_config"]["model"]["n_hashes"] for job in jobs]
+                      ["dlsn_network"]["config"]["n_hashes"] for job in jobs]
     assert saved == in_checkpoints == [1, 2]
     runs = [the_wandb_run(job) for job in jobs]
     assert [r.run_id for r in runs] == [wandb_run_id_for_directory(str(job)) for job in jobs]
