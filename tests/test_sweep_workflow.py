@@ -176,3 +176,33 @@ def test_wandb_config_is_logged_once_without_duplicated_keys(tmp_path):
     assert len(keys) == len(set(keys))
     run_config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert set(keys) == set(run_config.keys()) | {"model/params"}  # the resolved run config + parameter count
+
+
+# ------------------------------------------------------------------ a real run stopped and resumed
+
+
+@pytest.mark.slow
+def test_report_reads_a_real_run_stopped_by_sigterm_then_finished_after_a_restart(tmp_path):
+    from conftest import run_script
+    from dlsn.sweep_report import FAILED, FINISHED, INTERRUPTED, read_job
+
+    settings = [*TINY_TRAIN, "trainer.max_epochs=2", "data.iters_per_epoch=4", "checkpoint.every_n_steps=1000"]
+    run_dir = tmp_path / "run"
+    stop = ["+callbacks.signal._target_=tests.helpers.callbacks.SignalAtStep", "+callbacks.signal.step=2"]
+    assert run_script("train.py", run_dir, *settings, *stop, expect_success=False).returncode == 143
+    stopped = read_job(run_dir)
+    assert stopped.status == INTERRUPTED and stopped.reason.startswith("stopped by SIGTERM")
+    assert stopped.steps == 2 and stopped.validations == []
+
+    run_script("train.py", run_dir, *settings)  # the same command again: resumes and finishes
+    finished = read_job(run_dir)
+    assert finished.status == FINISHED and finished.reason == ""
+    assert finished.steps == finished.total_steps == 8
+    assert [v.step for v in finished.validations] == [4, 8]  # from metrics.csv (logger=csv)
+    assert finished.wall_time_s > stopped.wall_time_s > 0  # both segments
+
+    # A run that fails (bad value at start-up) is marked failed with the reason from the log
+    failed_dir = tmp_path / "failed"
+    run_script("train.py", failed_dir, *settings, "data.patch_size=-1", expect_success=False)
+    failed = read_job(failed_dir)
+    assert failed.status == FAILED and failed.reason, (failed_dir / "train.log").read_text()
