@@ -323,11 +323,12 @@ def split_overrides(jobs: Sequence[JobReport]) -> tuple[list[str], list[list[str
 
 
 def _set_names(jobs: Iterable[JobReport]) -> list[str]:
-    names: list[str] = []
+    """Every validation set name of the sweep, in order of first appearance."""
+    names: dict[str, None] = {}
     for job in jobs:
         for validation in job.validations:
-            names.extend(name for name in validation.sets if name not in names)
-    return names
+            names.update(dict.fromkeys(validation.sets))
+    return list(names)
 
 
 def _round(value: float | None, digits: int) -> float | str:
@@ -501,6 +502,14 @@ def _log_traceback_to_files(error: BaseException) -> None:
             handler.handle(record)
 
 
+def _is_rank_zero_process() -> bool:
+    """Only rank 0 writes the lines: the other DDP processes (torchrun, Lightning's re-launched script,
+    SLURM tasks) run the same Hydra job with the same log file."""
+    from dlsn.utils.launcher import is_rank_zero_process
+
+    return is_rank_zero_process()
+
+
 class SweepReportCallback(_HydraCallback):
     """Hydra callback: job start/end lines in each job's log, and the sweep summary of a multirun.
 
@@ -512,9 +521,10 @@ class SweepReportCallback(_HydraCallback):
       (``after_each_job``), so it is current while the sweep runs and after it is killed.
     * ``on_multirun_end``: the summary once more, and its path on the console.
 
-    A job stopped by a signal (train.py exits with 128 + signal) ends without ``on_job_end``; its
-    ``stopped by SIG...`` line marks it. Summary errors are logged as warnings, never raised: a
-    report must not fail a training job.
+    Only global rank 0 of a DDP job writes (the other processes share its log file). A job stopped
+    by a signal (train.py exits with 128 + signal) ends without ``on_job_end``; its ``stopped by
+    SIG...`` line marks it. Summary errors are logged as warnings, never raised: a report must not
+    fail a training job.
     """
 
     def __init__(self, after_each_job: bool = True, plot: bool = True) -> None:
@@ -522,12 +532,16 @@ class SweepReportCallback(_HydraCallback):
         self.plot = bool(plot)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _is_rank_zero_process():
+            return
         overrides = OmegaConf.select(config, "hydra.overrides.task", default=[]) or []
         log.info("%s: %s", START_MARKER, " ".join(str(o) for o in overrides) or "no overrides")
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
 
+        if not _is_rank_zero_process():
+            return
         if job_return.status == JobStatus.COMPLETED:
             value = job_return._return_value
             log.info("%s", FINISH_MARKER if value is None else f"{FINISH_MARKER} (returned {value})")
