@@ -245,3 +245,53 @@ def test_sweep_report_script_runs_as_a_command(tmp_path):
     missing = subprocess.run([sys.executable, script, str(sweep / "nope")],
                              env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "is not a directory" in missing.stderr
+
+
+def test_callback_writes_start_and_failure_lines_from_rank_zero_and_refreshes_the_summary(tmp_path, monkeypatch):
+    import logging
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from dlsn.sweep_report import SweepReportCallback
+
+    sweep = tmp_path / "sweep"
+    job_dir = make_job(sweep, 0, [])
+    config = OmegaConf.create({"hydra": {"mode": "MULTIRUN", "sweep": {"dir": str(sweep)},
+                                         "overrides": {"task": ["model.n_hashes=0", SHARED]},
+                                         "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"}}})
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as err:
+        error = err
+    failed = JobReturn(status=JobStatus.FAILED, _return_value=error)
+    callback = SweepReportCallback(plot=False)
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+
+    # What Hydra's job logging does: the root logger writes the job's <task>.log
+    handler = logging.FileHandler(job_dir / "train.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous_level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        monkeypatch.setenv("LOCAL_RANK", "1")  # another DDP process of the same job: writes nothing
+        callback.on_job_start(config, task_function=None)
+        callback.on_job_end(config, failed)
+        assert (job_dir / "train.log").read_text().strip() == "" and not (sweep / SUMMARY_CSV).exists()
+        monkeypatch.delenv("LOCAL_RANK")
+        callback.on_job_start(config, task_function=None)
+        callback.on_job_end(config, failed)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        handler.close()
+    text = (job_dir / "train.log").read_text()
+    assert f"job started: model.n_hashes=0 {SHARED}" in text
+    assert "job failed: RuntimeError: boom" in text and 'raise RuntimeError("boom")' in text  # with the traceback
+    job = read_job(job_dir)
+    assert (job.status, job.reason) == (FAILED, "RuntimeError: boom")
+    with open(sweep / SUMMARY_CSV, newline="") as handle:  # refreshed after the job
+        assert [(row["job"], row["status"]) for row in csv.DictReader(handle)] == [("0", "failed")]
