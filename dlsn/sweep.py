@@ -7,13 +7,17 @@
   ``${dlsn_makedirs:DIR}`` (the Optuna SQLite directory must exist before the study is created),
   ``${dlsn_slurm_count:VALUE,KEY}`` (SLURM nodes / tasks from the trainer settings, refusing "auto"
   before a job is submitted), ``${dlsn_run_id:DIR}`` (a W&B run id fixed by the run directory, so a
-  requeued or restarted job also continues its W&B run) and ``${dlsn_run_name:TASK}`` /
-  ``${dlsn_run_tags:TAGS}`` (runs named and tagged after their command-line overrides).
+  requeued or restarted job also continues its W&B run), ``${dlsn_run_name:TASK}`` /
+  ``${dlsn_run_tags:TAGS}`` (runs named and tagged after their command-line overrides) and
+  ``${dlsn_study_seed:SEED,STORAGE,STUDY}`` (an Optuna sampler seed that moves on when a study is
+  extended, see :func:`study_seed`).
+* :func:`record_trial_failure`: a failed job's reason, stored with its Optuna trial (``fail_reason``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import sys
 from collections.abc import Mapping
@@ -26,6 +30,10 @@ SWEEP_GROUP_RESOLVER = "dlsn_sweep_group"
 MAKEDIRS_RESOLVER = "dlsn_makedirs"
 SLURM_COUNT_RESOLVER = "dlsn_slurm_count"
 RUN_ID_RESOLVER = "dlsn_run_id"
+STUDY_SEED_RESOLVER = "dlsn_study_seed"
+FAIL_REASON_ATTR = "fail_reason"
+
+log = logging.getLogger(__name__)
 
 
 class TrialFailedError(RuntimeError):
@@ -158,3 +166,74 @@ def run_tags(tags: Any) -> Any:
     """
     configured = [str(tag) for tag in (tags or [])]
     return OmegaConf.create(configured + [o[:64] for o in job_overrides() if o[:64] not in configured])
+
+
+# ------------------------------------------------------------------------------------ Optuna studies
+
+
+def _study_trials(storage_url: str, study_name: str) -> tuple[Any, int, list[Any]] | None:
+    """``(storage, study id, trials)`` of an existing study, ``None`` when the storage holds no such study."""
+    import optuna
+
+    storage = optuna.storages.get_storage(storage_url)
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return None
+    return storage, study_id, storage.get_all_trials(study_id, deepcopy=False)
+
+
+def study_seed(seed: int | None, storage_url: str | None, study_name: str | None) -> int | None:
+    """The sampler seed for this invocation of a search: ``seed`` plus the number of trials the study
+    already holds (``seed`` itself for a new study; ``None`` stays ``None``, an unseeded sampler).
+
+    hydra-optuna-sweeper builds a fresh sampler on every ``-m`` invocation. With a fixed seed, an
+    extended study would draw the same random start-up parameters as the first invocation and repeat
+    its first trials. Moving the seed on by the trial count keeps a search reproducible (the same
+    study history gives the same next trials) while every extension draws new parameters.
+    """
+    if seed is None:
+        return None
+    existing = _study_trials(storage_url, study_name) if storage_url and study_name else None
+    n_trials = len(existing[2]) if existing else 0
+    if n_trials:
+        log.info("study %s already holds %d trials: sampler seed %d + %d", study_name, n_trials, int(seed), n_trials)
+    return int(seed) + n_trials
+
+
+def record_trial_failure(reason: str, hydra_cfg: Any | None = None) -> int | None:
+    """Store ``reason`` as the ``fail_reason`` user attribute of this job's Optuna trial; return its number.
+
+    Called in the job (the sweeper marks the trial FAILED afterwards and cannot take attributes then).
+    The job finds its trial among the study's RUNNING trials whose parameters are all among the job's
+    overrides: the sweeper passes a trial's parameters as ``name=value`` overrides. ``None`` when
+    this job is not an Optuna trial with a persistent storage, or no running trial matches.
+    """
+    if hydra_cfg is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None
+        hydra_cfg = HydraConfig.get()
+    sweeper = OmegaConf.select(hydra_cfg, "sweeper", default=None)
+    target = str(OmegaConf.select(sweeper, "_target_", default="")) if sweeper is not None else ""
+    storage_url = OmegaConf.select(sweeper, "storage", default=None) if "optuna" in target.lower() else None
+    if not storage_url:  # not an Optuna search, or an in-memory study the job cannot reach
+        return None
+    from optuna.trial import TrialState
+
+    existing = _study_trials(str(storage_url), str(OmegaConf.select(sweeper, "study_name")))
+    if existing is None:
+        return None
+    storage, _, trials = existing
+    overrides = {str(o) for o in OmegaConf.select(hydra_cfg, "overrides.task", default=[]) or []}
+    candidates = [
+        trial for trial in trials
+        if trial.state == TrialState.RUNNING and trial.params and FAIL_REASON_ATTR not in trial.user_attrs
+        and all(f"{name}={value}" in overrides for name, value in trial.params.items())
+    ]
+    if not candidates:
+        return None
+    trial = min(candidates, key=lambda t: t.number)  # identical parameters (n_jobs > 1): the earliest
+    storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, reason)
+    return trial.number

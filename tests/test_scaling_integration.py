@@ -179,7 +179,8 @@ def test_optuna_search_with_train_py_stores_trials_in_sqlite(tmp_path):
     tiny = [arg for arg in TINY_TRAIN if not arg.startswith(searched)]
     run("train.py", "-m", "hparams_search=dlsn_optuna", f"paths.log_dir={tmp_path}", *tiny,
         "hydra.sweeper.n_trials=2", "model.chunk_size=choice(16,32)")
-    study = optuna.load_study(study_name="dlsn_x2_BI", storage=f"sqlite:///{tmp_path / 'optuna' / 'dlsn_x2_BI.db'}")
+    name = "quickstart-dlsn_optuna"  # <experiment>-<search>
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna' / f'{name}.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     [sweep_dir] = (tmp_path / "train" / "multiruns").iterdir()
     for trial in study.trials:
@@ -207,7 +208,7 @@ def test_real_configs_compose_for_slurm_and_optuna():
     assert launcher["additional_parameters"] == {"requeue": True}
     assert search.optimized_metric == "val/psnr_best"
     assert search.hydra.sweeper.direction == "maximize"
-    assert search.hydra.sweeper.study_name == "dlsn_x2_BI"
+    assert search.hydra.sweeper.study_name == "quickstart-dlsn_optuna"
     # (storage is checked unresolved: resolving it creates the logs/optuna directory)
     storage = OmegaConf.to_container(search.hydra.sweeper, resolve=False)["storage"]
     assert storage.startswith("sqlite:///") and storage.endswith("/optuna}/${hydra.sweeper.study_name}.db")

@@ -78,20 +78,20 @@ def test_optuna_search_survives_failed_trials_and_resumes_from_sqlite(tmp_path):
     # Three trials: job 1 crashes, job 2 ends with a NaN metric; the search must finish anyway.
     run_app(log_dir, "+hparams_search=dlsn_optuna", "hydra.sweeper.n_trials=3",
             "crash_jobs=[1]", "nan_jobs=[2]")
-    storage = f"sqlite:///{log_dir / 'optuna' / 'dlsn_x2_BI.db'}"
-    study = optuna.load_study(study_name="dlsn_x2_BI", storage=storage)
+    storage = f"sqlite:///{log_dir / 'optuna' / 'train-dlsn_optuna.db'}"
+    study = optuna.load_study(study_name="train-dlsn_optuna", storage=storage)
     states = [trial.state.name for trial in study.trials]
     assert states == ["COMPLETE", "FAIL", "FAIL"]
     [first_sweep] = sweep_dirs(log_dir)
     jobs = jobs_of(first_sweep)
     assert study.trials[0].value == pytest.approx(jobs[0]["psnr"])
     assert study.trials[0].params["model.n_hashes"] == jobs[0]["n_hashes"]
-    assert {job["wandb_group"] for job in jobs} == {"dlsn_x2_BI"}  # grouped by study
+    assert {job["wandb_group"] for job in jobs} == {"train-dlsn_optuna"}  # grouped by study
     assert 2e-5 <= jobs[0]["lr"] <= 5e-4 and jobs[0]["chunk_size"] in (64, 128, 144)
 
     # The same command again continues the study in the same SQLite file.
     run_app(log_dir, "+hparams_search=dlsn_optuna", "hydra.sweeper.n_trials=2")
-    study = optuna.load_study(study_name="dlsn_x2_BI", storage=storage)
+    study = optuna.load_study(study_name="train-dlsn_optuna", storage=storage)
     assert [trial.number for trial in study.trials] == [0, 1, 2, 3, 4]
     assert [trial.state.name for trial in study.trials[3:]] == ["COMPLETE", "COMPLETE"]
     second_sweep = sweep_dirs(log_dir)[1]

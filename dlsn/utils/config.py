@@ -56,7 +56,8 @@ def register_resolvers() -> None:
     """Register every resolver the configs use (idempotent); call before Hydra composes a config.
 
     ``${project_root:}``, and from :mod:`dlsn.sweep`: ``${dlsn_sweep_group:}`` (one W&B group per
-    sweep), ``${dlsn_makedirs:DIR}``, ``${dlsn_slurm_count:VALUE,KEY}`` and ``${dlsn_run_id:DIR}``.
+    sweep), ``${dlsn_makedirs:DIR}``, ``${dlsn_slurm_count:VALUE,KEY}``, ``${dlsn_run_id:DIR}``,
+    ``${dlsn_run_name:TASK}``, ``${dlsn_run_tags:TAGS}`` and ``${dlsn_study_seed:SEED,STORAGE,STUDY}``.
     """
     from dlsn import sweep
 
@@ -68,6 +69,7 @@ def register_resolvers() -> None:
         "dlsn_run_id": sweep.run_id,
         "dlsn_run_name": sweep.run_name,
         "dlsn_run_tags": sweep.run_tags,
+        "dlsn_study_seed": sweep.study_seed,
     }
     for name, function in resolvers.items():
         if not OmegaConf.has_resolver(name):
