@@ -108,6 +108,7 @@ def run_case(case: dict) -> dict:
 
         keep_freed_memory()
     device = torch.device(case["device"])
+    torch.set_float32_matmul_precision(case.get("matmul_precision", "highest"))
     torch.manual_seed(0)
     if case["kind"].startswith("dlsn_"):
         model = DLSN(scale=2, attention_impl=_attention_impl(case)).to(device)
@@ -242,7 +243,7 @@ def markdown_table(results: list[dict], memory_label: str) -> str:
              "|---|---|---|---|---|---|"]
     for r in results:
         shape = case_label(r).split(" ", 2)[2]
-        name = f"{r['kind']} {shape} ({r['precision']})"
+        name = f"{r['kind']} {shape} ({r['precision']}, matmul {r.get('matmul_precision', 'highest')})"
         if "error" in r:
             lines.append(f"| {name} | {r['impl']} | error: {r['error']} | | | |")
             continue
@@ -266,6 +267,9 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true", help="also time the published layout")
     parser.add_argument("--targets", action="store_true", help="issue 9's model-level cases instead")
     parser.add_argument("--precision", choices=["32", "bf16"], default="32", help="bf16: under autocast")
+    parser.add_argument("--matmul-precision", choices=["highest", "high"], default="highest",
+                        help="torch.set_float32_matmul_precision for every case (high: TF32 matrix products, "
+                             "which GLA's auto implementation needs to use the fused kernel in float32)")
     parser.add_argument("--no-train-step", action="store_true")
     parser.add_argument("--train-batches", type=int, nargs="+", default=[2],
                         help="batch sizes of the DLSN training step (the published figure is batch 1)")
@@ -302,6 +306,7 @@ def main() -> None:
                                   repeats=max(2, args.repeats // 2)))
     for case in cases:
         case.update(device=args.device, warmup=args.warmup, precision=args.precision,
+                    matmul_precision=args.matmul_precision,
                     keep_freed_memory=args.keep_freed_memory, breakdown=args.breakdown)
     if args.list:
         for case in cases:
@@ -313,7 +318,8 @@ def main() -> None:
     allocator = "keep_freed_memory()" if args.keep_freed_memory else "default malloc settings"
     print(f"torch {torch.__version__}, device {args.device}"
           + (f" ({torch.cuda.get_device_name(args.device)})" if cuda else "")
-          + f", threads {torch.get_num_threads()}, {allocator}, precision {args.precision}", flush=True)
+          + f", threads {torch.get_num_threads()}, {allocator}, precision {args.precision}, "
+          f"float32 matmul precision {args.matmul_precision}", flush=True)
     breakdown_header = f"{'conv s':>10}{'matmul s':>10}{'other s':>10}" if args.breakdown else ""
     print(f"{'case':<58}{'median s':>10}{memory_label:>14}{breakdown_header}", flush=True)
     results = []

@@ -13,7 +13,8 @@
 #   check.{txt,json}    scripts/check_fused_gla.py: the fused kernel against the reference (float32,
 #                       bf16), true-float32 match embedding, sync-free rotations, CUDA graph, compile
 #   gla_targets.{txt,json}  scripts/benchmark_gla.py --targets: issue 9's model-level rows for the
-#                       published layout, the reference and the fused implementation
+#                       published layout, the reference and the fused implementation, float32 with
+#                       TF32 matrix products on all three; gla_targets_bf16.*: the same under bf16 autocast
 #   precision.{txt,json}    scripts/benchmark_precision.py: training step float32 vs bf16-mixed
 #                       (throughput, peak memory) and validation PSNR after a short run
 #   summary.md          the markdown table printed at the end (scripts/gpu_check_summary.py)
@@ -55,8 +56,11 @@ step() {  # step NAME COMMAND...: run with stdout and stderr to $OUT/NAME.txt, r
 echo "== $(tr '\n' ' ' <"$OUT/gpu.txt")"
 
 step check python3 scripts/check_fused_gla.py --json "$OUT/check.json"
+# float32 with TF32 matrix products for every implementation (the fused kernel's float32 mode), then bf16
 step gla_targets python3 scripts/benchmark_gla.py --device cuda --targets --repeats 10 --warmup 3 \
-    --json "$OUT/gla_targets.json" --markdown
+    --matmul-precision high --json "$OUT/gla_targets.json" --markdown
+step gla_targets_bf16 python3 scripts/benchmark_gla.py --device cuda --targets --repeats 10 --warmup 3 \
+    --precision bf16 --json "$OUT/gla_targets_bf16.json" --markdown
 step precision python3 scripts/benchmark_precision.py --device cuda --train-steps 200 \
     --json "$OUT/precision.json" --run-dir /tmp/precision_runs
 

@@ -2,11 +2,12 @@
 
     python scripts/gpu_check_summary.py RESULTS_DIR
 
-Reads ``check.json`` (scripts/check_fused_gla.py), ``gla_targets.json`` (scripts/benchmark_gla.py
---targets) and ``precision.json`` (scripts/benchmark_precision.py), whichever exist, and prints one
-table: the correctness checks, then issue 9's model-level targets (published layout, reference and
-fused implementation, the fused one's ratio to the published layout, the target and whether it is
-met), then the training-step precision rows.
+Reads ``check.json`` (scripts/check_fused_gla.py), ``gla_targets.json`` and ``gla_targets_bf16.json``
+(scripts/benchmark_gla.py --targets in float32 and under bf16 autocast) and ``precision.json``
+(scripts/benchmark_precision.py), whichever exist, and prints one table: the correctness checks,
+then issue 9's model-level targets (published layout, reference and fused implementation, the fused
+one's ratio to the published layout, the target and whether the float32 run meets it; the bf16 run
+for information), then the training-step precision rows.
 """
 
 from __future__ import annotations
@@ -39,6 +40,34 @@ def timing(case: dict | None) -> str:
     return f"{1000 * case['median_s']:.1f} ms, {case['peak_mb']:.0f} MB"
 
 
+def target_rows(targets: dict | None, file_name: str, judged: bool) -> list[str]:
+    """Issue 9's model-level rows; ``judged``: with MET / NOT MET (else the ratios are for information)."""
+    if targets is None:
+        return [f"| model-level targets ({file_name}) | | | | | | MISSING |"]
+    rows = []
+    cases = {(c["impl"], c["kind"], c["size"], c["batch"]): c for c in targets.get("cases", [])}
+    for (kind, size, batch), (speed_target, memory_target) in TARGETS.items():
+        published, reference, fused = (cases.get((impl, kind, size, batch))
+                                        for impl in ("published", "reference", "fused"))
+        measured = [c for c in (published, reference, fused) if c]
+        if not measured:
+            rows.append(f"| {NAMES[kind]}, batch {batch}, LR {size}x{size} | | | | | | NOT MEASURED |")
+            continue
+        precision = f"{measured[0]['precision']}, matmul {measured[0].get('matmul_precision', 'highest')}"
+        ratio, status = "—", "NOT MEASURED"
+        if published and fused and "error" not in published and "error" not in fused:
+            speed = published["median_s"] / fused["median_s"]
+            memory = fused["peak_mb"] / published["peak_mb"] if published["peak_mb"] > 0 else float("nan")
+            ratio = f"{speed:.2f}x time, {memory:.2f}x memory"
+            met = speed >= speed_target and (memory_target is None or memory <= memory_target)
+            status = ("MET" if met else "NOT MET") if judged else "(information)"
+        target = f">= {speed_target:g}x" + (f", memory <= {memory_target:g}x" if memory_target else "")
+        label = f"{NAMES[kind]}, batch {batch}, LR {size}x{size} ({precision})"
+        rows.append(f"| {label} | {timing(published)} | {timing(reference)} | {timing(fused)} | {ratio} | "
+                    f"{target if judged else ''} | {status} |")
+    return rows
+
+
 def main(folder: Path) -> None:
     rows = ["| what | published | reference | fused | fused vs published | target | status |",
             "|---|---|---|---|---|---|---|"]
@@ -49,22 +78,8 @@ def main(folder: Path) -> None:
     if check is None:
         rows.append("| checks (check.json) | | | | | correct | MISSING |")
 
-    targets = load(folder, "gla_targets.json")
-    if targets is None:
-        rows.append("| model-level targets (gla_targets.json) | | | | | | MISSING |")
-    cases = {(c["impl"], c["kind"], c["size"], c["batch"]): c for c in (targets or {}).get("cases", [])}
-    for (kind, size, batch), (speed_target, memory_target) in TARGETS.items() if targets else []:
-        published, reference, fused = (cases.get((impl, kind, size, batch)) for impl in ("published", "reference", "fused"))
-        ratio, status = "—", "NOT MEASURED"
-        if published and fused and "error" not in published and "error" not in fused:
-            speed = published["median_s"] / fused["median_s"]
-            memory = fused["peak_mb"] / published["peak_mb"] if published["peak_mb"] > 0 else float("nan")
-            ratio = f"{speed:.2f}x time, {memory:.2f}x memory"
-            met = speed >= speed_target and (memory_target is None or memory <= memory_target)
-            status = "MET" if met else "NOT MET"
-        target = f">= {speed_target:g}x" + (f", memory <= {memory_target:g}x" if memory_target else "")
-        label = f"{NAMES[kind]}, batch {batch}, LR {size}x{size}"
-        rows.append(f"| {label} | {timing(published)} | {timing(reference)} | {timing(fused)} | {ratio} | {target} | {status} |")
+    for file_name, judged in (("gla_targets.json", True), ("gla_targets_bf16.json", False)):
+        rows += target_rows(load(folder, file_name), file_name, judged)
 
     precision = load(folder, "precision.json")
     for name, numbers in (precision or {}).get("throughput", {}).items():

@@ -123,7 +123,7 @@ def test_bad_inputs_are_named():
 def fresh_fallback_state(monkeypatch):
     """The module's one-way 'kernel failed' state, reset around the test."""
     monkeypatch.setattr(fused, "_failure", None)
-    monkeypatch.setattr(fused, "_checked_devices", set())
+    monkeypatch.setattr(fused, "_checked", set())
 
 
 def test_fallback_warns_once_and_computes_the_reference(monkeypatch, fresh_fallback_state):
@@ -156,13 +156,14 @@ def test_self_check_catches_a_wrong_kernel(monkeypatch, fresh_fallback_state):
         return attended * 1.01, confidence
 
     monkeypatch.setattr(fused, "_fused_forward", slightly_wrong)
-    with pytest.raises(RuntimeError, match="self-check: attended differs from the reference"):
+    with pytest.raises(RuntimeError, match=r"self-check \(torch.float32\): attended differs from the reference"):
         fused.self_check(torch.device("cpu"))
 
 
 @pytest.mark.slow
-def test_self_check_passes_with_the_real_kernel():
-    fused.self_check(torch.device("cpu"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_self_check_passes_with_the_real_kernel(dtype):
+    fused.self_check(torch.device("cpu"), dtype)
 
 
 # ---------------------------------------------------------------- whole GLA layers, fused vs reference
@@ -274,3 +275,81 @@ def test_auto_on_cuda_uses_the_kernel_and_matches_the_reference(dtype):
     want = _gla_outputs_and_gradients(reference, x, rotations, autocast)
     assert fused.fused_kernel_failure() is None
     _assert_gla_gradients_close(got, want, 1e-4 if dtype == torch.float32 else 0.05)
+
+
+# ---------------------------------------------------------------- compiled for GPUs, without a GPU
+
+# int arguments that Triton's JIT sees divisible by 16 at the paper configuration (it specialises on it)
+_DIVISIBLE_BY_16 = {"q_stride_n", "q_stride_l", "k_stride_n", "k_stride_l", "v_stride_n", "v_stride_l",
+                    "ls_stride_n", "ls_stride_l", "chunk", "qk_dim", "v_dim"}
+_SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes per block: A100, H100
+
+
+def _compile_for_gpu(name: str, value_type: str, arch: int):
+    """Ahead-of-time compile of one kernel for sm_``arch`` at the paper configuration (C=256, d=64,
+    k=128) with its LAUNCH_CONFIGS entry: Triton's front end, LLVM and ptxas, no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    function = {"forward": fused._forward_kernel, "queries": fused._backward_queries_kernel,
+                "keys": fused._backward_keys_kernel}[name]
+    kernel = fused._kernel(function, False)
+    rows, num_warps, num_stages = fused.LAUNCH_CONFIGS[name, "half" if value_type == "bf16" else "float32"]
+    constants = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64, BLOCK_C=128 if name == "forward" else 256,
+                     PRECISION="tf32", INTERPRETED=False)
+    if name == "queries":
+        constants["EXACT_DELTA"] = value_type == "bf16"
+    float32_outputs = {"OUT", "LSE", "DELTA", "GRAD_Q", "GRAD_K", "GRAD_V", "GRAD_LS"}
+    signature, attributes = {}, {}
+    for index, argument in enumerate(kernel.arg_names):
+        if argument in constants:
+            signature[argument] = "constexpr"
+        elif argument.isupper():  # a pointer
+            signature[argument] = ("*fp32" if argument in float32_outputs else
+                                   "*i32" if argument == "ORDER" else f"*{value_type}")
+            attributes[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[argument] = "i32"
+            if argument in _DIVISIBLE_BY_16:
+                attributes[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes)
+    return triton_compile(source, GPUTarget("cuda", arch, 32), num_warps, num_stages)
+
+
+def triton_compile(source, target, num_warps, num_stages):
+    import triton
+
+    return triton.compile(source, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _register_spill_bytes(compiled) -> int | None:
+    """Bytes of stack per thread (register spills) from the cubin, via the cuobjdump Triton ships."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
+    match = re.search(r"STACK:(\d+)", usage)
+    return int(match.group(1)) if match else None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("value_type", ["bf16", "fp32"])
+@pytest.mark.parametrize("name", ["forward", "queries", "keys"])
+def test_kernels_compile_for_gpus_within_their_resources(name, value_type, arch):
+    """Catches what only a GPU compile would: Triton type/shape errors, shared memory over an A100's or
+    H100's limit, heavy register spilling (first seen as a fully spilled float32 backward kernel)."""
+    pytest.importorskip("triton.backends.nvidia")
+    compiled = _compile_for_gpu(name, value_type, arch)
+    assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
+    spill = _register_spill_bytes(compiled)
+    assert spill is None or spill <= 256, f"{spill} bytes of register spills per thread"

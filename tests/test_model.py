@@ -349,7 +349,7 @@ def test_cuda_training_rotations_need_no_host_synchronisation_and_can_be_graphed
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_float32_convolution_equals_conv2d(memory_format, dtype):
-    from dlsn.models.float32_conv import conv2d_float32
+    from dlsn.models.float32_ops import conv2d_float32
 
     torch.manual_seed(0)
     x = torch.randn(2, 6, 5, 7).to(dtype).contiguous(memory_format=memory_format).requires_grad_(True)
@@ -370,9 +370,40 @@ def test_float32_convolution_equals_conv2d(memory_format, dtype):
     torch.library.opcheck(conv2d_float32, (x, weight, bias, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hash_projections_are_a_float32_einsum(dtype):
+    from dlsn.models.float32_ops import projections_float32
+
+    torch.manual_seed(0)
+    match, rotations = torch.randn(2, 30, 8).to(dtype), torch.randn(3, 8, 5)
+    projections = projections_float32(match, rotations)
+    assert projections.dtype == torch.float32 and projections.is_contiguous()
+    torch.testing.assert_close(projections, torch.einsum("nld,tdb->ntlb", match.float(), rotations),
+                               rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(projections_float32, (match, rotations))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_hash_projections_ignore_tf32_matmuls_on_cuda():
+    from dlsn.models.float32_ops import projections_float32
+
+    torch.manual_seed(0)
+    match = torch.randn(2, 500, 64, device="cuda", dtype=torch.float64)
+    rotations = torch.randn(3, 64, 128, device="cuda", dtype=torch.float64)
+    exact = torch.einsum("nld,tdb->ntlb", match, rotations)
+    torch.set_float32_matmul_precision("high")
+    try:
+        error = (projections_float32(match.float(), rotations.float()).double() - exact).abs().max()
+        tf32_error = (torch.einsum("nld,tdb->ntlb", match.float(), rotations.float()).double() - exact).abs().max()
+        assert torch.get_float32_matmul_precision() == "high"  # restored
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert error < 1e-4 and (tf32_error > 1e-3 or torch.cuda.get_device_capability() < (8, 0))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_float32_convolution_ignores_tf32_on_cuda():
-    from dlsn.models.float32_conv import conv2d_float32
+    from dlsn.models.float32_ops import conv2d_float32
 
     torch.manual_seed(0)
     x = torch.randn(2, 64, 24, 24, device="cuda", dtype=torch.float64)

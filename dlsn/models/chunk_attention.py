@@ -35,7 +35,9 @@ one gather per round returns to image order and the rounds are summed.
 
 Everything accumulates in float32; inputs may be float32, bfloat16 or float16 (query and key of
 one dtype, the softmax weights are cast to the value dtype for the ``P V`` product, as the reference
-path does). Float32 dot products use TF32 only where ``torch.get_float32_matmul_precision()`` allows.
+path does). Float32 dot products use TF32 only where ``torch.backends.cuda.matmul.allow_tf32``
+(``torch.set_float32_matmul_precision("high")``) allows it; true float32 dot products are correct
+but slow on GPUs (no tensor cores), so GLA's ``auto`` uses the kernel for float32 only with TF32.
 
 :func:`chunk_attention` is a ``torch.library`` custom op (``dlsn::chunk_attention``) with its
 backward registered, so ``torch.compile`` and CUDA graphs see one opaque op. On the CPU the same
@@ -369,7 +371,8 @@ def _kernel(function, interpreted: bool):
         from triton.runtime.interpreter import InterpretedFunction
 
         return InterpretedFunction(function)
-    return triton.jit(function)
+    # Sizes that vary with the image are not specialised on (no recompilation per validation image).
+    return triton.jit(function, do_not_specialize=["length", "padded_length", "n_chunks"])
 
 
 @contextlib.contextmanager
@@ -398,26 +401,37 @@ def _power_of_two(value: int, at_least: int = 16) -> int:
     return max(at_least, triton.next_power_of_2(value))
 
 
-# Rows per block, per element size of the value tensor (untuned first choices; a block that does not
-# fit the GPU's shared memory is halved until it does, see _launch).
-_ROWS_PER_BLOCK = {2: 64, 4: 32}
+# Launch configuration per kernel and precision class: (rows per block, warps, pipeline stages).
+# First choices, not timed on a GPU: the kernels compile with them (ptxas, sm_80 and sm_90, at C=256,
+# d=64, k=128) within the shared memory of an A100 and without more than a few register spills. A
+# block that still does not fit is halved until it does (_launch). "half": bfloat16/float16 values;
+# "float32": float32 values (TF32 or true float32 dot products).
+LAUNCH_CONFIGS = {
+    ("forward", "half"): (64, 8, 2), ("forward", "float32"): (32, 8, 2),
+    ("queries", "half"): (32, 8, 2), ("queries", "float32"): (32, 8, 2),
+    ("keys", "half"): (32, 8, 1), ("keys", "float32"): (16, 8, 2),
+}
 _working_rows: dict[tuple, int] = {}
 
 
-def _launch(kernel_function, grid_of_rows, tensors, sizes, *, rows: int, channel_block: int | None,
-            key: tuple, num_warps: int, **constants):
-    """Launch ``kernel_function`` with ``rows`` rows per block (smaller if resources are short)."""
+def _launch(kernel_function, name: str, grid_of_rows, tensors, sizes, *, channel_block: int | None,
+            **constants):
+    """Launch ``kernel_function`` with the configuration of ``LAUNCH_CONFIGS`` (fewer rows if the
+    GPU's resources are short)."""
     device = tensors[0].device
     interpreted = device.type != "cuda"
     kernel = _kernel(kernel_function, interpreted)
     chunk, qk_dim, v_dim = sizes["chunk"], sizes["qk_dim"], sizes["v_dim"]
+    precision_class = "float32" if sizes["value_dtype"] == torch.float32 else "half"
+    rows, num_warps, num_stages = LAUNCH_CONFIGS[name, precision_class]
+    key = (name, sizes["value_dtype"], sizes["precision"], chunk, qk_dim, v_dim)
     rows = _working_rows.get(key, min(rows, _power_of_two(chunk)))
     while True:
         block_c = channel_block or _power_of_two(v_dim)
         options = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=_power_of_two(qk_dim), BLOCK_C=block_c,
                        PRECISION=sizes["precision"], INTERPRETED=interpreted, **constants)
         if not interpreted:
-            options.update(num_warps=num_warps, num_stages=2)
+            options.update(num_warps=num_warps, num_stages=num_stages)
         try:
             with _library_functions_interpreted() if interpreted else contextlib.nullcontext():
                 kernel[grid_of_rows(rows, block_c)](*tensors, *sizes["strides"], sizes["length"],
@@ -432,16 +446,22 @@ def _launch(kernel_function, grid_of_rows, tensors, sizes, *, rows: int, channel
         return
 
 
+def tf32_matmuls_allowed() -> bool:
+    """Whether float32 matrix products may use TF32 (``torch.set_float32_matmul_precision("high")``)."""
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # torch >= 2.9 refuses to answer when old and new TF32 settings were mixed
+        return False
+
+
 def _sizes(queries, keys, learned_score, values, order, inverse) -> dict:
     batch, rounds, padded = order.shape
     chunk = learned_score.shape[-1]
-    precision = "ieee"
-    if queries.dtype == torch.float32 and queries.is_cuda and torch.get_float32_matmul_precision() != "highest":
-        precision = "tf32"
+    precision = "tf32" if queries.is_cuda and tf32_matmuls_allowed() else "ieee"  # float32 operands only
     strides = [s for t in (queries, keys, values, learned_score) for s in (t.stride(0), t.stride(1))]
     return dict(length=inverse.shape[-1], padded_length=padded, n_chunks=padded // chunk, chunk=chunk,
                 n_rounds=rounds, qk_dim=queries.shape[-1], v_dim=values.shape[-1], strides=strides,
-                precision=precision)
+                precision=precision, value_dtype=values.dtype)
 
 
 def _unit_column_stride(tensor: torch.Tensor) -> torch.Tensor:
@@ -463,9 +483,9 @@ def _fused_forward(queries, keys, learned_score, values, order, inverse):
         return (n_chunks * triton.cdiv(chunk, rows), batch * rounds, triton.cdiv(v_dim, block_c))
 
     with _on_device(values.device):
-        _launch(_forward_kernel, grid, (queries, keys, values, learned_score, order, attended, confidence),
-                sizes, rows=_ROWS_PER_BLOCK[values.element_size()], channel_block=channel_block,
-                key=("forward", values.dtype, queries.dtype, chunk, sizes["qk_dim"], v_dim), num_warps=4)
+        _launch(_forward_kernel, "forward", grid,
+                (queries, keys, values, learned_score, order, attended, confidence), sizes,
+                channel_block=channel_block)
     return attended, confidence
 
 
@@ -491,20 +511,17 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
         values=queries.new_empty(batch, rounds, padded, v_dim, dtype=torch.float32),
         learned=queries.new_empty(batch, rounds, padded, chunk, dtype=torch.float32),
     )
-    rows = _ROWS_PER_BLOCK[max(values.element_size(), queries.element_size())]
-    num_warps = 8 if v_dim >= 256 else 4
-    key = (values.dtype, queries.dtype, chunk, qk_dim, v_dim)
 
     def grid(rows, block_c):
         return (n_chunks * triton.cdiv(chunk, rows), batch * rounds)
 
     inputs = (queries, keys, values, learned_score, order32, grad_attended, confidence, delta)
     with _on_device(values.device):  # queries first: with exact_delta it completes delta
-        _launch(_backward_queries_kernel, grid, (*inputs, sorted_grad["queries"]), sizes, rows=rows,
-                channel_block=None, key=("queries", *key), num_warps=num_warps, EXACT_DELTA=exact_delta)
-        _launch(_backward_keys_kernel, grid,
-                (*inputs, sorted_grad["keys"], sorted_grad["values"], sorted_grad["learned"]),
-                sizes, rows=rows, channel_block=None, key=("keys", *key), num_warps=num_warps)
+        _launch(_backward_queries_kernel, "queries", grid, (*inputs, sorted_grad["queries"]), sizes,
+                channel_block=None, EXACT_DELTA=exact_delta)
+        _launch(_backward_keys_kernel, "keys", grid,
+                (*inputs, sorted_grad["keys"], sorted_grad["values"], sorted_grad["learned"]), sizes,
+                channel_block=None)
 
     length = sizes["length"]
     padding = padded - length
@@ -530,7 +547,7 @@ def _on_device(device: torch.device):
 # --------------------------------------------------------------------------------------------
 
 _failure: str | None = None
-_checked_devices: set[torch.device] = set()
+_checked: set[tuple] = set()  # (device, dtype, dot precision) combinations that passed the self-check
 
 
 def fused_kernel_failure() -> str | None:
@@ -546,11 +563,16 @@ def _give_up(error: BaseException) -> None:
                       f"reference attention from now on (same results, slower)", RuntimeWarning, stacklevel=3)
 
 
-def self_check(device: torch.device) -> None:
-    """Fused forward and backward against the float64 reference on a small problem; raises if they differ.
+# Largest error of the self-check, relative to each tensor's largest entry, per input precision: far
+# below what a wrong index or mask gives (order 1), far above rounding.
+SELF_CHECK_TOLERANCE = {"ieee": 1e-4, "tf32": 1e-2, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
-    Covers padding, several chunks, a chunk split over blocks and strided (view) inputs.
-    """
+
+def self_check(device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    """Fused forward and backward in ``dtype`` against the float64 reference on a small problem; raises
+    if they differ (tolerance: ``SELF_CHECK_TOLERANCE``). Float32 uses the dot-product precision in
+    force (TF32 or true float32). Covers padding, several chunks, a chunk split over blocks and
+    strided (view) inputs."""
     generator = torch.Generator().manual_seed(0)
     batch, rounds, length, chunk, qk_dim, v_dim = 2, 2, 100, 40, 12, 24
 
@@ -568,35 +590,35 @@ def self_check(device: torch.device) -> None:
     inverse = torch.empty_like(order[..., :length]).scatter_(
         2, order[..., :length], torch.arange(length, device=device).expand(batch, rounds, -1).contiguous())
     grad_attended, grad_confidence = random(batch, rounds, length, v_dim), random(batch, rounds, length)
-    inputs = (queries, keys, learned_score, values)
+    inputs = tuple(t.to(dtype) for t in (queries, keys, learned_score, values))
 
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        fused = _fused_forward(*inputs, order, inverse)
-        fused_grads = _fused_backward(grad_attended, grad_confidence, *inputs, order, inverse, *fused)
-    finally:
-        torch.set_float32_matmul_precision(precision)
+    fused = _fused_forward(*inputs, order, inverse)
+    fused_grads = _fused_backward(grad_attended, grad_confidence, *inputs, order, inverse, *fused)
     exact = tuple(t.double() for t in inputs)
     expected = chunk_attention_reference(*exact, order, inverse)
     expected_grads = chunk_attention_reference_backward(grad_attended.double(), grad_confidence.double(),
                                                         *exact, order, inverse)
+    tolerance = SELF_CHECK_TOLERANCE[_sizes(*inputs, order, inverse)["precision"] if dtype == torch.float32
+                                     else dtype]
     names = ("attended", "confidence", "grad queries", "grad keys", "grad learned score", "grad values")
     for name, got, want in zip(names, (*fused, *fused_grads), (*expected, *expected_grads)):
         error = (got.double() - want).abs().max().item()
-        if not error <= 1e-3 * max(1.0, want.abs().max().item()):
-            raise RuntimeError(f"self-check: {name} differs from the reference by {error:.3g}")
+        if not error <= tolerance * max(1.0, want.abs().max().item()):
+            raise RuntimeError(f"self-check ({dtype}): {name} differs from the reference by {error:.3g}")
 
 
-def _fused_allowed(device: torch.device, fallback: bool) -> bool:
+def _fused_allowed(values: torch.Tensor, fallback: bool) -> bool:
+    """With ``fallback``: not after a failure, and only once the self-check passed for this device,
+    dtype and dot-product precision (run on first use, outside CUDA-graph capture)."""
     if not fallback:
         return True
     if _failure is not None:
         return False
-    if device.type == "cuda" and device not in _checked_devices and not torch.cuda.is_current_stream_capturing():
-        _checked_devices.add(device)
+    key = (values.device, values.dtype, tf32_matmuls_allowed())
+    if values.is_cuda and key not in _checked and not torch.cuda.is_current_stream_capturing():
+        _checked.add(key)
         try:
-            self_check(device)
+            self_check(values.device, values.dtype)
         except Exception as error:  # noqa: BLE001 - any failure means: do not use the kernel
             _give_up(error)
             return False
@@ -628,7 +650,7 @@ def _chunk_attention_op(queries: torch.Tensor, keys: torch.Tensor, learned_score
                         values: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
                         fallback: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(queries, keys, learned_score, values, order, inverse)
-    if _fused_allowed(values.device, fallback):
+    if _fused_allowed(values, fallback):
         try:
             return _fused_forward(queries, keys, learned_score, values, order, inverse)
         except Exception as error:
@@ -653,7 +675,7 @@ def _chunk_attention_backward_op(
     attended: torch.Tensor, confidence: torch.Tensor, fallback: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     inputs = (queries, keys, learned_score, values, order, inverse)
-    if _fused_allowed(values.device, fallback):
+    if _fused_allowed(values, fallback):
         try:
             return _fused_backward(grad_attended, grad_confidence, *inputs, attended, confidence)
         except Exception as error:

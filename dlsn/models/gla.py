@@ -36,7 +36,7 @@ the learned scores are added inside the score matmul (``baddbmm``); rounds are p
 time so that inference holds one round's score tensor at a time.
 
 Under autocast, and on CUDA whatever the TF32 settings, the match embedding is computed in true
-float32 (:mod:`dlsn.models.float32_conv`) and hashing runs in float32, so the bucket assignment adds
+float32 (:mod:`dlsn.models.float32_ops`) and hashing runs in float32, so the bucket assignment adds
 no rounding of its own (features entering the layer still carry the network's precision); softmax
 and log-sum-exp run in float32.
 
@@ -44,7 +44,9 @@ and log-sum-exp run in float32.
 PyTorch code below (``_attend_round``), ``"fused"`` the Triton kernel of
 :mod:`dlsn.models.chunk_attention` (one custom op per layer, no gathered copies; on the CPU it runs
 in Triton's interpreter, for tests only). ``"auto"`` (default) takes the fused kernel on CUDA when
-Triton is installed, else the reference; a kernel failure there warns once and falls back.
+Triton is installed, for half-precision (autocast) values and for float32 ones where TF32 matrix
+products are allowed (``torch.set_float32_matmul_precision("high")``), else the reference; a kernel
+failure there warns once and falls back.
 
 **Random rotations** during training are drawn on the input's device (:func:`draw_rotations_on_device`,
 no host copy or synchronisation, so a training step can be a CUDA graph); on the CPU, and with a
@@ -60,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlsn.models import chunk_attention as fused
-from dlsn.models.float32_conv import conv2d_float32
+from dlsn.models.float32_ops import conv2d_float32, projections_float32
 
 ATTENTION_IMPLS = ("auto", "reference", "fused")
 MAX_BUCKETS = 128
@@ -124,11 +126,11 @@ def draw_rotations_on_device(n_hashes: int, dim: int, n_buckets: int, device) ->
 def hash_codes(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """SB-LSH bucket of every position in every round: ``argmax(m_p R_t)``, ``[N, T, L]``.
 
-    Always computed in float32 with autocast off: an argmax flips on tiny rounding differences,
-    and buckets should not depend on the compute precision.
+    Always computed in true float32 (autocast off, no TF32): an argmax flips on tiny rounding
+    differences, and buckets should not depend on the compute precision.
     """
     with torch.autocast(match.device.type, enabled=False):
-        return torch.einsum("nld,tdb->ntlb", match.detach().float(), rotations.float()).argmax(dim=-1)
+        return projections_float32(match.detach(), rotations).argmax(dim=-1)
 
 
 def sort_into_chunks(codes: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,11 +294,14 @@ class GLA(nn.Module):
         parts = tokens(F.conv2d(x, weight, bias, padding=1)).split([c.out_channels for c in convs], dim=-1)
         return parts if match is None else (match, *parts)
 
-    def _uses_fused_kernel(self, x: torch.Tensor) -> bool:
-        if self.attention_impl == "auto":
-            return (x.is_cuda and x.dtype in fused.SUPPORTED_DTYPES and fused.triton_available()
-                    and fused.fused_kernel_failure() is None)
-        return self.attention_impl == "fused"
+    def _uses_fused_kernel(self, value: torch.Tensor) -> bool:
+        if self.attention_impl != "auto":
+            return self.attention_impl == "fused"
+        # float32 values: only where TF32 matrix products are allowed (the kernel's true-float32 dot
+        # products are slow); half precision (autocast) always.
+        precision_ok = value.dtype in (torch.bfloat16, torch.float16) or (
+            value.dtype == torch.float32 and fused.tf32_matmuls_allowed())
+        return value.is_cuda and precision_ok and fused.triton_available() and fused.fused_kernel_failure() is None
 
     @staticmethod
     def _attend_round(match, keys, learned_score, value, sorted_positions, neighbour_chunks, chunks_per_block):
@@ -367,7 +372,7 @@ class GLA(nn.Module):
         keys = F.normalize(match, p=2, dim=-1, eps=KEY_NORM_EPS)
         order, inverse = sort_into_chunks(hash_codes(match, rotations), chunk)
 
-        if self._uses_fused_kernel(x):
+        if self._uses_fused_kernel(value):
             # Queries and keys in the values' precision, as the reference's autocast matmul uses them.
             attended, confidence = fused.chunk_attention(
                 match.to(value.dtype), keys.to(value.dtype), learned_score, value, order, inverse,

@@ -1,14 +1,18 @@
-"""A convolution that is float32 on every device: ``conv2d_float32`` (custom op ``dlsn::conv2d_float32``).
+"""Operations that are true float32 on every device: the ops GLA's bucket assignment depends on.
 
-GLA assigns positions to hash buckets with an argmax over the match embedding. On GPUs PyTorch lets
-float32 convolutions use TF32 by default (``torch.backends.cudnn.allow_tf32``), whose 10-bit mantissa
-moves positions between buckets: on an H200 the layer's output differed from the published one by
-up to 0.027 at 96x96. This op runs the convolution (and its backward) in true float32 with TF32
-switched off just for it, whatever the global setting, and returns float32.
+GLA assigns positions to hash buckets with an argmax over ``match @ rotation``. On GPUs PyTorch lets
+float32 convolutions use TF32 by default (``torch.backends.cudnn.allow_tf32``), and matrix products
+when ``torch.set_float32_matmul_precision("high")``; TF32's 10-bit mantissa moves positions between
+buckets (on an H200 the layer's output differed from the published one by up to 0.027 at 96x96).
 
-It is a ``torch.library`` custom op rather than a context manager around ``F.conv2d`` so that
-``torch.compile`` keeps the setting: a traced graph would drop a Python-level flag change. On the CPU
-it is ``F.conv2d`` in float32.
+* ``conv2d_float32`` (custom op ``dlsn::conv2d_float32``, with autograd): the match embedding's
+  convolution and its backward with cuDNN TF32 switched off just for it.
+* ``projections_float32`` (``dlsn::projections_float32``, no autograd): the hash projections
+  ``einsum("nld,tdb->ntlb")`` with TF32 matrix products switched off just for it.
+
+They are ``torch.library`` custom ops rather than context managers so that ``torch.compile`` keeps
+the setting (a traced graph would drop a Python-level flag change). On the CPU they are the plain
+float32 operations.
 """
 
 from __future__ import annotations
@@ -38,6 +42,36 @@ def _tf32_off(device: torch.device):
             yield
         finally:
             torch.backends.cudnn.allow_tf32 = previous
+
+
+@contextlib.contextmanager
+def _tf32_matmuls_off(device: torch.device):
+    """Through the legacy setting: torch >= 2.9 refuses cuBLAS calls when old and new ones disagree."""
+    try:
+        previous = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the user mixed both APIs; leave their setting alone
+        previous = None
+    if device.type != "cuda" or previous in (None, "highest"):
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@torch.library.custom_op("dlsn::projections_float32", mutates_args=())
+def projections_float32(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """``einsum("nld,tdb->ntlb", match, rotations)`` in true float32: ``[N, T, L, b]``, contiguous."""
+    with _tf32_matmuls_off(match.device):
+        return torch.einsum("nld,tdb->ntlb", match.float(), rotations.float()).contiguous()
+
+
+@projections_float32.register_fake
+def _(match, rotations):
+    return match.new_empty(match.shape[0], rotations.shape[0], match.shape[1], rotations.shape[2],
+                           dtype=torch.float32)
 
 
 def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
