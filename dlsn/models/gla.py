@@ -67,7 +67,7 @@ from dlsn.models.float32_ops import conv2d_float32, projections_float32
 ATTENTION_IMPLS = ("auto", "reference", "fused")
 MAX_BUCKETS = 128
 KEY_NORM_EPS = 5e-5
-CPU_BLOCK_BYTES = 16 * 2**20  # largest per-block temporary of CPU inference (see GLA.forward)
+CPU_BLOCK_BYTES = 16 * 2**20  # largest per-block temporary of CPU inference (see GLA._reference_rounds)
 
 
 def number_of_buckets(length: int, chunk_size: int) -> int:
