@@ -13,9 +13,7 @@ score is a per-key row ``ls[j]`` indexed by the query's slot, equivalently an ex
 ``one_hot(r) . ls[j]``. Outputs are returned in image order, one row per position (the first
 sorted occurrence; the padded duplicates only serve as keys): ``attended [N, T, L, C]`` and the
 log-sum-exp ``confidence [N, T, L]``, which the caller needs, with its gradient, to mix the rounds.
-Both are float32 whatever the inputs' precision: the backward's row term ``dy . y`` below must match
-the softmax it stands for, and a bfloat16 ``y`` would add errors that do not average out (the
-learned score's gradient sums them over every query).
+Both are float32 whatever the inputs' precision (see the backward's row term below).
 
 **Forward kernel** (flash-attention style). One program per (query block of one chunk, item and
 round, block of value channels). It reads its query rows and, in turn, each neighbour chunk's key,
@@ -23,15 +21,20 @@ learned-score and value rows straight from the unsorted ``[N, L, D]`` tensors th
 (no sorted or 3x gathered copies are made), keeps a running maximum and sum of ``exp`` (online
 softmax) and a float32 accumulator, and writes ``y`` and ``lse`` to the rows' image positions.
 
-**Backward.** With ``P = softmax(S)``, incoming ``dy`` and ``dlse``, and
-``delta_i = dy_i . y_i - dlse_i``:  ``dV_j = sum_i P_ij dy_i``,  ``dS_ij = P_ij (dy_i . v_j - delta_i)``,
-``dQ_i = sum_j dS_ij k_j``,  ``dK_j = sum_i dS_ij q_i``,  ``dls[j, r] = sum over the queries i in
-slot r of dS_ij``. ``P`` is recomputed from the saved ``lse``. Two kernels avoid atomics: one
-program per *key* block accumulates ``dK, dV, dls`` over the queries of the three chunks that see
-it (chunks ``c + 1``, ``c``, ``c - 1``), one per *query* block accumulates ``dQ`` over its three key
-chunks. Both write float32 rows in sorted order. A padded duplicate row (sorted index ``L + i``)
-is the same position as sorted row ``L - pad + i``: a contiguous slice addition folds it back, then
-one gather per round returns to image order and the rounds are summed.
+**Backward.** With ``P = softmax(S)``, incoming ``dy`` and ``dlse``, ``dP_ij = dy_i . v_j`` and the
+row term ``delta_i = sum_j P_ij dP_ij - dlse_i``:  ``dV_j = sum_i P_ij dy_i``,
+``dS_ij = P_ij (dP_ij - delta_i)``,  ``dQ_i = sum_j dS_ij k_j``,  ``dK_j = sum_i dS_ij q_i``,
+``dls[j, r] = sum over the queries i in slot r of dS_ij``. ``P`` is recomputed from the saved
+``lse``. Two kernels avoid atomics: one program per *query* block accumulates ``dQ`` over its three
+key chunks, then one per *key* block accumulates ``dK, dV, dls`` over the queries of the three
+chunks that see it (chunks ``c + 1``, ``c``, ``c - 1``). For float32 values ``delta_i = dy_i . y_i -
+dlse_i`` (flash-attention's shortcut). In half precision ``y`` was accumulated from rounded weights,
+and that shortcut would break ``sum_j dS_ij = dlse_i`` by errors that do not average out (the learned
+score's gradient sums them over every query): the query kernel computes the sum itself in a first
+pass over its keys and hands ``delta`` to the key kernel. Both kernels write float32 rows in sorted
+order. A padded duplicate row (sorted index ``L + i``) is the same position as sorted row
+``L - pad + i``: a contiguous slice addition folds it back, then one gather per round returns to
+image order and the rounds are summed.
 
 Everything accumulates in float32; inputs may be float32, bfloat16 or float16 (query and key of
 one dtype, the softmax weights are cast to the value dtype for the ``P V`` product, as the reference
@@ -132,7 +135,7 @@ def chunk_attention_reference_backward(grad_attended, grad_confidence, queries, 
     written out (no autograd: it also serves inside the custom op's backward)."""
     compute = _compute_dtype(values)
     batch, rounds, padded = order.shape
-    length, chunk = inverse.shape[-1], learned_score.shape[-1]
+    length = inverse.shape[-1]
     scores, q, k, key_rows = _scores(queries, keys, learned_score, order, compute)
     confidence = torch.logsumexp(scores, dim=-1, keepdim=True)
     weights = torch.exp(scores - confidence)
