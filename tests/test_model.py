@@ -424,7 +424,7 @@ def test_float32_convolution_ignores_tf32_on_cuda():
 # ------------------------------------------------------------------ torch.compile
 
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("attention_impl", ["reference", "fused"])
+@pytest.mark.parametrize("attention_impl", ["auto", "reference", "fused"])
 def test_gla_traces_into_one_graph(autocast, attention_impl):
     """No graph breaks, so torch.compile (and CUDA graphs) get the whole layer: the float32 convolution
     and the fused attention are custom ops, everything else plain tensor code."""
