@@ -386,12 +386,20 @@ def _library_functions_interpreted():
     before ``import triton`` (which torch imports early), and such objects refuse plain calls. For
     the duration of a CPU launch, they run through the interpreter instead.
     """
+    from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
 
     original_call = JITFunction.__call__
 
     def interpreted_call(self, *args, **kwargs):
-        return _kernel(self.fn, True)(*args, **kwargs)
+        # Like InterpretedFunction.__call__, but undoing its patches of triton.language afterwards:
+        # left in place they break later GPU compilations in the same process.
+        scope = interpreter._patch_lang(self.fn)
+        try:
+            return _kernel(self.fn, True).rewrite()(*args, **kwargs)
+        finally:
+            if hasattr(scope, "restore"):
+                scope.restore()
 
     JITFunction.__call__ = interpreted_call
     try:
