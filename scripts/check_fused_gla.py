@@ -201,8 +201,8 @@ def main() -> None:
             layer = GLA(channels, chunk_size=chunk_size, n_hashes=3, attention_impl="fused").to(device)
             x = torch.randn(2, channels, sizes[0][1], sizes[0][1], device=device, requires_grad=True)
 
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+            def step():  # autocast's weight-cast cache must be off around CUDA-graph capture
+                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                     output = layer(x)
                 output.float().square().mean().backward()
                 return output
