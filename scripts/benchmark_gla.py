@@ -1,20 +1,28 @@
-"""Speed and memory of GLA and of a DLSN training step.
+"""Speed and memory of GLA and DLSN: the reference and the fused attention, and the published layout.
 
-Prints, per case, the median wall time over ``--repeats`` runs and the peak memory (peak RSS of a
-fresh process on CPU, peak allocated GPU memory on CUDA). Each case runs in its own subprocess so
-that peaks do not mix.
+Prints, per case, the median wall time over ``--repeats`` runs (after ``--warmup`` runs) and the peak
+memory: on the CPU the peak RSS of a fresh process (every case runs in its own subprocess), on CUDA
+the peak of ``torch.cuda.max_memory_allocated`` above what was allocated before the timed runs
+(the cases run in one process there; a case that fails prints its error and the others go on).
 
-    python scripts/benchmark_gla.py                    # all cases on CPU
+    python scripts/benchmark_gla.py                    # all cases on CPU (reference implementation)
     python scripts/benchmark_gla.py --device cuda      # on a GPU
     python scripts/benchmark_gla.py --baseline         # also the published algorithm, for comparison
+    python scripts/benchmark_gla.py --impls reference fused --device cuda   # both attention implementations
     python scripts/benchmark_gla.py --train-batches 1 2   # training step at batch 1 (published figure) and 2
     python scripts/benchmark_gla.py --breakdown        # also seconds in convolutions and matrix products
+    python scripts/benchmark_gla.py --device cuda --targets --json out.json --markdown
+                                                       # issue 9's model-level targets, published/reference/fused
 
 Cases: GLA (C=256, k=128, 3 hashes) forward and forward+backward at LR sizes 48, 96, 192, and one
 training step (forward, L1 loss, backward, Adam) of the paper-configuration DLSN on 2x3x48x48, and that
 network's forward pass (no autograd) on 1x3x48x48.
-``--baseline`` runs the same computation the way the published code lays it out (the MLP on every
-gathered key copy, adjacent chunks concatenated for every tensor), for a same-machine comparison.
+``--targets`` runs instead the model-level rows of issue 9's target table: GLA forward+backward at
+batch 1 48x48 and 96x96 and batch 16 96x96, and the paper DLSN (x2) forward of one whole LR image of
+128x128 and 360x360 (no autograd), each for the published layout, the reference and the fused
+implementation (``--impls`` to change).
+``--baseline`` (implementation ``published``) runs the same computation the way the published code lays
+it out (the MLP on every gathered key copy, adjacent chunks concatenated for every tensor).
 ``--breakdown`` profiles the case once more and splits its time into convolutions, matrix products
 (the arithmetic every implementation of the same math must do) and everything else.
 """
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -35,6 +44,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from dlsn.models import DLSN, GLA  # noqa: E402
 from dlsn.models.gla import KEY_NORM_EPS, draw_rotations, gla_layers, number_of_buckets  # noqa: E402
+
+IMPLS = ("published", "reference", "fused")
+TARGET_CASES = [  # issue 9, model-level rows
+    dict(kind="gla_forward_backward", size=48, batch=1),
+    dict(kind="gla_forward_backward", size=96, batch=1),
+    dict(kind="gla_forward_backward", size=96, batch=16),
+    dict(kind="dlsn_forward", size=128, batch=1),
+    dict(kind="dlsn_forward", size=360, batch=1),
+]
 
 
 def published_layout_forward(layer: GLA, x: torch.Tensor) -> torch.Tensor:
@@ -80,39 +98,44 @@ def published_layout_forward(layer: GLA, x: torch.Tensor) -> torch.Tensor:
     return x + layer.res_scale * out
 
 
+def _attention_impl(case: dict) -> str:
+    return "reference" if case["impl"] == "published" else case["impl"]
+
+
 def run_case(case: dict) -> dict:
-    if case["keep_freed_memory"]:
+    if case.get("keep_freed_memory"):
         from dlsn.utils.allocator import keep_freed_memory  # imported only here: dlsn.utils pulls in Hydra
 
         keep_freed_memory()
     device = torch.device(case["device"])
+    torch.set_float32_matmul_precision(case.get("matmul_precision", "highest"))
     torch.manual_seed(0)
     if case["kind"].startswith("dlsn_"):
-        model = DLSN(scale=2).to(device)
-        if case["baseline"]:  # every GLA computed in the published layout
+        model = DLSN(scale=2, attention_impl=_attention_impl(case)).to(device)
+        if case["impl"] == "published":  # every GLA computed in the published layout
             for layer in gla_layers(model):
                 layer.forward = lambda x, rotations=None, layer=layer: published_layout_forward(layer, x)
     if case["kind"] == "dlsn_forward":
-        lr = torch.rand(case["batch"], 3, 48, 48, device=device)
+        lr = torch.rand(case["batch"], 3, case["size"], case["size"], device=device)
 
         def step():
             with torch.no_grad():
                 model(lr)
     elif case["kind"] == "dlsn_train_step":
         # Fused Adam as configs/optim/adam.yaml trains; torch's default Adam (as published) for the baseline.
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=None if case["baseline"] else True)
-        lr = torch.rand(case["batch"], 3, 48, 48, device=device)
-        hr = torch.rand(case["batch"], 3, 96, 96, device=device)
+        published = case["impl"] == "published"
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=None if published else True)
+        lr = torch.rand(case["batch"], 3, case["size"], case["size"], device=device)
+        hr = torch.rand(case["batch"], 3, 2 * case["size"], 2 * case["size"], device=device)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
             F.l1_loss(model(lr), hr).backward()
             optimizer.step()
     else:
-        layer = GLA(256, chunk_size=128, n_hashes=3).to(device)
-        forward = (lambda t: published_layout_forward(layer, t)) if case["baseline"] else layer
-        size = case["size"]
-        x = torch.randn(1, 256, size, size, device=device)
+        layer = GLA(256, chunk_size=128, n_hashes=3, attention_impl=_attention_impl(case)).to(device)
+        forward = (lambda t: published_layout_forward(layer, t)) if case["impl"] == "published" else layer
+        x = torch.randn(case["batch"], 256, case["size"], case["size"], device=device)
         if case["kind"] == "gla_forward":
             def step():
                 with torch.no_grad():
@@ -123,27 +146,35 @@ def run_case(case: dict) -> dict:
             def step():
                 forward(x).square().mean().backward()
 
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case["precision"] == "bf16")
+
+    def timed_step():
+        with autocast:
+            step()
+
     def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step()  # warm-up (allocator, kernels)
+    for _ in range(case["warmup"]):  # allocator, kernels (Triton compiles on the first call)
+        timed_step()
     synchronize()
     if device.type == "cuda":
+        allocated_before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(case["repeats"]):
         start = time.perf_counter()
-        step()
+        timed_step()
         synchronize()
         times.append(time.perf_counter() - start)
     if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        peak_mb = (torch.cuda.max_memory_allocated() - allocated_before) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     result = {"median_s": statistics.median(times), "peak_mb": peak_mb}
     if case.get("breakdown"):
-        result.update(time_by_operator_kind(step, synchronize, device, case["repeats"]))
+        result.update(time_by_operator_kind(timed_step, synchronize, device, case["repeats"]))
     return result
 
 
@@ -177,12 +208,68 @@ def time_by_operator_kind(step, synchronize, device: torch.device, repeats: int)
     return {"convolution_s": convolution_us / 1e6 / repeats, "matmul_s": matmul_us / 1e6 / repeats}
 
 
+def case_label(case: dict) -> str:
+    if case["kind"] == "dlsn_forward":
+        shape = f"{case['batch']}x3x{case['size']}x{case['size']}"
+    elif case["kind"] == "dlsn_train_step":
+        shape = f"{case['batch']}x3x{case['size']}x{case['size']}"
+    else:
+        shape = f"{case['size']}x{case['size']}" + (f" batch {case['batch']}" if case["batch"] != 1 else "")
+    return f"{case['impl']} {case['kind']} {shape}"
+
+
+def run_in_subprocess(case: dict) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
+                            capture_output=True, text=True)
+    if result.returncode:
+        return {"error": (result.stderr.strip().splitlines() or ["exit status %d" % result.returncode])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_in_process(case: dict) -> dict:
+    try:
+        return run_case(case)
+    except Exception as error:  # noqa: BLE001 - report and go on with the other cases
+        return {"error": f"{type(error).__name__}: {error}".splitlines()[0][:300]}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def markdown_table(results: list[dict], memory_label: str) -> str:
+    """One row per case and implementation, with the ratio to the published layout's time and memory."""
+    published = {(r["kind"], r["size"], r["batch"], r["precision"]): r for r in results if r["impl"] == "published"}
+    lines = [f"| case | implementation | median ms | {memory_label} | speed vs published | memory vs published |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        shape = case_label(r).split(" ", 2)[2]
+        name = f"{r['kind']} {shape} ({r['precision']}, matmul {r.get('matmul_precision', 'highest')})"
+        if "error" in r:
+            lines.append(f"| {name} | {r['impl']} | error: {r['error']} | | | |")
+            continue
+        base = published.get((r["kind"], r["size"], r["batch"], r["precision"]))
+        speed = memory = ""
+        if base and "error" not in base and r["impl"] != "published":
+            speed = f"{base['median_s'] / r['median_s']:.2f}x"
+            memory = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base["peak_mb"] > 0 else ""
+        lines.append(f"| {name} | {r['impl']} | {1000 * r['median_s']:.1f} | {r['peak_mb']:.0f} | {speed} | {memory} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     parser.add_argument("--sizes", type=int, nargs="+", default=[48, 96, 192])
+    parser.add_argument("--impls", nargs="+", choices=IMPLS,
+                        help="implementations to time (default: reference; with --targets all three)")
     parser.add_argument("--baseline", action="store_true", help="also time the published layout")
+    parser.add_argument("--targets", action="store_true", help="issue 9's model-level cases instead")
+    parser.add_argument("--precision", choices=["32", "bf16"], default="32", help="bf16: under autocast")
+    parser.add_argument("--matmul-precision", choices=["highest", "high"], default="highest",
+                        help="torch.set_float32_matmul_precision for every case (high: TF32 matrix products, "
+                             "which GLA's auto implementation needs to use the fused kernel in float32)")
     parser.add_argument("--no-train-step", action="store_true")
     parser.add_argument("--train-batches", type=int, nargs="+", default=[2],
                         help="batch sizes of the DLSN training step (the published figure is batch 1)")
@@ -191,47 +278,72 @@ def main() -> None:
                              "faults at large sizes, higher peak RSS")
     parser.add_argument("--breakdown", action="store_true",
                         help="also profile each case: seconds per step in convolutions and matrix products")
+    parser.add_argument("--json", help="write every case and its numbers to this file")
+    parser.add_argument("--markdown", action="store_true", help="finish with a markdown table (ratios)")
+    parser.add_argument("--list", action="store_true", help="print the cases and exit")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return
 
+    impls = args.impls or (list(IMPLS) if args.targets else ["reference"])
+    if args.baseline and "published" not in impls:
+        impls = ["published", *impls]
     cases = []
-    for baseline in ([False, True] if args.baseline else [False]):
+    for impl in impls:
+        if args.targets:
+            cases += [dict(case, impl=impl, repeats=args.repeats) for case in TARGET_CASES]
+            continue
         for kind in ("gla_forward", "gla_forward_backward"):
             for size in args.sizes:
                 repeats = args.repeats if size <= 96 or args.device != "cpu" else max(2, args.repeats // 2)
-                cases.append(dict(kind=kind, size=size, baseline=baseline, repeats=repeats))
-    if not args.no_train_step:
-        for baseline in ([False, True] if args.baseline else [False]):
-            cases.append(dict(kind="dlsn_forward", size=48, baseline=baseline, batch=1, repeats=args.repeats))
+                cases.append(dict(kind=kind, size=size, batch=1, impl=impl, repeats=repeats))
+        if not args.no_train_step:
+            cases.append(dict(kind="dlsn_forward", size=48, batch=1, impl=impl, repeats=args.repeats))
             for batch in args.train_batches:
-                cases.append(dict(kind="dlsn_train_step", size=48, baseline=baseline, batch=batch,
+                cases.append(dict(kind="dlsn_train_step", size=48, batch=batch, impl=impl,
                                   repeats=max(2, args.repeats // 2)))
-
-    memory_label = "peak GPU MB" if args.device.startswith("cuda") else "peak RSS MB"
-    allocator = "keep_freed_memory()" if args.keep_freed_memory else "default malloc settings"
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, {allocator}")
-    breakdown_header = f"{'conv s':>10}{'matmul s':>10}{'other s':>10}" if args.breakdown else ""
-    print(f"{'case':<46}{'median s':>10}{memory_label:>14}{breakdown_header}")
     for case in cases:
-        case["device"] = args.device
-        case["keep_freed_memory"] = args.keep_freed_memory
-        case["breakdown"] = args.breakdown
-        result = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
-                                capture_output=True, text=True, check=True)
-        numbers = json.loads(result.stdout.strip().splitlines()[-1])
-        label = ("published layout " if case["baseline"] else "") + case["kind"]
-        if not case["kind"].startswith("dlsn_"):
-            label += f" {case['size']}x{case['size']}"
-        else:
-            label += f" {case['batch']}x3x48x48"
-        row = f"{label:<46}{numbers['median_s']:>10.3f}{numbers['peak_mb']:>14.0f}"
+        case.update(device=args.device, warmup=args.warmup, precision=args.precision,
+                    matmul_precision=args.matmul_precision,
+                    keep_freed_memory=args.keep_freed_memory, breakdown=args.breakdown)
+    if args.list:
+        for case in cases:
+            print(case_label(case))
+        return
+
+    cuda = args.device.startswith("cuda")
+    memory_label = "step peak MB" if cuda else "peak RSS MB"
+    allocator = "keep_freed_memory()" if args.keep_freed_memory else "default malloc settings"
+    print(f"torch {torch.__version__}, device {args.device}"
+          + (f" ({torch.cuda.get_device_name(args.device)})" if cuda else "")
+          + f", threads {torch.get_num_threads()}, {allocator}, precision {args.precision}, "
+          f"float32 matmul precision {args.matmul_precision}", flush=True)
+    breakdown_header = f"{'conv s':>10}{'matmul s':>10}{'other s':>10}" if args.breakdown else ""
+    print(f"{'case':<58}{'median s':>10}{memory_label:>14}{breakdown_header}", flush=True)
+    results = []
+    for case in cases:
+        numbers = run_in_process(case) if cuda else run_in_subprocess(case)
+        results.append(dict(case, **numbers))
+        if "error" in numbers:
+            print(f"{case_label(case):<58} error: {numbers['error']}", flush=True)
+            continue
+        row = f"{case_label(case):<58}{numbers['median_s']:>10.4f}{numbers['peak_mb']:>14.0f}"
         if args.breakdown:
             other = numbers["median_s"] - numbers["convolution_s"] - numbers["matmul_s"]
-            row += f"{numbers['convolution_s']:>10.3f}{numbers['matmul_s']:>10.3f}{other:>10.3f}"
+            row += f"{numbers['convolution_s']:>10.4f}{numbers['matmul_s']:>10.4f}{other:>10.4f}"
         print(row, flush=True)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"torch": torch.__version__, "device": args.device,
+                       "device_name": torch.cuda.get_device_name(args.device) if cuda else "cpu",
+                       "cases": results}, file, indent=1)
+    if args.markdown:
+        print()
+        print(markdown_table(results, memory_label))
+    if any("error" in r for r in results) or any(not math.isfinite(r.get("median_s", 0)) for r in results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
-# Every GPU measurement docs/benchmarks.md asks for, in one command on a CUDA machine.
+# Every GPU measurement docs/benchmarks.md asks for, in one offline command on a CUDA machine.
 #
 #   scripts/gpu_check.sh --fetch     # on a machine with internet: wheels of the pure-Python packages
 #                                    # an offline GPU image may lack (Hydra, OmegaConf) into .whl/
-#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; ~5 min on an H100
+#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; about 5 minutes on an H100
 #
-# The GPU machine needs python3 with a CUDA build of torch, lightning, torchmetrics, scikit-image,
-# rich and safetensors. Whatever .whl/ holds is installed into /tmp/site first (no network needed).
-# Results: $OUT/gla_cuda.txt (benchmark_gla.py --device cuda), $OUT/precision.{json,txt}
-# (benchmark_precision.py: float32 vs bf16-mixed throughput, peak memory, PSNR after a short run).
-set -euo pipefail
+# The GPU machine needs python3 with a CUDA build of torch (with its triton), lightning, torchmetrics,
+# scikit-image, rich and safetensors. Whatever .whl/ holds is installed into /tmp/site first (no
+# network needed). Every step writes its raw output to a file under $OUT (nothing is piped, so a run
+# cut short keeps what it printed) and the script goes on after a failing step:
+#   gpu.txt             GPU, driver, torch/triton/lightning versions
+#   check.{txt,json}    scripts/check_fused_gla.py: the fused kernel against the reference (float32,
+#                       bf16), true-float32 match embedding, sync-free rotations, CUDA graph, compile
+#   gla_targets.{txt,json}  scripts/benchmark_gla.py --targets: issue 9's model-level rows for the
+#                       published layout, the reference and the fused implementation, float32 with
+#                       TF32 matrix products on all three; gla_targets_bf16.*: the same under bf16 autocast
+#   precision.{txt,json}    scripts/benchmark_precision.py: training step float32 vs bf16-mixed
+#                       (throughput, peak memory) and validation PSNR after a short run
+#   summary.md          the markdown table printed at the end (scripts/gpu_check_summary.py)
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--fetch" ]]; then
+    set -e
     mkdir -p .whl
     # antlr4-python3-runtime 4.9.3 (what OmegaConf 2.3 needs) is published as a source archive only:
     # build its (pure-Python) wheel here.
@@ -28,9 +38,33 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/gpu.txt"
+status=0
 
-python3 scripts/benchmark_gla.py --device cuda --repeats 10 --train-batches 2 16 --breakdown 2>&1 | tee "$OUT/gla_cuda.txt"
-python3 scripts/benchmark_precision.py --device cuda --json "$OUT/precision.json" --run-dir /tmp/precision_runs \
-    2>&1 | tee "$OUT/precision.txt"
+step() {  # step NAME COMMAND...: run with stdout and stderr to $OUT/NAME.txt, report its time and status
+    local name="$1" start=$SECONDS rc
+    shift
+    echo "== $name: $*"
+    "$@" >"$OUT/$name.txt" 2>&1
+    rc=$?
+    echo "   exit status $rc after $((SECONDS - start)) s (output: $OUT/$name.txt)"
+    [[ $rc -eq 0 ]] || status=1
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton, lightning; print('torch', torch.__version__, 'triton', triton.__version__, 'lightning', lightning.__version__)"
+} >"$OUT/gpu.txt" 2>&1
+echo "== $(tr '\n' ' ' <"$OUT/gpu.txt")"
+
+step check python3 scripts/check_fused_gla.py --json "$OUT/check.json"
+# float32 with TF32 matrix products for every implementation (the fused kernel's float32 mode), then bf16
+step gla_targets python3 scripts/benchmark_gla.py --device cuda --targets --repeats 10 --warmup 3 \
+    --matmul-precision high --json "$OUT/gla_targets.json" --markdown
+step gla_targets_bf16 python3 scripts/benchmark_gla.py --device cuda --targets --repeats 10 --warmup 3 \
+    --precision bf16 --json "$OUT/gla_targets_bf16.json" --markdown
+step precision python3 scripts/benchmark_precision.py --device cuda --train-steps 200 \
+    --json "$OUT/precision.json" --run-dir /tmp/precision_runs
+
+python3 scripts/gpu_check_summary.py "$OUT" >"$OUT/summary.md" 2>&1 || status=1
+echo
+cat "$OUT/summary.md"
+exit $status

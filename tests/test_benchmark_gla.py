@@ -1,7 +1,13 @@
-"""`scripts/benchmark_gla.py` runs and prints one row per case (tiny sizes, so seconds only)."""
+"""`scripts/benchmark_gla.py` runs and prints one row per case (tiny sizes, so seconds only).
+
+Only the structure of the output is checked: timings depend on the machine's load, so no test
+asserts on them or on their shares (the script prints them).
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -9,16 +15,66 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_gla.py"
 
 
-def test_benchmark_prints_time_memory_and_breakdown_per_case():
+def test_benchmark_prints_time_memory_and_breakdown_per_case(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--sizes", "32", "--repeats", "1", "--no-train-step", "--breakdown"],
+        [sys.executable, str(SCRIPT), "--sizes", "32", "--repeats", "1", "--no-train-step", "--breakdown",
+         "--json", str(tmp_path / "gla.json"), "--markdown"],
         capture_output=True, text=True, timeout=300, check=True,
     )
-    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("gla_")]
-    assert [row[:2] for row in rows] == [["gla_forward", "32x32"], ["gla_forward_backward", "32x32"]]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("reference gla_")]
+    assert [row[:3] for row in rows] == [["reference", "gla_forward", "32x32"],
+                                         ["reference", "gla_forward_backward", "32x32"]]
     for row in rows:
-        median_s, peak_mb, convolution_s, matmul_s, _other_s = map(float, row[2:])
-        assert median_s > 0 and peak_mb > 100  # RSS includes Python and torch
-        assert convolution_s > 0 and matmul_s >= 0  # printed to 1 ms
-        # Per-step shares of the same work: together at most the step time (plus profiler overhead).
-        assert convolution_s + matmul_s <= 1.5 * median_s + 1e-3
+        numbers = list(map(float, row[3:]))  # median s, peak MB, convolution s, matmul s, other s
+        assert len(numbers) == 5 and all(math.isfinite(number) for number in numbers)
+        assert numbers[1] > 100  # peak RSS in MB includes Python and torch
+
+    recorded = json.loads((tmp_path / "gla.json").read_text())
+    assert [(case["impl"], case["kind"], case["size"]) for case in recorded["cases"]] == [
+        ("reference", "gla_forward", 32), ("reference", "gla_forward_backward", 32)]
+    assert all({"median_s", "peak_mb", "convolution_s", "matmul_s"} <= set(case) for case in recorded["cases"])
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| case | implementation | median ms") and len(table) == 2 + 2
+
+
+def test_targets_are_the_model_level_rows_of_issue_9():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--targets", "--list"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    cases = ["gla_forward_backward 48x48", "gla_forward_backward 96x96", "gla_forward_backward 96x96 batch 16",
+             "dlsn_forward 1x3x128x128", "dlsn_forward 1x3x360x360"]
+    assert result.stdout.splitlines() == [f"{impl} {case}" for impl in ("published", "reference", "fused")
+                                          for case in cases]
+
+
+def test_gpu_check_summary_judges_the_targets_from_the_recorded_numbers(tmp_path):
+    """The table scripts/gpu_check.sh prints, from made-up JSON files (no timing is measured here)."""
+    def case(impl, kind, size, batch, milliseconds, megabytes):
+        return dict(impl=impl, kind=kind, size=size, batch=batch, precision="32",
+                    median_s=milliseconds / 1000, peak_mb=megabytes)
+
+    cases = [case("published", "gla_forward_backward", 48, 1, 5.8, 130),
+             case("fused", "gla_forward_backward", 48, 1, 5.0, 40),  # 1.16x: met
+             case("published", "gla_forward_backward", 96, 16, 55.1, 8270),
+             case("fused", "gla_forward_backward", 96, 16, 20.0, 900),  # 2.76x < 3x: not met
+             case("published", "dlsn_forward", 360, 1, 294.9, 6795),
+             case("fused", "dlsn_forward", 360, 1, 100.0, 2100),  # 2.95x but memory 0.31x: not met
+             dict(impl="fused", kind="dlsn_forward", size=128, batch=1, precision="32", error="OutOfMemoryError: x")]
+    (tmp_path / "gla_targets.json").write_text(json.dumps({"cases": cases}))
+    (tmp_path / "check.json").write_text(json.dumps({"results": [
+        {"check": "fused kernel self-check", "status": "PASS"},
+        {"check": "GLA training step", "status": "FAIL", "error": "RuntimeError: capture"}]}))
+    summary = subprocess.run([sys.executable, str(SCRIPT.parent / "gpu_check_summary.py"), str(tmp_path)],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    rows = {line.split(" | ")[0].lstrip("| ").replace(" (32, matmul highest)", ""): line
+            for line in summary.splitlines()[2:]}
+    assert rows["check: fused kernel self-check"].endswith("| PASS |")
+    failed = rows["check: GLA training step"]
+    assert "RuntimeError: capture" in failed and failed.endswith("FAIL |")
+    assert rows["GLA fwd+bwd, C=256, batch 1, LR 48x48"].endswith("| 1.16x time, 0.31x memory | >= 1x | MET |")
+    assert rows["GLA fwd+bwd, C=256, batch 16, LR 96x96"].endswith("| 2.75x time, 0.11x memory | >= 3x | NOT MET |")
+    assert rows["whole-image forward, paper DLSN x2, batch 1, LR 360x360"].endswith(
+        "| 2.95x time, 0.31x memory | >= 2.5x, memory <= 0.3x | NOT MET |")
+    assert "error: OutOfMemoryError" in rows["whole-image forward, paper DLSN x2, batch 1, LR 128x128"]
+    assert rows["GLA fwd+bwd, C=256, batch 1, LR 96x96"].endswith("| NOT MEASURED |")
+    assert rows["model-level targets (gla_targets_bf16.json)"].endswith("| MISSING |")
+    assert rows["training steps (precision.json)"].endswith("| MISSING |")

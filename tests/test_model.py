@@ -253,3 +253,242 @@ def test_cpu_inference_in_blocks_of_chunks_gives_the_same_output(monkeypatch, ba
     block_sizes.clear()
     layer(x)  # training (autograd on): one block per round, blocks would not save memory there
     assert block_sizes == [batch * 24] * 2
+
+
+# ------------------------------------------------------------------ rotations drawn on the device
+
+@pytest.mark.parametrize("dim, n_buckets", [(8, 8), (64, 18), (16, 46), (64, 128), (4, 1)])
+def test_orthonormal_columns_is_the_q_of_orthogonal_init(dim, n_buckets):
+    """Given the same Gaussian draw, the Cholesky-QR result equals nn.init.orthogonal_'s matrix."""
+    from dlsn.models.gla import orthonormal_columns
+
+    expected = torch.nn.init.orthogonal_(torch.empty(dim, n_buckets), generator=torch.Generator().manual_seed(5))
+    gaussian = torch.empty(dim, n_buckets).normal_(0, 1, generator=torch.Generator().manual_seed(5))
+    if dim < n_buckets:  # orthogonal_ orthonormalises the rows of a wide matrix
+        torch.testing.assert_close(orthonormal_columns(gaussian.T).T, expected, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(orthonormal_columns(gaussian), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_orthonormal_columns_survives_nearly_dependent_columns():
+    from dlsn.models.gla import orthonormal_columns
+
+    torch.manual_seed(0)
+    matrix = torch.randn(2, 64, 64, dtype=torch.float64)
+    matrix[:, :, 1] = matrix[:, :, 0] + 1e-10 * torch.randn(2, 64, dtype=torch.float64)  # condition ~1e11
+    q = orthonormal_columns(matrix)
+    torch.testing.assert_close(q.mT @ q, torch.eye(64, dtype=torch.float64).expand(2, -1, -1), rtol=0, atol=1e-10)
+    # still the QR factor: q^T matrix is upper triangular with a positive diagonal
+    r = q.mT @ matrix
+    assert torch.tril(r, diagonal=-1).abs().max() < 1e-8 and (torch.diagonal(r, dim1=-2, dim2=-1) > 0).all()
+
+
+@pytest.mark.parametrize("dim, n_buckets", [(8, 5), (4, 12)])
+def test_rotations_drawn_on_the_device_are_orthonormal_and_random(dim, n_buckets):
+    from dlsn.models.gla import draw_rotations_on_device
+
+    torch.manual_seed(11)
+    rotations = draw_rotations_on_device(3, dim, n_buckets, device="cpu")
+    assert rotations.shape == (3, dim, n_buckets) and rotations.dtype == torch.float32
+    gram = rotations.mT @ rotations if dim >= n_buckets else rotations @ rotations.mT
+    torch.testing.assert_close(gram, torch.eye(min(dim, n_buckets)).expand(3, -1, -1), rtol=0, atol=1e-5)
+    assert not torch.equal(rotations, draw_rotations_on_device(3, dim, n_buckets, device="cpu"))
+    torch.manual_seed(11)
+    assert torch.equal(rotations, draw_rotations_on_device(3, dim, n_buckets, device="cpu"))
+
+    # Uniform (Haar) orthonormal frames: every entry has mean 0 and variance 1 / max(dim, n_buckets),
+    # like nn.init.orthogonal_'s. 4000 draws: standard errors about 0.004 and 2%.
+    many = draw_rotations_on_device(4000, dim, n_buckets, device="cpu")
+    assert many.mean(0).abs().max() < 0.02
+    variance = many.square().mean(0) * max(dim, n_buckets)
+    assert (variance - 1).abs().max() < 0.1
+    signs = many[:, 0, 0] > 0  # no sign convention leaks into the distribution
+    assert 0.45 < signs.float().mean() < 0.55
+
+
+def test_gla_draws_training_rotations_on_the_cpu_like_the_published_code(monkeypatch):
+    """CPU inputs without a seed: nn.init.orthogonal_ from the global generator (the fixtures rely on it)."""
+    from dlsn.models import gla as gla_module
+
+    monkeypatch.setattr(gla_module, "draw_rotations_on_device",
+                        lambda *args, **kwargs: pytest.fail("device draw used for a CPU input"))
+    layer = GLA(8, chunk_size=4, n_hashes=2, reduction=2)
+    torch.manual_seed(3)
+    first = layer(torch.ones(1, 8, 4, 4))
+    torch.manual_seed(3)
+    torch.testing.assert_close(layer(torch.ones(1, 8, 4, 4)), first, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_rotations_need_no_host_synchronisation_and_can_be_graphed(monkeypatch):
+    from dlsn.models import gla as gla_module
+    from dlsn.models.gla import draw_rotations_on_device
+
+    monkeypatch.setattr(gla_module, "draw_rotations", lambda *args, **kwargs: pytest.fail("CPU draw used"))
+    GLA(8, chunk_size=4, n_hashes=2, reduction=2).cuda()(torch.randn(1, 8, 4, 4, device="cuda"))
+    draw_rotations_on_device(3, 64, 18, device="cuda")  # warm-up (cuSOLVER handles, workspaces)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rotations = draw_rotations_on_device(3, 64, 18, device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        graphed = draw_rotations_on_device(3, 64, 18, device="cuda")
+    graph.replay()
+    torch.cuda.synchronize()
+    eye = torch.eye(18, device="cuda").expand(3, -1, -1)
+    torch.testing.assert_close(rotations.mT @ rotations, eye, rtol=0, atol=1e-5)
+    torch.testing.assert_close(graphed.mT @ graphed, eye, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the float32 match convolution
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float32_convolution_equals_conv2d(memory_format, dtype):
+    from dlsn.models.float32_ops import conv2d_float32
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 7).to(dtype).contiguous(memory_format=memory_format).requires_grad_(True)
+    weight = torch.randn(3, 6, 3, 3, requires_grad=True)
+    bias = torch.randn(3, requires_grad=True)
+    output = conv2d_float32(x, weight, bias, 1)
+    assert output.dtype == torch.float32 and output.is_contiguous(memory_format=memory_format)
+    grad_output = torch.randn_like(output)
+    grads = torch.autograd.grad(output, (x, weight, bias), grad_output)
+
+    x32 = x.detach().float().requires_grad_(True)
+    expected = F.conv2d(x32, weight, bias, padding=1)
+    expected_grads = torch.autograd.grad(expected, (x32, weight, bias), grad_output)
+    torch.testing.assert_close(output, expected, rtol=1e-6, atol=1e-6)
+    assert grads[0].dtype == dtype
+    for got, want in zip(grads, expected_grads):  # the input's gradient in the input's dtype
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(conv2d_float32, (x, weight, bias, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hash_projections_are_a_float32_einsum(dtype):
+    from dlsn.models.float32_ops import projections_float32
+
+    torch.manual_seed(0)
+    match, rotations = torch.randn(2, 30, 8).to(dtype), torch.randn(3, 8, 5)
+    projections = projections_float32(match, rotations)
+    assert projections.dtype == torch.float32 and projections.is_contiguous()
+    torch.testing.assert_close(projections, torch.einsum("nld,tdb->ntlb", match.float(), rotations),
+                               rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(projections_float32, (match, rotations))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_hash_projections_ignore_tf32_matmuls_on_cuda():
+    from dlsn.models.float32_ops import projections_float32
+
+    torch.manual_seed(0)
+    match = torch.randn(2, 500, 64, device="cuda", dtype=torch.float64)
+    rotations = torch.randn(3, 64, 128, device="cuda", dtype=torch.float64)
+    exact = torch.einsum("nld,tdb->ntlb", match, rotations)
+    torch.set_float32_matmul_precision("high")
+    try:
+        error = (projections_float32(match.float(), rotations.float()).double() - exact).abs().max()
+        tf32_error = (torch.einsum("nld,tdb->ntlb", match.float(), rotations.float()).double() - exact).abs().max()
+        assert torch.get_float32_matmul_precision() == "high"  # restored
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert error < 1e-4 and (tf32_error > 1e-3 or torch.cuda.get_device_capability() < (8, 0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_float32_convolution_ignores_tf32_on_cuda():
+    from dlsn.models.float32_ops import conv2d_float32
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 24, 24, device="cuda", dtype=torch.float64)
+    weight = torch.randn(16, 64, 3, 3, device="cuda", dtype=torch.float64) / 24
+    bias = torch.zeros(16, device="cuda", dtype=torch.float64)
+    exact = F.conv2d(x, weight, bias, padding=1)
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        error = (conv2d_float32(x.float(), weight.float(), bias.float(), 1).double() - exact).abs().max()
+        tf32_error = (F.conv2d(x.float(), weight.float(), bias.float(), padding=1).double() - exact).abs().max()
+        assert torch.backends.cudnn.allow_tf32  # restored
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+    assert error < 1e-4 and (tf32_error > 1e-4 or torch.cuda.get_device_capability() < (8, 0))
+
+
+# ------------------------------------------------------------------ torch.compile
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("attention_impl", ["auto", "reference", "fused"])
+def test_gla_traces_into_one_graph(autocast, attention_impl):
+    """No graph breaks, so torch.compile (and CUDA graphs) get the whole layer: the float32 convolution
+    and the fused attention are custom ops, everything else plain tensor code."""
+    from dlsn.models import chunk_attention
+
+    if attention_impl == "fused" and not chunk_attention.triton_available():
+        pytest.skip("triton is not importable")
+    torch.manual_seed(0)
+    layer = GLA(16, chunk_size=8, n_hashes=2, reduction=2, attention_impl=attention_impl)
+    x = torch.randn(2, 16, 6, 7, requires_grad=True)
+    rotations = torch.nn.init.orthogonal_(torch.empty(2, 8, number_of_buckets(42, 8)))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        explanation = torch._dynamo.explain(layer)(x, rotations)
+        explanation_training = torch._dynamo.explain(layer)(x)  # rotations drawn inside
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    assert explanation_training.graph_break_count == 0, explanation_training.break_reasons
+
+
+@pytest.mark.slow
+def test_compiled_gla_matches_eager():
+    """Output, input and parameter gradients of torch.compile(GLA) (inductor) and eager GLA: equal in
+    float32. Under bfloat16 autocast the outputs agree to the rounding noise (the gradients of this
+    tiny random layer differ from float32 by 10-50% in bfloat16, eager or compiled alike)."""
+    torch.manual_seed(0)
+    layer = GLA(16, chunk_size=8, n_hashes=2, reduction=2)
+    x = torch.randn(2, 16, 6, 7)
+    rotations = torch.nn.init.orthogonal_(torch.empty(2, 8, number_of_buckets(42, 8)))
+    compiled = torch.compile(layer, fullgraph=True)
+    for autocast in (False, True):
+        results = []
+        for forward in (layer, compiled):
+            x_grad = x.clone().requires_grad_(True)
+            layer.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                output = forward(x_grad, rotations)
+            output.float().square().sum().backward()
+            results.append([output.detach().float(), x_grad.grad] + [p.grad for p in layer.parameters()])
+        for got, want in zip(*results):
+            if not autocast:
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        if autocast:
+            torch.testing.assert_close(results[1][0], results[0][0], rtol=0.01, atol=0.01)
+
+
+def test_dlsn_runs_channels_last_end_to_end():
+    """Every convolution sees channels-last weights and inputs (no layout conversions on GPUs); the
+    output is NCHW, and the numbers do not depend on the input's layout."""
+    torch.manual_seed(0)
+    model = small_dlsn().eval()
+    model.set_rotation_seed(0)
+    layouts = []
+
+    def record(module, inputs, output):
+        layouts.append((inputs[0].is_contiguous(memory_format=torch.channels_last),
+                        module.weight.is_contiguous(memory_format=torch.channels_last)))
+
+    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+        conv.register_forward_hook(record)
+    x = torch.rand(2, 3, 9, 10)
+    with torch.no_grad():
+        output = model(x)
+        from_channels_last = model(x.contiguous(memory_format=torch.channels_last))
+    assert layouts and all(inputs and weights for inputs, weights in layouts)
+    assert output.is_contiguous()
+    torch.testing.assert_close(output, from_channels_last, rtol=0, atol=0)
+    state = load_official(small_dlsn(), to_official(model)).state_dict()  # loading keeps the layout
+    assert state["head.weight"].is_contiguous(memory_format=torch.channels_last)

@@ -5,6 +5,10 @@
 
 Each residual group is ``B`` residual blocks (conv, ReLU, conv, + identity), one GLA layer and a
 3x3 conv, wrapped as ``x + res_scale * group(x)``.
+
+Memory layout: convolution weights and every feature map are channels-last (NHWC), the layout GPU
+convolutions (cuDNN) and GLA's token view work in, so no layer converts between layouts; the
+network's output is returned in the default (NCHW) layout. The numbers are those of NCHW.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class DLSN(nn.Module):
 
     Input and output are RGB in ``[0, rgb_range]``. ``forward(x, rotations=None)`` optionally takes
     one ``[n_hashes, n_feats // reduction, n_buckets]`` tensor per GLA layer (in forward order).
+    ``attention_impl`` selects every GLA layer's chunk attention (see :class:`~dlsn.models.GLA`).
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class DLSN(nn.Module):
         n_hashes: int = 3,
         res_scale: float = 0.1,
         rgb_range: float = 1.0,
+        attention_impl: str = "auto",
     ) -> None:
         super().__init__()
         for name, value in (("n_feats", n_feats), ("n_resgroups", n_resgroups),
@@ -99,12 +105,14 @@ class DLSN(nn.Module):
         self.head = conv3x3(3, n_feats)
         self.groups = nn.ModuleList(
             ResidualGroup(n_feats, n_resblocks, res_scale, chunk_size=chunk_size,
-                          n_hashes=n_hashes, reduction=reduction)
+                          n_hashes=n_hashes, reduction=reduction, attention_impl=attention_impl)
             for _ in range(n_resgroups)
         )
         self.body_conv = conv3x3(n_feats, n_feats)
         self.upsampler = Upsampler(scale, n_feats)
         self.reconstruction = conv3x3(n_feats, 3)
+        # Channels-last weights (kept by .to(device), load_state_dict and optimizers' state).
+        self.to(memory_format=torch.channels_last)
 
     def set_rotation_seed(self, seed: int | None) -> None:
         """Deterministic hash rotations (an int) for evaluation, or fresh ones (``None``) for training."""
@@ -114,12 +122,12 @@ class DLSN(nn.Module):
         if rotations is not None and len(rotations) != len(self.groups):
             raise ValueError(f"DLSN: expected {len(self.groups)} rotation tensors (one per GLA "
                              f"layer), got {len(rotations)}")
-        shallow = self.head(x - self.rgb_mean)
+        shallow = self.head((x - self.rgb_mean).contiguous(memory_format=torch.channels_last))
         features = shallow
         for index, group in enumerate(self.groups):
             features = group(features, None if rotations is None else rotations[index])
         features = self.body_conv(features) + shallow
-        return self.reconstruction(self.upsampler(features)) + self.rgb_mean
+        return (self.reconstruction(self.upsampler(features)) + self.rgb_mean).contiguous()
 
     @property
     def attention_layers(self) -> Sequence[GLA]:

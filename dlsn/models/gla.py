@@ -35,9 +35,22 @@ rather than on the ``3 * n_hashes * L`` gathered copies; keys are normalised onc
 the learned scores are added inside the score matmul (``baddbmm``); rounds are processed one at a
 time so that inference holds one round's score tensor at a time.
 
-Under autocast the match embedding is computed in float32 and hashing runs in float32, so the
-bucket assignment adds no rounding of its own (features entering the layer still carry the
-network's precision); softmax and log-sum-exp run in float32.
+Under autocast, and on CUDA whatever the TF32 settings, the match embedding is computed in true
+float32 (:mod:`dlsn.models.float32_ops`) and hashing runs in float32, so the bucket assignment adds
+no rounding of its own (features entering the layer still carry the network's precision); softmax
+and log-sum-exp run in float32.
+
+**Two implementations of the chunk attention** (``attention_impl``): ``"reference"`` is the
+PyTorch code below (``_attend_round``), ``"fused"`` the Triton kernel of
+:mod:`dlsn.models.chunk_attention` (one custom op per layer, no gathered copies; on the CPU it runs
+in Triton's interpreter, for tests only). ``"auto"`` (default) takes the fused kernel on CUDA when
+Triton is installed, for half-precision (autocast) values and for float32 ones where TF32 matrix
+products are allowed (``torch.set_float32_matmul_precision("high")``), else the reference; a kernel
+failure there warns once and falls back.
+
+**Random rotations** during training are drawn on the input's device (:func:`draw_rotations_on_device`,
+no host copy or synchronisation, so a training step can be a CUDA graph); on the CPU, and with a
+``rotation_seed`` (evaluation), they are drawn on the CPU exactly as the published code does.
 """
 
 from __future__ import annotations
@@ -48,9 +61,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlsn.models import chunk_attention as fused
+from dlsn.models.float32_ops import conv2d_float32, projections_float32
+
+ATTENTION_IMPLS = ("auto", "reference", "fused")
 MAX_BUCKETS = 128
 KEY_NORM_EPS = 5e-5
-CPU_BLOCK_BYTES = 16 * 2**20  # largest per-block temporary of CPU inference (see GLA.forward)
+CPU_BLOCK_BYTES = 16 * 2**20  # largest per-block temporary of CPU inference (see GLA._reference_rounds)
 
 
 def number_of_buckets(length: int, chunk_size: int) -> int:
@@ -73,14 +90,65 @@ def draw_rotations(
     return torch.stack(rounds)
 
 
+def orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
+    """``Q`` of the QR decomposition ``matrix = Q R`` with ``diag(R) > 0``, for tall ``[..., m, n]``.
+
+    This is the ``Q`` of ``nn.init.orthogonal_`` (which flips the signs of ``torch.linalg.qr``'s
+    columns to make ``diag(R)`` positive), computed by shifted Cholesky QR in float64: three times
+    ``R = cholesky(Q^T Q)``, ``Q = Q R^-1`` (the first time with ``Q^T Q`` shifted by a tiny multiple of
+    the identity so that it is positive definite even for a near-singular matrix; Fukaya et al., SIAM
+    J. Sci. Comput. 2020). Matrix products, ``cholesky_ex`` and triangular solves only: no operation
+    waits for the host (``torch.linalg.qr`` on CUDA may), so it can be captured in a CUDA graph.
+    """
+    rows, cols = matrix.shape[-2:]
+    q = matrix.double()
+    norm_squared = q.square().sum(dim=(-2, -1), keepdim=True)
+    shift = 11 * (rows * cols + cols * (cols + 1)) * torch.finfo(torch.float64).eps * norm_squared
+    identity = torch.eye(cols, dtype=torch.float64, device=matrix.device)
+    for gram_shift in (shift, 0.0, 0.0):
+        upper = torch.linalg.cholesky_ex(q.mT @ q + gram_shift * identity, upper=True).L
+        q = torch.linalg.solve_triangular(upper, q, upper=True, left=False)  # q @ upper^-1
+    return q.to(matrix.dtype)
+
+
+def draw_rotations_on_device(n_hashes: int, dim: int, n_buckets: int, device) -> torch.Tensor:
+    """Random SB-LSH matrices ``[n_hashes, dim, n_buckets]`` drawn on ``device`` with its default generator.
+
+    The same distribution as :func:`draw_rotations` (orthonormal columns, or rows when
+    ``dim < n_buckets``, uniformly distributed): every round's Gaussian matrix is orthonormalised at
+    once by :func:`orthonormal_columns`. Used for training on GPUs (no host-to-device copy).
+    """
+    gaussian = torch.randn(n_hashes, max(dim, n_buckets), min(dim, n_buckets), device=device)
+    rotations = orthonormal_columns(gaussian)
+    return rotations if dim >= n_buckets else rotations.transpose(1, 2)
+
+
 def hash_codes(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """SB-LSH bucket of every position in every round: ``argmax(m_p R_t)``, ``[N, T, L]``.
 
-    Always computed in float32 with autocast off: an argmax flips on tiny rounding differences,
-    and buckets should not depend on the compute precision.
+    Always computed in true float32 (autocast off, no TF32): an argmax flips on tiny rounding
+    differences, and buckets should not depend on the compute precision.
     """
     with torch.autocast(match.device.type, enabled=False):
-        return torch.einsum("nld,tdb->ntlb", match.detach().float(), rotations.float()).argmax(dim=-1)
+        return projections_float32(match.detach(), rotations).argmax(dim=-1)
+
+
+def sort_into_chunks(codes: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every round's positions sorted by bucket, and where each position landed.
+
+    Returns ``order [N, T, P]``: positions sorted by (bucket, position), padded to a multiple ``P`` of
+    ``chunk`` by repeating the last ``P - L`` sorted positions; and ``inverse [N, T, L]``: the sorted
+    index of every position (its first occurrence).
+    """
+    length = codes.shape[-1]
+    positions = torch.arange(length, device=codes.device)
+    # Unique sort keys (bucket, position) give the stable order on every device.
+    order = torch.argsort(codes * length + positions, dim=-1)
+    inverse = torch.empty_like(order).scatter_(2, order, positions.expand_as(order))
+    padding = -length % chunk
+    if padding:
+        order = torch.cat([order, order[..., -padding:]], dim=-1)
+    return order, inverse
 
 
 def take_rows(table: torch.Tensor, index: torch.Tensor, rows_per_group: int) -> torch.Tensor:
@@ -137,11 +205,13 @@ class GLA(nn.Module):
         n_hashes: SB-LSH rounds.
         reduction: channel reduction ``r`` of the match embedding.
         res_scale: scale of the attention output before the residual addition.
+        attention_impl: ``"auto"`` (fused kernel on CUDA when available), ``"reference"`` or
+            ``"fused"`` (see the module docstring).
 
     Hash rotations come from, in order of precedence: the ``rotations`` argument of ``forward``;
     a fixed CPU generator seeded with ``self.rotation_seed`` (set it for reproducible evaluation:
-    the same output on every run and device); otherwise the global RNG, fresh on every call
-    (training, as in the paper).
+    the same output on every run and device); otherwise fresh random ones on every call (training,
+    as in the paper): from the global CPU generator for CPU inputs, from the device's generator else.
     """
 
     def __init__(
@@ -151,6 +221,7 @@ class GLA(nn.Module):
         n_hashes: int = 3,
         reduction: int = 4,
         res_scale: float = 1.0,
+        attention_impl: str = "auto",
     ) -> None:
         super().__init__()
         for name, value in (("channels", channels), ("chunk_size", chunk_size),
@@ -159,11 +230,14 @@ class GLA(nn.Module):
                 raise ValueError(f"GLA: {name} must be a positive integer, got {value!r}")
         if channels % reduction:
             raise ValueError(f"GLA: channels ({channels}) must be divisible by reduction ({reduction})")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"GLA: attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {attention_impl!r}")
         self.channels = channels
         self.chunk_size = chunk_size
         self.n_hashes = n_hashes
         self.reduction = reduction
         self.res_scale = res_scale
+        self.attention_impl = attention_impl
         self.rotation_seed: int | None = None
 
         self.match_embedding = nn.Conv2d(channels, channels // reduction, 3, padding=1)
@@ -175,15 +249,17 @@ class GLA(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, chunk_size={self.chunk_size}, n_hashes={self.n_hashes}, "
-                f"reduction={self.reduction}, res_scale={self.res_scale}")
+                f"reduction={self.reduction}, res_scale={self.res_scale}, attention_impl={self.attention_impl}")
 
     def _rotations(self, n_buckets: int, rotations: torch.Tensor | None, device) -> torch.Tensor:
         expected = (self.n_hashes, self.channels // self.reduction, n_buckets)
         if rotations is None:
-            generator = None
             if self.rotation_seed is not None:
-                generator = torch.Generator().manual_seed(self.rotation_seed)
-            rotations = draw_rotations(*expected, generator=generator)
+                rotations = draw_rotations(*expected, generator=torch.Generator().manual_seed(self.rotation_seed))
+            elif device.type == "cpu":
+                rotations = draw_rotations(*expected)  # the global generator, as the published code
+            else:
+                return draw_rotations_on_device(*expected, device=device)
         elif tuple(rotations.shape) != expected:
             raise ValueError(
                 f"GLA: rotations must have shape [n_hashes, channels // reduction, n_buckets] = "
@@ -194,10 +270,11 @@ class GLA(nn.Module):
     def _embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Match, value and learnable-score embeddings as ``[N, L, D]`` tokens.
 
-        The three convolutions share their input, so they run as one convolution with the
-        weights stacked: one large matrix product instead of three smaller ones. Under autocast
-        the (small) match convolution runs apart in float32: bucket assignment is an argmax, and
-        half-precision rounding of its inputs would move positions between buckets.
+        The convolutions share their input, so they run as one convolution with the weights
+        stacked: one large matrix product instead of several smaller ones. The (small) match
+        convolution runs apart in true float32 under autocast and on CUDA (where float32
+        convolutions may use TF32): bucket assignment is an argmax, and rounding of its inputs
+        would move positions between buckets.
         """
         # Channels-last convolutions give [N, H, W, D] memory: the [N, L, D] tokens are a view whose
         # rows can be gathered without another copy (and mkldnn convolves it a little faster).
@@ -209,15 +286,22 @@ class GLA(nn.Module):
 
         convs = [self.match_embedding, self.value_embedding, self.score_embedding]
         match = None
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                match = tokens(F.conv2d(x.float(), self.match_embedding.weight.float(),
-                                        self.match_embedding.bias.float(), padding=1))
+        if x.is_cuda or torch.is_autocast_enabled(x.device.type):
+            match = tokens(conv2d_float32(x, self.match_embedding.weight, self.match_embedding.bias, 1))
             convs = convs[1:]
         weight = torch.cat([conv.weight for conv in convs])
         bias = torch.cat([conv.bias for conv in convs])
         parts = tokens(F.conv2d(x, weight, bias, padding=1)).split([c.out_channels for c in convs], dim=-1)
         return parts if match is None else (match, *parts)
+
+    def _uses_fused_kernel(self, value: torch.Tensor) -> bool:
+        if self.attention_impl != "auto":
+            return self.attention_impl == "fused"
+        # float32 values: only where TF32 matrix products are allowed (the kernel's true-float32 dot
+        # products are slow); half precision (autocast) always.
+        precision_ok = value.dtype in (torch.bfloat16, torch.float16) or (
+            value.dtype == torch.float32 and fused.tf32_matmuls_allowed())
+        return value.is_cuda and precision_ok and fused.triton_available() and fused.fused_kernel_failure() is None
 
     @staticmethod
     def _attend_round(match, keys, learned_score, value, sorted_positions, neighbour_chunks, chunks_per_block):
@@ -245,27 +329,12 @@ class GLA(nn.Module):
             confidence_blocks.append(confidence.reshape(batch, -1))
         return _concat_blocks(attended_blocks), _concat_blocks(confidence_blocks)
 
-    def forward(self, x: torch.Tensor, rotations: torch.Tensor | None = None) -> torch.Tensor:
-        batch, channels, height, width = x.shape
-        length = height * width
-        chunk = min(self.chunk_size, length)
-        n_buckets = number_of_buckets(length, self.chunk_size)
-        rotations = self._rotations(n_buckets, rotations, x.device)
-
-        match, value, score_input = self._embeddings(x)
-        # fc(u_j) depends only on the key position: evaluate it once per position, gather later.
-        learned_score = self.score_mlp(score_input)[..., :chunk]
-        keys = F.normalize(match, p=2, dim=-1, eps=KEY_NORM_EPS)
-
-        codes = hash_codes(match, rotations)
-        positions = torch.arange(length, device=x.device)
-        # Unique sort keys (bucket, position) give the stable order on every device.
-        order = torch.argsort(codes * length + positions, dim=-1)  # [N, T, L]
-        padding = -length % chunk
-        if padding:  # repeat the last sorted positions to fill the last chunk
-            order = torch.cat([order, order[..., -padding:]], dim=-1)
-        n_chunks = order.shape[-1] // chunk
-        chunk_ids = torch.arange(n_chunks, device=x.device)
+    def _reference_rounds(self, match, keys, learned_score, value, order, inverse):
+        """Per round: attended values ``[N, L, C]`` and confidences ``[N, L]`` in image order."""
+        batch, _, padded = order.shape
+        length, chunk = inverse.shape[-1], learned_score.shape[-1]
+        n_chunks = padded // chunk
+        chunk_ids = torch.arange(n_chunks, device=order.device)
         # For every chunk: itself, the previous and the next chunk (cyclic).
         neighbour_chunks = torch.stack([chunk_ids, (chunk_ids - 1) % n_chunks, (chunk_ids + 1) % n_chunks], dim=1)
 
@@ -276,8 +345,8 @@ class GLA(nn.Module):
         # and each block's gathers would produce a full-size gradient. CUDA's caching allocator has
         # no such cost and runs fewer, larger kernels faster.
         chunks_per_block = n_chunks
-        if x.device.type == "cpu" and not torch.is_grad_enabled():
-            gathered_values_per_chunk = batch * 3 * chunk * channels * value.element_size()
+        if match.device.type == "cpu" and not torch.is_grad_enabled():
+            gathered_values_per_chunk = batch * 3 * chunk * value.shape[-1] * value.element_size()
             chunks_per_block = max(1, CPU_BLOCK_BYTES // gathered_values_per_chunk)
 
         round_outputs, round_confidences = [], []
@@ -287,10 +356,33 @@ class GLA(nn.Module):
                 match, keys, learned_score, value, sorted_positions, neighbour_chunks, chunks_per_block
             )
             # Back to image order: the first copy of every position; padded copies are dropped.
-            inverse = torch.empty_like(positions).expand(batch, -1).clone()
-            inverse.scatter_(1, order[:, hash_round, :length], positions.expand(batch, -1))
-            round_outputs.append(take_rows(attended, inverse, length))
-            round_confidences.append(confidence.gather(1, inverse))
+            round_outputs.append(take_rows(attended, inverse[:, hash_round], length))
+            round_confidences.append(confidence.gather(1, inverse[:, hash_round]))
+        return round_outputs, round_confidences
+
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor | None = None) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        length = height * width
+        chunk = min(self.chunk_size, length)
+        rotations = self._rotations(number_of_buckets(length, self.chunk_size), rotations, x.device)
+
+        match, value, score_input = self._embeddings(x)
+        # fc(u_j) depends only on the key position: evaluate it once per position, gather later.
+        learned_score = self.score_mlp(score_input)[..., :chunk]
+        keys = F.normalize(match, p=2, dim=-1, eps=KEY_NORM_EPS)
+        order, inverse = sort_into_chunks(hash_codes(match, rotations), chunk)
+
+        if self._uses_fused_kernel(value):
+            # Queries and keys in the values' precision, as the reference's autocast matmul uses them.
+            attended, confidence = fused.chunk_attention(
+                match.to(value.dtype), keys.to(value.dtype), learned_score, value, order, inverse,
+                fallback=self.attention_impl == "auto",
+            )
+            round_outputs, round_confidences = attended.unbind(1), confidence.unbind(1)
+        else:
+            round_outputs, round_confidences = self._reference_rounds(
+                match, keys, learned_score, value, order, inverse
+            )
 
         # Mix rounds per position by the softmax of their log-sum-exp confidences.
         round_weights = torch.softmax(torch.stack(round_confidences), dim=0)

@@ -1,0 +1,732 @@
+"""GLA's per-round chunk attention as one fused Triton kernel (forward and backward).
+
+**What is computed.** For every batch item ``n`` and hash round ``t``, ``order[n, t]`` lists the
+``L`` positions sorted by bucket, padded to ``P = n_chunks * k`` entries by repeating the last
+``P - L`` of them, and cut into chunks of ``k``. Query ``i`` (sorted index ``s``, chunk ``c``, slot
+``r = s mod k``) attends to the ``3k`` keys of chunks ``c - 1``, ``c`` and ``c + 1`` (cyclically):
+
+    s(i, j) = q_i . k_j + ls[j, r]          (k_j already normalised by the caller)
+    y(i)    = sum_j softmax_j(s(i, j)) v_j,     lse(i) = log sum_j exp s(i, j)
+
+This is attention with a block-banded mask in sorted order (block = chunk, bandwidth 3). The learned
+score is a per-key row ``ls[j]`` indexed by the query's slot, equivalently an extra dot product
+``one_hot(r) . ls[j]``. Outputs are returned in image order, one row per position (the first
+sorted occurrence; the padded duplicates only serve as keys): ``attended [N, T, L, C]`` and the
+log-sum-exp ``confidence [N, T, L]``, which the caller needs, with its gradient, to mix the rounds.
+Both are float32 whatever the inputs' precision (see the backward's row term below).
+
+**Forward kernel** (flash-attention style). One program per (query block of one chunk, item and
+round, block of value channels). It reads its query rows and, in turn, each neighbour chunk's key,
+learned-score and value rows straight from the unsorted ``[N, L, D]`` tensors through ``order``
+(no sorted or 3x gathered copies are made), keeps a running maximum and sum of ``exp`` (online
+softmax) and a float32 accumulator, and writes ``y`` and ``lse`` to the rows' image positions.
+
+**Backward.** With ``P = softmax(S)``, incoming ``dy`` and ``dlse``, ``dP_ij = dy_i . v_j`` and the
+row term ``delta_i = sum_j P_ij dP_ij - dlse_i``:  ``dV_j = sum_i P_ij dy_i``,
+``dS_ij = P_ij (dP_ij - delta_i)``,  ``dQ_i = sum_j dS_ij k_j``,  ``dK_j = sum_i dS_ij q_i``,
+``dls[j, r] = sum over the queries i in slot r of dS_ij``. ``P`` is recomputed from the saved
+``lse``. Two kernels avoid atomics: one program per *query* block accumulates ``dQ`` over its three
+key chunks, then one per *key* block accumulates ``dK, dV, dls`` over the queries of the three
+chunks that see it (chunks ``c + 1``, ``c``, ``c - 1``). For float32 values ``delta_i = dy_i . y_i -
+dlse_i`` (flash-attention's shortcut). In half precision ``y`` was accumulated from rounded weights,
+and that shortcut would break ``sum_j dS_ij = dlse_i`` by errors that do not average out (the learned
+score's gradient sums them over every query): the query kernel computes the sum itself in a first
+pass over its keys and hands ``delta`` to the key kernel. Both kernels write float32 rows in sorted
+order. A padded duplicate row (sorted index ``L + i``) is the same position as sorted row
+``L - pad + i``: a contiguous slice addition folds it back, then one gather per round returns to
+image order and the rounds are summed.
+
+Everything accumulates in float32; inputs may be float32, bfloat16 or float16 (query and key of
+one dtype, the softmax weights are cast to the value dtype for the ``P V`` product, as the reference
+path does). Float32 dot products use TF32 only where ``torch.backends.cuda.matmul.allow_tf32``
+(``torch.set_float32_matmul_precision("high")``) allows it; true float32 dot products are correct
+but slow on GPUs (no tensor cores), so GLA's ``auto`` uses the kernel for float32 only with TF32.
+
+:func:`chunk_attention` is a ``torch.library`` custom op (``dlsn::chunk_attention``) with its
+backward registered, so ``torch.compile`` and CUDA graphs see one opaque op. On the CPU the same
+kernels run in Triton's interpreter (slow: tests only). With ``fallback=True`` (GLA's ``auto``), the
+first CUDA use runs a small self-check against the reference, and any compile or launch failure
+warns once and computes the reference instead (:func:`chunk_attention_reference`, plain PyTorch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # the reference path needs no Triton
+    triton = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Reference: the same math in plain PyTorch (gathered neighbourhoods). Used as the fallback, by the
+# self-check and by the tests; GLA's own reference path (gla.py) is leaner in memory.
+# --------------------------------------------------------------------------------------------
+
+def _batch_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[n, index[n, ...]]`` for a ``[N, R, D]`` table: ``[N, ..., D]``."""
+    batch = torch.arange(table.shape[0], device=table.device).view(-1, *([1] * (index.dim() - 1)))
+    return table[batch, index]
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def _scores(queries, keys, learned_score, order, compute):
+    """Scores ``[N, T, n, k, 3k]`` of every chunk's queries against its neighbourhood's keys."""
+    batch, rounds, padded = order.shape
+    chunk = learned_score.shape[-1]
+    query_rows = order.view(batch, rounds, padded // chunk, chunk)
+    # Previous, own and next chunk (cyclic): roll(1) puts chunk c - 1 at place c.
+    key_rows = torch.cat([query_rows.roll(1, dims=2), query_rows, query_rows.roll(-1, dims=2)], dim=3)
+    q = _batch_rows(queries, query_rows).to(compute)
+    k = _batch_rows(keys, key_rows).to(compute)
+    learned = _batch_rows(learned_score, key_rows).to(compute)  # [N, T, n, 3k, slots]
+    return q @ k.transpose(-1, -2) + learned.transpose(-1, -2), q, k, key_rows
+
+
+def _image_order(sorted_rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Rows ``[N, T, P, D]`` in sorted order -> ``[N, T, L, D]`` in image order (first occurrences)."""
+    return sorted_rows.gather(2, inverse.unsqueeze(-1).expand(-1, -1, -1, sorted_rows.shape[-1]))
+
+
+def chunk_attention_reference(queries, keys, learned_score, values, order, inverse):
+    """Attended values ``[N, T, L, C]`` and log-sum-exp ``[N, T, L]``, float32 (float64 for float64).
+
+    ``queries``/``keys`` ``[N, L, d]`` (keys normalised), ``learned_score`` ``[N, L, k]``, ``values``
+    ``[N, L, C]``, ``order`` ``[N, T, P]`` (sorted, padded positions), ``inverse`` ``[N, T, L]`` (the
+    sorted index of every position's first occurrence). Computed in float32 (float64 for float64).
+    """
+    compute = _compute_dtype(values)
+    scores, _, _, key_rows = _scores(queries, keys, learned_score, order, compute)
+    confidence = torch.logsumexp(scores, dim=-1)
+    attended = torch.exp(scores - confidence.unsqueeze(-1)) @ _batch_rows(values, key_rows).to(compute)
+    attended = _image_order(attended.flatten(2, 3), inverse)
+    confidence = _image_order(confidence.flatten(2, 3).unsqueeze(-1), inverse).squeeze(-1)
+    return attended, confidence
+
+
+def _scatter_rows(rows: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
+    """Sum of ``rows [N, ..., D]`` into a ``[N, length, D]`` table at ``index [N, ...]``."""
+    batch, depth = rows.shape[0], rows.shape[-1]
+    offsets = torch.arange(batch, device=rows.device).view(-1, *([1] * (index.dim() - 1))) * length
+    table = rows.new_zeros(batch * length, depth)
+    table.index_add_(0, (index + offsets).flatten(), rows.reshape(-1, depth))
+    return table.view(batch, length, depth)
+
+
+def chunk_attention_reference_backward(grad_attended, grad_confidence, queries, keys, learned_score,
+                                       values, order, inverse):
+    """Gradients of :func:`chunk_attention_reference` for queries, keys, learned score and values,
+    written out (no autograd: it also serves inside the custom op's backward)."""
+    compute = _compute_dtype(values)
+    batch, rounds, padded = order.shape
+    length = inverse.shape[-1]
+    scores, q, k, key_rows = _scores(queries, keys, learned_score, order, compute)
+    confidence = torch.logsumexp(scores, dim=-1, keepdim=True)
+    weights = torch.exp(scores - confidence)
+    v = _batch_rows(values, key_rows).to(compute)
+
+    def sorted_grad(grad: torch.Tensor) -> torch.Tensor:  # image order -> sorted rows, 0 for padding
+        rows = grad.new_zeros(batch, rounds, padded, grad.shape[-1], dtype=compute)
+        rows[:, :, :length] = grad.gather(2, order[:, :, :length, None].expand(-1, -1, -1, grad.shape[-1]))
+        return rows.view(*q.shape[:-1], grad.shape[-1])
+
+    grad_out = sorted_grad(grad_attended)
+    grad_lse = sorted_grad(grad_confidence.unsqueeze(-1))
+    delta = (grad_out * (weights @ v)).sum(-1, keepdim=True) - grad_lse
+    grad_scores = weights * (grad_out @ v.transpose(-1, -2) - delta)
+    query_rows = order.view(q.shape[:-1])
+    grad_queries = _scatter_rows(grad_scores @ k, query_rows, length)
+    grad_keys = _scatter_rows(grad_scores.transpose(-1, -2) @ q, key_rows, length)
+    grad_learned = _scatter_rows(grad_scores.transpose(-1, -2), key_rows, length)
+    grad_values = _scatter_rows(weights.transpose(-1, -2) @ grad_out, key_rows, length)
+    return (grad_queries.to(queries.dtype), grad_keys.to(keys.dtype),
+            grad_learned.to(learned_score.dtype), grad_values.to(values.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels. Plain functions, compiled (CUDA) or interpreted (CPU) on first use by _kernel().
+# Row r of a table X [N, L, D] for item n is at X + n * stride_n + r * stride_l (unit column stride).
+# --------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+        """``a @ b`` accumulated in float32 (on tensor cores for half types)."""
+        if INTERPRETED:  # Triton's interpreter multiplies bfloat16 operands as raw integers
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    def _forward_kernel(
+        Q, K, V, LS, ORDER, OUT, LSE,
+        q_stride_n, q_stride_l, k_stride_n, k_stride_l, v_stride_n, v_stride_l, ls_stride_n, ls_stride_l,
+        length, padded_length, n_chunks, chunk, n_rounds, qk_dim, v_dim,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+        PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    ):
+        item_round = tl.program_id(1).to(tl.int64)  # n * T + t
+        item = item_round // n_rounds
+        blocks_per_chunk = tl.cdiv(chunk, BLOCK_M)
+        query_chunk = tl.program_id(0) // blocks_per_chunk
+        slots = (tl.program_id(0) % blocks_per_chunk) * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot_valid = slots < chunk
+        channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        channel_valid = channels < v_dim
+        dims = tl.arange(0, BLOCK_D)
+        dim_valid = dims < qk_dim
+        order_row = ORDER + item_round * padded_length
+
+        sorted_queries = query_chunk * chunk + slots
+        query_pos = tl.load(order_row + sorted_queries, mask=slot_valid, other=0).to(tl.int64)
+        q = tl.load(Q + item * q_stride_n + query_pos[:, None] * q_stride_l + dims[None, :],
+                    mask=slot_valid[:, None] & dim_valid[None, :], other=0.0)
+
+        running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        running_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+        for offset in tl.static_range(3):  # previous, own, next chunk
+            key_chunk = (query_chunk + offset - 1 + n_chunks) % n_chunks
+            for key_start in range(0, chunk, BLOCK_N):
+                key_slots = key_start + tl.arange(0, BLOCK_N)
+                key_valid = key_slots < chunk
+                key_pos = tl.load(order_row + key_chunk * chunk + key_slots, mask=key_valid, other=0).to(tl.int64)
+                k = tl.load(K + item * k_stride_n + key_pos[:, None] * k_stride_l + dims[None, :],
+                            mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
+                # learned[r, j] = ls[key j, slot r]
+                learned = tl.load(LS + item * ls_stride_n + key_pos[None, :] * ls_stride_l + slots[:, None],
+                                  mask=slot_valid[:, None] & key_valid[None, :], other=0.0).to(tl.float32)
+                scores = _dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned
+                scores = tl.where(key_valid[None, :], scores, float("-inf"))
+                new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+                rescale = tl.exp(running_max - new_max)
+                weights = tl.exp(scores - new_max[:, None])
+                running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+                v = tl.load(V + item * v_stride_n + key_pos[:, None] * v_stride_l + channels[None, :],
+                            mask=key_valid[:, None] & channel_valid[None, :], other=0.0)
+                acc = acc * rescale[:, None] + _dot(weights.to(v.dtype), v, PRECISION, INTERPRETED)
+                running_max = new_max
+
+        # Only the first sorted occurrence of a position (sorted index < L) has an output row.
+        stored = slot_valid & (sorted_queries < length)
+        out_rows = OUT + (item_round * length + query_pos[:, None]) * v_dim + channels[None, :]
+        tl.store(out_rows, (acc / running_sum[:, None]).to(OUT.dtype.element_ty),
+                 mask=stored[:, None] & channel_valid[None, :])
+        if tl.program_id(2) == 0:  # the first channel block writes the log-sum-exp
+            tl.store(LSE + item_round * length + query_pos, running_max + tl.log(running_sum), mask=stored)
+
+    def _backward_keys_kernel(
+        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, GRAD_K, GRAD_V, GRAD_LS,
+        q_stride_n, q_stride_l, k_stride_n, k_stride_l, v_stride_n, v_stride_l, ls_stride_n, ls_stride_l,
+        length, padded_length, n_chunks, chunk, n_rounds, qk_dim, v_dim,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+        PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    ):
+        """dK, dV and dls of one key block, summed over the queries of the 3 chunks that see it."""
+        item_round = tl.program_id(1).to(tl.int64)
+        item = item_round // n_rounds
+        blocks_per_chunk = tl.cdiv(chunk, BLOCK_N)
+        key_chunk = tl.program_id(0) // blocks_per_chunk
+        key_slots = (tl.program_id(0) % blocks_per_chunk) * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_valid = key_slots < chunk
+        channels = tl.arange(0, BLOCK_C)
+        channel_valid = channels < v_dim
+        dims = tl.arange(0, BLOCK_D)
+        dim_valid = dims < qk_dim
+        order_row = ORDER + item_round * padded_length
+
+        sorted_keys = key_chunk * chunk + key_slots
+        key_pos = tl.load(order_row + sorted_keys, mask=key_valid, other=0).to(tl.int64)
+        k = tl.load(K + item * k_stride_n + key_pos[:, None] * k_stride_l + dims[None, :],
+                    mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
+        v = tl.load(V + item * v_stride_n + key_pos[:, None] * v_stride_l + channels[None, :],
+                    mask=key_valid[:, None] & channel_valid[None, :], other=0.0)
+        grad_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        grad_v = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        for slot_start in range(0, chunk, BLOCK_M):
+            slots = slot_start + tl.arange(0, BLOCK_M)
+            slot_valid = slots < chunk
+            learned = tl.load(LS + item * ls_stride_n + key_pos[None, :] * ls_stride_l + slots[:, None],
+                              mask=slot_valid[:, None] & key_valid[None, :], other=0.0).to(tl.float32)
+            grad_learned = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for offset in tl.static_range(3):  # the chunks whose neighbourhood holds this one
+                query_chunk = (key_chunk - offset + 1 + n_chunks) % n_chunks
+                sorted_queries = query_chunk * chunk + slots
+                has_output = slot_valid & (sorted_queries < length)  # padded duplicates have none
+                query_pos = tl.load(order_row + sorted_queries, mask=slot_valid, other=0).to(tl.int64)
+                q = tl.load(Q + item * q_stride_n + query_pos[:, None] * q_stride_l + dims[None, :],
+                            mask=slot_valid[:, None] & dim_valid[None, :], other=0.0)
+                image_row = item_round * length + query_pos
+                grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
+                                   mask=has_output[:, None] & channel_valid[None, :], other=0.0)
+                lse = tl.load(LSE + image_row, mask=has_output, other=float("inf"))  # weights 0 without output
+                delta = tl.load(DELTA + image_row, mask=has_output, other=0.0)
+                scores = _dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned
+                weights = tl.exp(scores - lse[:, None])
+                grad_v += _dot(tl.trans(weights).to(grad_out.dtype), grad_out, PRECISION, INTERPRETED)
+                grad_weights = _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
+                grad_scores = weights * (grad_weights - delta[:, None])
+                grad_k += _dot(tl.trans(grad_scores).to(q.dtype), q, PRECISION, INTERPRETED)
+                grad_learned += grad_scores
+            tl.store(GRAD_LS + (item_round * padded_length + sorted_keys[None, :]) * chunk + slots[:, None],
+                     grad_learned, mask=slot_valid[:, None] & key_valid[None, :])
+        sorted_row = item_round * padded_length + sorted_keys
+        tl.store(GRAD_K + sorted_row[:, None] * qk_dim + dims[None, :], grad_k,
+                 mask=key_valid[:, None] & dim_valid[None, :])
+        tl.store(GRAD_V + sorted_row[:, None] * v_dim + channels[None, :], grad_v,
+                 mask=key_valid[:, None] & channel_valid[None, :])
+
+    def _backward_queries_kernel(
+        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, GRAD_Q,
+        q_stride_n, q_stride_l, k_stride_n, k_stride_l, v_stride_n, v_stride_l, ls_stride_n, ls_stride_l,
+        length, padded_length, n_chunks, chunk, n_rounds, qk_dim, v_dim,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+        PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, EXACT_DELTA: tl.constexpr,
+    ):
+        """dQ of one query block, summed over the keys of its 3 neighbour chunks.
+
+        With ``EXACT_DELTA`` (half-precision values), ``DELTA`` holds ``-dlse`` on entry and this
+        kernel first adds ``sum_j P_ij dP_ij`` to it (one more pass over the keys) and stores it for
+        the key kernel: ``y`` came from rounded weights, so ``dy . y`` would not match that sum.
+        """
+        item_round = tl.program_id(1).to(tl.int64)
+        item = item_round // n_rounds
+        blocks_per_chunk = tl.cdiv(chunk, BLOCK_M)
+        query_chunk = tl.program_id(0) // blocks_per_chunk
+        slots = (tl.program_id(0) % blocks_per_chunk) * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot_valid = slots < chunk
+        channels = tl.arange(0, BLOCK_C)
+        channel_valid = channels < v_dim
+        dims = tl.arange(0, BLOCK_D)
+        dim_valid = dims < qk_dim
+        order_row = ORDER + item_round * padded_length
+
+        sorted_queries = query_chunk * chunk + slots
+        has_output = slot_valid & (sorted_queries < length)
+        query_pos = tl.load(order_row + sorted_queries, mask=slot_valid, other=0).to(tl.int64)
+        q = tl.load(Q + item * q_stride_n + query_pos[:, None] * q_stride_l + dims[None, :],
+                    mask=slot_valid[:, None] & dim_valid[None, :], other=0.0)
+        image_row = item_round * length + query_pos
+        grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
+                           mask=has_output[:, None] & channel_valid[None, :], other=0.0)
+        lse = tl.load(LSE + image_row, mask=has_output, other=float("inf"))
+        delta = tl.load(DELTA + image_row, mask=has_output, other=0.0)
+        if EXACT_DELTA:
+            for offset in tl.static_range(3):
+                key_chunk = (query_chunk + offset - 1 + n_chunks) % n_chunks
+                for key_start in range(0, chunk, BLOCK_N):
+                    key_slots = key_start + tl.arange(0, BLOCK_N)
+                    key_valid = key_slots < chunk
+                    key_pos = tl.load(order_row + key_chunk * chunk + key_slots, mask=key_valid, other=0).to(tl.int64)
+                    k = tl.load(K + item * k_stride_n + key_pos[:, None] * k_stride_l + dims[None, :],
+                                mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
+                    v = tl.load(V + item * v_stride_n + key_pos[:, None] * v_stride_l + channels[None, :],
+                                mask=key_valid[:, None] & channel_valid[None, :], other=0.0)
+                    learned = tl.load(LS + item * ls_stride_n + key_pos[None, :] * ls_stride_l + slots[:, None],
+                                      mask=slot_valid[:, None] & key_valid[None, :], other=0.0).to(tl.float32)
+                    scores = _dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned
+                    weights = tl.where(key_valid[None, :], tl.exp(scores - lse[:, None]), 0.0)
+                    delta += tl.sum(weights * _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED), axis=1)
+            tl.store(DELTA + image_row, delta, mask=has_output)
+        grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for offset in tl.static_range(3):
+            key_chunk = (query_chunk + offset - 1 + n_chunks) % n_chunks
+            for key_start in range(0, chunk, BLOCK_N):
+                key_slots = key_start + tl.arange(0, BLOCK_N)
+                key_valid = key_slots < chunk
+                key_pos = tl.load(order_row + key_chunk * chunk + key_slots, mask=key_valid, other=0).to(tl.int64)
+                k = tl.load(K + item * k_stride_n + key_pos[:, None] * k_stride_l + dims[None, :],
+                            mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
+                v = tl.load(V + item * v_stride_n + key_pos[:, None] * v_stride_l + channels[None, :],
+                            mask=key_valid[:, None] & channel_valid[None, :], other=0.0)
+                learned = tl.load(LS + item * ls_stride_n + key_pos[None, :] * ls_stride_l + slots[:, None],
+                                  mask=slot_valid[:, None] & key_valid[None, :], other=0.0).to(tl.float32)
+                scores = _dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned
+                weights = tl.where(key_valid[None, :], tl.exp(scores - lse[:, None]), 0.0)
+                grad_weights = _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
+                grad_scores = weights * (grad_weights - delta[:, None])
+                grad_q += _dot(grad_scores.to(k.dtype), k, PRECISION, INTERPRETED)
+        sorted_row = item_round * padded_length + sorted_queries
+        tl.store(GRAD_Q + sorted_row[:, None] * qk_dim + dims[None, :], grad_q,
+                 mask=slot_valid[:, None] & dim_valid[None, :])
+
+
+@functools.cache
+def _kernel(function, interpreted: bool):
+    """``function`` compiled for the GPU, or run by Triton's interpreter (CPU tensors)."""
+    if interpreted:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(function)
+    # Sizes that vary with the image are not specialised on (no recompilation per validation image).
+    return triton.jit(function, do_not_specialize=["length", "padded_length", "n_chunks"])
+
+
+@contextlib.contextmanager
+def _library_functions_interpreted():
+    """Let an interpreted kernel call ``tl.max``, ``tl.sum``, ``tl.cdiv``... outside TRITON_INTERPRET=1.
+
+    Triton's own library functions are compiled-kernel objects unless ``TRITON_INTERPRET=1`` was set
+    before ``import triton`` (which torch imports early), and such objects refuse plain calls. For
+    the duration of a CPU launch, they run through the interpreter instead.
+    """
+    from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
+
+    original_call = JITFunction.__call__
+
+    def interpreted_call(self, *args, **kwargs):
+        # Like InterpretedFunction.__call__, but undoing its patches of triton.language afterwards:
+        # left in place they break later GPU compilations in the same process.
+        scope = interpreter._patch_lang(self.fn)
+        try:
+            return _kernel(self.fn, True).rewrite()(*args, **kwargs)
+        finally:
+            if hasattr(scope, "restore"):
+                scope.restore()
+
+    JITFunction.__call__ = interpreted_call
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original_call
+
+
+def _power_of_two(value: int, at_least: int = 16) -> int:
+    return max(at_least, triton.next_power_of_2(value))
+
+
+# Launch configuration per kernel and precision class: (rows per block, warps, pipeline stages).
+# First choices, not timed on a GPU: the kernels compile with them (ptxas, sm_80 and sm_90, at C=256,
+# d=64, k=128) within the shared memory of an A100 and without more than a few register spills. A
+# block that still does not fit is halved until it does (_launch). "half": bfloat16/float16 values;
+# "float32": float32 values (TF32 or true float32 dot products).
+LAUNCH_CONFIGS = {
+    ("forward", "half"): (64, 8, 2), ("forward", "float32"): (32, 8, 2),
+    ("queries", "half"): (32, 8, 2), ("queries", "float32"): (32, 8, 2),
+    ("keys", "half"): (32, 8, 1), ("keys", "float32"): (16, 8, 2),
+}
+_working_rows: dict[tuple, int] = {}
+
+
+def _launch(kernel_function, name: str, grid_of_rows, tensors, sizes, *, channel_block: int | None,
+            **constants):
+    """Launch ``kernel_function`` with the configuration of ``LAUNCH_CONFIGS`` (fewer rows if the
+    GPU's resources are short)."""
+    device = tensors[0].device
+    interpreted = device.type != "cuda"
+    kernel = _kernel(kernel_function, interpreted)
+    chunk, qk_dim, v_dim = sizes["chunk"], sizes["qk_dim"], sizes["v_dim"]
+    precision_class = "float32" if sizes["value_dtype"] == torch.float32 else "half"
+    rows, num_warps, num_stages = LAUNCH_CONFIGS[name, precision_class]
+    key = (name, sizes["value_dtype"], sizes["precision"], chunk, qk_dim, v_dim)
+    rows = _working_rows.get(key, min(rows, _power_of_two(chunk)))
+    while True:
+        block_c = channel_block or _power_of_two(v_dim)
+        options = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=_power_of_two(qk_dim), BLOCK_C=block_c,
+                       PRECISION=sizes["precision"], INTERPRETED=interpreted, **constants)
+        if not interpreted:
+            options.update(num_warps=num_warps, num_stages=num_stages)
+        try:
+            with _library_functions_interpreted() if interpreted else contextlib.nullcontext():
+                kernel[grid_of_rows(rows, block_c)](*tensors, *sizes["strides"], sizes["length"],
+                                                   sizes["padded_length"], sizes["n_chunks"], chunk,
+                                                   sizes["n_rounds"], qk_dim, v_dim, **options)
+        except OutOfResources:
+            if rows <= 16:
+                raise
+            rows //= 2
+            continue
+        _working_rows[key] = rows
+        return
+
+
+def tf32_matmuls_allowed() -> bool:
+    """Whether float32 matrix products may use TF32 (``torch.set_float32_matmul_precision("high")``)."""
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # torch >= 2.9 refuses to answer when old and new TF32 settings were mixed
+        return False
+
+
+def _sizes(queries, keys, learned_score, values, order, inverse) -> dict:
+    batch, rounds, padded = order.shape
+    chunk = learned_score.shape[-1]
+    precision = "tf32" if queries.is_cuda and tf32_matmuls_allowed() else "ieee"  # float32 operands only
+    strides = [s for t in (queries, keys, values, learned_score) for s in (t.stride(0), t.stride(1))]
+    return dict(length=inverse.shape[-1], padded_length=padded, n_chunks=padded // chunk, chunk=chunk,
+                n_rounds=rounds, qk_dim=queries.shape[-1], v_dim=values.shape[-1], strides=strides,
+                precision=precision, value_dtype=values.dtype)
+
+
+def _unit_column_stride(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _fused_forward(queries, keys, learned_score, values, order, inverse):
+    queries, keys, learned_score, values = map(_unit_column_stride, (queries, keys, learned_score, values))
+    order = order.to(torch.int32).contiguous()
+    sizes = _sizes(queries, keys, learned_score, values, order, inverse)
+    batch, rounds = order.shape[:2]
+    length, v_dim = sizes["length"], sizes["v_dim"]
+    attended = values.new_empty(batch, rounds, length, v_dim, dtype=torch.float32)
+    confidence = values.new_empty(batch, rounds, length, dtype=torch.float32)
+    n_chunks, chunk = sizes["n_chunks"], sizes["chunk"]
+    channel_block = min(128, _power_of_two(v_dim))
+
+    def grid(rows, block_c):
+        return (n_chunks * triton.cdiv(chunk, rows), batch * rounds, triton.cdiv(v_dim, block_c))
+
+    with _on_device(values.device):
+        _launch(_forward_kernel, "forward", grid,
+                (queries, keys, values, learned_score, order, attended, confidence), sizes,
+                channel_block=channel_block)
+    return attended, confidence
+
+
+def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
+                    attended, confidence):
+    queries, keys, learned_score, values = map(_unit_column_stride, (queries, keys, learned_score, values))
+    order32 = order.to(torch.int32).contiguous()
+    sizes = _sizes(queries, keys, learned_score, values, order32, inverse)
+    batch, rounds, padded = order.shape
+    n_chunks, chunk, qk_dim, v_dim = sizes["n_chunks"], sizes["chunk"], sizes["qk_dim"], sizes["v_dim"]
+    # dy enters the P V products in the values' precision. delta_i = sum_j P_ij dP_ij - dlse_i is the
+    # softmax backward's row term (with the log-sum-exp's gradient). For float32 values it is
+    # dy_i . y_i - dlse_i; for half precision the query kernel computes the sum (see its docstring).
+    grad_attended = grad_attended.to(values.dtype).contiguous()
+    exact_delta = values.element_size() < 4
+    delta = -grad_confidence.float()
+    if not exact_delta:
+        delta = delta + (grad_attended * attended).sum(-1)
+    delta = delta.contiguous()
+    sorted_grad = dict(
+        queries=queries.new_empty(batch, rounds, padded, qk_dim, dtype=torch.float32),
+        keys=queries.new_empty(batch, rounds, padded, qk_dim, dtype=torch.float32),
+        values=queries.new_empty(batch, rounds, padded, v_dim, dtype=torch.float32),
+        learned=queries.new_empty(batch, rounds, padded, chunk, dtype=torch.float32),
+    )
+
+    def grid(rows, block_c):
+        return (n_chunks * triton.cdiv(chunk, rows), batch * rounds)
+
+    inputs = (queries, keys, values, learned_score, order32, grad_attended, confidence, delta)
+    with _on_device(values.device):  # queries first: with exact_delta it completes delta
+        _launch(_backward_queries_kernel, "queries", grid, (*inputs, sorted_grad["queries"]), sizes,
+                channel_block=None, EXACT_DELTA=exact_delta)
+        _launch(_backward_keys_kernel, "keys", grid,
+                (*inputs, sorted_grad["keys"], sorted_grad["values"], sorted_grad["learned"]), sizes,
+                channel_block=None)
+
+    length = sizes["length"]
+    padding = padded - length
+    flat_index = (inverse + torch.arange(batch * rounds, device=inverse.device).view(batch, rounds, 1) * padded)
+
+    def image_order(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if padding:  # duplicates of sorted rows L - pad .. L - 1 sit at L .. P - 1
+            grad[:, :, length - padding:length] += grad[:, :, length:]
+        rows = grad.view(batch * rounds * padded, -1).index_select(0, flat_index.flatten())
+        return rows.view(batch, rounds, length, -1).sum(1).to(dtype)
+
+    return (image_order(sorted_grad["queries"], queries.dtype), image_order(sorted_grad["keys"], keys.dtype),
+            image_order(sorted_grad["learned"], learned_score.dtype),
+            image_order(sorted_grad["values"], values.dtype))
+
+
+def _on_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------
+# Fallback for GLA's "auto": a self-check on first CUDA use, reference computation after a failure.
+# --------------------------------------------------------------------------------------------
+
+_failure: str | None = None
+_checked: set[tuple] = set()  # (device, dtype, dot precision) combinations that passed the self-check
+
+
+def fused_kernel_failure() -> str | None:
+    """Why the fused kernel was given up in this process (``None`` while it works or is unused)."""
+    return _failure
+
+
+def _give_up(error: BaseException) -> None:
+    global _failure
+    if _failure is None:
+        _failure = f"{type(error).__name__}: {error}".strip()
+        warnings.warn(f"dlsn: the fused chunk-attention kernel failed ({_failure}); GLA computes the "
+                      f"reference attention from now on (same results, slower)", RuntimeWarning, stacklevel=3)
+
+
+# Largest error of the self-check, relative to each tensor's largest entry, per input precision: far
+# below what a wrong index or mask gives (order 1), far above rounding.
+SELF_CHECK_TOLERANCE = {"ieee": 1e-4, "tf32": 1e-2, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def self_check(device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    """Fused forward and backward in ``dtype`` against the float64 reference on a small problem; raises
+    if they differ (tolerance: ``SELF_CHECK_TOLERANCE``). Float32 uses the dot-product precision in
+    force (TF32 or true float32). Covers padding, several chunks, a chunk split over blocks and
+    strided (view) inputs."""
+    generator = torch.Generator().manual_seed(0)
+    batch, rounds, length, chunk, qk_dim, v_dim = 2, 2, 100, 40, 12, 24
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator).to(device)
+
+    queries = random(batch, length, qk_dim)
+    keys = torch.nn.functional.normalize(random(batch, length, qk_dim), dim=-1)
+    learned_score = random(batch, length, chunk + 3)[..., :chunk]
+    values = random(batch, length, 2 * v_dim)[..., v_dim:]
+    order = torch.stack([torch.stack([torch.randperm(length, generator=generator) for _ in range(rounds)])
+                         for _ in range(batch)])
+    padding = -length % chunk
+    order = torch.cat([order, order[..., length - padding:]], dim=-1).to(device)
+    inverse = torch.empty_like(order[..., :length]).scatter_(
+        2, order[..., :length], torch.arange(length, device=device).expand(batch, rounds, -1).contiguous())
+    grad_attended, grad_confidence = random(batch, rounds, length, v_dim), random(batch, rounds, length)
+    inputs = tuple(t.to(dtype) for t in (queries, keys, learned_score, values))
+
+    fused = _fused_forward(*inputs, order, inverse)
+    fused_grads = _fused_backward(grad_attended, grad_confidence, *inputs, order, inverse, *fused)
+    exact = tuple(t.double() for t in inputs)
+    expected = chunk_attention_reference(*exact, order, inverse)
+    expected_grads = chunk_attention_reference_backward(grad_attended.double(), grad_confidence.double(),
+                                                        *exact, order, inverse)
+    tolerance = SELF_CHECK_TOLERANCE[_sizes(*inputs, order, inverse)["precision"] if dtype == torch.float32
+                                     else dtype]
+    names = ("attended", "confidence", "grad queries", "grad keys", "grad learned score", "grad values")
+    for name, got, want in zip(names, (*fused, *fused_grads), (*expected, *expected_grads)):
+        error = (got.double() - want).abs().max().item()
+        if not error <= tolerance * max(1.0, want.abs().max().item()):
+            raise RuntimeError(f"self-check ({dtype}): {name} differs from the reference by {error:.3g}")
+
+
+def _fused_allowed(values: torch.Tensor, fallback: bool) -> bool:
+    """With ``fallback``: not after a failure, and only once the self-check passed for this device,
+    dtype and dot-product precision (run on first use, outside CUDA-graph capture)."""
+    if not fallback:
+        return True
+    if _failure is not None:
+        return False
+    key = (values.device, values.dtype, tf32_matmuls_allowed())
+    if values.is_cuda and key not in _checked and not torch.cuda.is_current_stream_capturing():
+        _checked.add(key)
+        try:
+            self_check(values.device, values.dtype)
+        except Exception as error:  # noqa: BLE001 - any failure means: do not use the kernel
+            _give_up(error)
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# The custom op and its autograd.
+# --------------------------------------------------------------------------------------------
+
+def _check_inputs(queries, keys, learned_score, values, order, inverse) -> None:
+    if triton is None:
+        raise RuntimeError("dlsn::chunk_attention (the fused GLA kernel) needs the triton package, "
+                           "which is not importable; use GLA(attention_impl='reference')")
+    for name, tensor in (("queries", queries), ("keys", keys), ("learned_score", learned_score),
+                         ("values", values)):
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dlsn::chunk_attention: {name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+    if queries.dtype != keys.dtype:
+        raise TypeError(f"dlsn::chunk_attention: queries ({queries.dtype}) and keys ({keys.dtype}) must share a dtype")
+    padded, chunk = order.shape[-1], learned_score.shape[-1]
+    if padded % chunk or not 0 <= padded - inverse.shape[-1] < chunk:
+        raise ValueError(f"dlsn::chunk_attention: order has {padded} entries, not the {inverse.shape[-1]} "
+                         f"positions padded to a multiple of the chunk size {chunk}")
+
+
+@torch.library.custom_op("dlsn::chunk_attention", mutates_args=())
+def _chunk_attention_op(queries: torch.Tensor, keys: torch.Tensor, learned_score: torch.Tensor,
+                        values: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
+                        fallback: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_inputs(queries, keys, learned_score, values, order, inverse)
+    if _fused_allowed(values, fallback):
+        try:
+            return _fused_forward(queries, keys, learned_score, values, order, inverse)
+        except Exception as error:
+            if not fallback:
+                raise
+            _give_up(error)
+    attended, confidence = chunk_attention_reference(queries, keys, learned_score, values, order, inverse)
+    return attended.float(), confidence.float()
+
+
+@_chunk_attention_op.register_fake
+def _(queries, keys, learned_score, values, order, inverse, fallback):
+    batch, rounds, length = inverse.shape
+    return (values.new_empty(batch, rounds, length, values.shape[-1], dtype=torch.float32),
+            values.new_empty(batch, rounds, length, dtype=torch.float32))
+
+
+@torch.library.custom_op("dlsn::chunk_attention_backward", mutates_args=())
+def _chunk_attention_backward_op(
+    grad_attended: torch.Tensor, grad_confidence: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
+    learned_score: torch.Tensor, values: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
+    attended: torch.Tensor, confidence: torch.Tensor, fallback: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    inputs = (queries, keys, learned_score, values, order, inverse)
+    if _fused_allowed(values, fallback):
+        try:
+            return _fused_backward(grad_attended, grad_confidence, *inputs, attended, confidence)
+        except Exception as error:
+            if not fallback:
+                raise
+            _give_up(error)
+    return chunk_attention_reference_backward(grad_attended, grad_confidence, *inputs)
+
+
+@_chunk_attention_backward_op.register_fake
+def _(grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse, attended,
+      confidence, fallback):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (queries, keys, learned_score, values))
+
+
+def _setup_context(ctx, inputs, output):
+    queries, keys, learned_score, values, order, inverse, fallback = inputs
+    ctx.save_for_backward(queries, keys, learned_score, values, order, inverse, *output)
+    ctx.fallback = fallback
+
+
+def _backward(ctx, grad_attended, grad_confidence):
+    queries, keys, learned_score, values, order, inverse, attended, confidence = ctx.saved_tensors
+    if grad_attended is None:
+        grad_attended = torch.zeros_like(attended)
+    if grad_confidence is None:
+        grad_confidence = torch.zeros_like(confidence)
+    grads = _chunk_attention_backward_op(grad_attended, grad_confidence, queries, keys, learned_score,
+                                         values, order, inverse, attended, confidence, ctx.fallback)
+    return (*grads, None, None, None)
+
+
+_chunk_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def chunk_attention(queries: torch.Tensor, keys: torch.Tensor, learned_score: torch.Tensor,
+                    values: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
+                    *, fallback: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attended values ``[N, T, L, C]`` and log-sum-exp ``[N, T, L]``, float32, fused; see the module
+    docstring. Arguments as in :func:`chunk_attention_reference`. ``fallback=True``: self-check on first
+    CUDA use and the reference instead of an error if the kernel fails (warned once)."""
+    return _chunk_attention_op(queries, keys, learned_score, values, order, inverse, fallback)

@@ -1,0 +1,138 @@
+"""Operations that are true float32 on every device: the ops GLA's bucket assignment depends on.
+
+GLA assigns positions to hash buckets with an argmax over ``match @ rotation``. On GPUs PyTorch lets
+float32 convolutions use TF32 by default (``torch.backends.cudnn.allow_tf32``), and matrix products
+when ``torch.set_float32_matmul_precision("high")``; TF32's 10-bit mantissa moves positions between
+buckets (on an H200 the layer's output differed from the published one by up to 0.027 at 96x96).
+
+* ``conv2d_float32`` (custom op ``dlsn::conv2d_float32``, with autograd): the match embedding's
+  convolution and its backward with cuDNN TF32 switched off just for it.
+* ``projections_float32`` (``dlsn::projections_float32``, no autograd): the hash projections
+  ``einsum("nld,tdb->ntlb")`` with TF32 matrix products switched off just for it.
+
+They are ``torch.library`` custom ops rather than context managers so that ``torch.compile`` keeps
+the setting (a traced graph would drop a Python-level flag change). On the CPU they are the plain
+float32 operations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+
+@contextlib.contextmanager
+def _tf32_off(device: torch.device):
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)  # per-operation setting, torch >= 2.9
+    if device.type != "cuda":
+        yield
+    elif cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):
+        previous = cudnn_conv.fp32_precision
+        cudnn_conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            cudnn_conv.fp32_precision = previous
+    else:
+        previous = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = previous
+
+
+@contextlib.contextmanager
+def _tf32_matmuls_off(device: torch.device):
+    """Through the legacy setting: torch >= 2.9 refuses cuBLAS calls when old and new ones disagree."""
+    try:
+        previous = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the user mixed both APIs; leave their setting alone
+        previous = None
+    if device.type != "cuda" or previous in (None, "highest"):
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@torch.library.custom_op("dlsn::projections_float32", mutates_args=())
+def projections_float32(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """``einsum("nld,tdb->ntlb", match, rotations)`` in true float32: ``[N, T, L, b]``, contiguous."""
+    with _tf32_matmuls_off(match.device):
+        return torch.einsum("nld,tdb->ntlb", match.float(), rotations.float()).contiguous()
+
+
+@projections_float32.register_fake
+def _(match, rotations):
+    return match.new_empty(match.shape[0], rotations.shape[0], match.shape[1], rotations.shape[2],
+                           dtype=torch.float32)
+
+
+def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if tensor.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+def _in_layout(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with exactly the strides of ``like`` (a meta tensor: what the fake implementations
+    promise to ``torch.compile``), copied only if they differ."""
+    if tensor.stride() == like.stride():
+        return tensor
+    return torch.empty_strided(like.shape, like.stride(), dtype=tensor.dtype, device=tensor.device).copy_(tensor)
+
+
+@torch.library.custom_op("dlsn::conv2d_float32", mutates_args=())
+def conv2d_float32(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
+    """``F.conv2d(input, weight, bias, padding=padding)`` in true float32 (TF32 off); float32 output in
+    the input's memory format (channels-last stays channels-last)."""
+    with _tf32_off(input.device):
+        output = F.conv2d(input.float(), weight.float(), bias.float(), padding=padding)
+    return _in_layout(output, _empty_output(input, weight, padding, device="meta"))
+
+
+def _empty_output(input, weight, padding, device=None):
+    batch, _, height, width = input.shape
+    kernel_height, kernel_width = weight.shape[-2:]
+    shape = (batch, weight.shape[0], height + 2 * padding - kernel_height + 1, width + 2 * padding - kernel_width + 1)
+    return torch.empty(shape, dtype=torch.float32, device=device or input.device, memory_format=_memory_format(input))
+
+
+@conv2d_float32.register_fake
+def _(input, weight, bias, padding):
+    return _empty_output(input, weight, padding)
+
+
+@torch.library.custom_op("dlsn::conv2d_float32_backward", mutates_args=())
+def _conv2d_float32_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor, padding: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _tf32_off(input.device):
+        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_output.float(), input.float(), weight.float(), [weight.shape[0]], stride=[1, 1],
+            padding=[padding, padding], dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=1,
+            output_mask=[True, True, True])
+    return tuple(_in_layout(grad.to(like.dtype), torch.empty_like(like, device="meta"))
+                 for grad, like in ((grad_input, input), (grad_weight, weight), (grad_bias, bias)))
+
+
+@_conv2d_float32_backward.register_fake
+def _(grad_output, input, weight, bias, padding):
+    return torch.empty_like(input), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, padding = inputs
+    ctx.save_for_backward(input, weight, bias)
+    ctx.padding = padding
+
+
+def _backward(ctx, grad_output):
+    input, weight, bias = ctx.saved_tensors
+    return (*_conv2d_float32_backward(grad_output, input, weight, bias, ctx.padding), None)
+
+
+conv2d_float32.register_autograd(_backward, setup_context=_setup_context)

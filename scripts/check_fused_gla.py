@@ -1,0 +1,270 @@
+"""Check the GPU-only claims of the model side before timing it (run first by scripts/gpu_check.sh).
+
+    python scripts/check_fused_gla.py --json check.json          # on a CUDA machine, ~1-2 minutes
+    python scripts/check_fused_gla.py --device cpu --small        # a smoke test of this script on the CPU
+
+Checks, each printed as PASS/FAIL with its numbers:
+
+1. the fused kernel's self-check (float64 reference, padding, blocks, strided inputs) in float32
+   (true float32 and TF32 dot products) and bfloat16;
+2. GLA with the fused kernel against the reference implementation, paper layer (C=256, k=128,
+   3 hashes) at 48x48 batch 2 and 96x96 batch 1, same weights and rotations: output, input and
+   parameter gradients, float32 with TF32 matrix products on both sides (to 2e-2 of each tensor's
+   largest entry) and under bfloat16 autocast (error against float32 at most 1.25x the reference's
+   own bfloat16 error + 0.01);
+3. the match embedding in true float32 with cuDNN TF32 on (against a float64 convolution);
+4. training-time rotations drawn on the GPU: no host synchronisation, capturable in a CUDA graph;
+5. a GLA training forward+backward (fused, rotations drawn inside) without host synchronisation
+   (``torch.cuda.set_sync_debug_mode("error")``), and captured and replayed as a CUDA graph;
+6. ``torch.compile(GLA, fullgraph=True)`` forward+backward matches eager, TF32 (``--no-compile`` skips it).
+
+Exit status 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dlsn.models import GLA  # noqa: E402
+from dlsn.models import chunk_attention  # noqa: E402
+from dlsn.models.float32_ops import conv2d_float32  # noqa: E402
+from dlsn.models.gla import draw_rotations_on_device, number_of_buckets  # noqa: E402
+
+RESULTS: list[dict] = []
+
+
+def check(name: str):
+    """Run the decorated function now; record PASS (it returned details), or FAIL (it raised)."""
+    def run(function):
+        start = time.perf_counter()
+        try:
+            details = function() or {}
+            status = "PASS"
+        except Exception as error:  # noqa: BLE001 - every failure is a reported result
+            details = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=6)}
+            status = "FAIL"
+        seconds = time.perf_counter() - start
+        RESULTS.append(dict(check=name, status=status, seconds=round(seconds, 1), **details))
+        shown = {k: v for k, v in details.items() if k != "traceback"}
+        print(f"[{status}] {name} ({seconds:.1f} s) {json.dumps(shown)}", flush=True)
+        if status == "FAIL":
+            print(details["traceback"], flush=True)
+        return function
+    return run
+
+
+def gla_pair(channels, chunk_size, n_hashes, device):
+    torch.manual_seed(0)
+    reference = GLA(channels, chunk_size=chunk_size, n_hashes=n_hashes, attention_impl="reference").to(device)
+    fused = GLA(channels, chunk_size=chunk_size, n_hashes=n_hashes, attention_impl="fused").to(device)
+    fused.load_state_dict(reference.state_dict())
+    return fused, reference
+
+
+def outputs_and_gradients(layer, x, rotations, bf16=False):
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        output = layer(x, rotations)
+    output.float().square().mean().backward()
+    return [output.detach().float(), x.grad] + [p.grad for p in layer.parameters()]
+
+
+def names(layer):
+    return ["output", "input gradient"] + [f"grad {n}" for n, _ in layer.named_parameters()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="tiny layers (for a CPU smoke test)")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.set_float32_matmul_precision("highest")
+    channels, chunk_size, sizes = (16, 8, [(2, 6), (1, 9)]) if args.small else (256, 128, [(2, 48), (1, 96)])
+    print(f"torch {torch.__version__}, triton "
+          f"{getattr(chunk_attention.triton, '__version__', 'absent')}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if cuda else "")
+          + f", cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}", flush=True)
+
+    for dtype, matmul_precision in ((torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest")):
+        @check(f"fused kernel self-check, {dtype}, float32 matmul precision {matmul_precision}")
+        def _():
+            torch.set_float32_matmul_precision(matmul_precision)
+            try:
+                chunk_attention.self_check(device, dtype)
+            finally:
+                torch.set_float32_matmul_precision("highest")
+
+    for batch, size in sizes:
+        # TF32 dot products (what auto uses in float32): true float32 is checked strictly, at 1e-4, by
+        # the self-check above; its kernels compile slowly at this size and auto never runs them.
+        for matmul_precision, tolerance in (("high", 2e-2),):
+            @check(f"fused vs reference GLA C={channels} k={chunk_size} {batch}x{size}x{size}, float32, "
+                   f"matmul precision {matmul_precision}")
+            def _():
+                fused, reference = gla_pair(channels, chunk_size, 3, device)
+                x = torch.randn(batch, channels, size, size, device=device)
+                rotations = torch.nn.init.orthogonal_(
+                    torch.empty(3, channels // 4, number_of_buckets(size * size, chunk_size))).to(device)
+                torch.set_float32_matmul_precision(matmul_precision)  # both sides: TF32 or not
+                try:
+                    got = outputs_and_gradients(fused, x, rotations)
+                    want = outputs_and_gradients(reference, x, rotations)
+                finally:
+                    torch.set_float32_matmul_precision("highest")
+                errors = {n: ((g - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
+                          for n, g, w in zip(names(fused), got, want)}
+                worst = max(errors, key=errors.get)
+                assert errors[worst] <= tolerance, f"{worst} differs by {errors[worst]:.3g} of its largest entry"
+                return {"worst": worst, "relative_error": errors[worst]}
+
+        @check(f"fused vs reference GLA C={channels} k={chunk_size} {batch}x{size}x{size}, bf16 autocast")
+        def _():
+            fused, reference = gla_pair(channels, chunk_size, 3, device)
+            x = torch.randn(batch, channels, size, size, device=device)
+            rotations = torch.nn.init.orthogonal_(
+                torch.empty(3, channels // 4, number_of_buckets(size * size, chunk_size))).to(device)
+            exact = outputs_and_gradients(reference, x, rotations)
+            fused_low = outputs_and_gradients(fused, x, rotations, bf16=True)
+            reference_low = outputs_and_gradients(reference, x, rotations, bf16=True)
+
+            def error(got, want):
+                return ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+
+            worst_ratio, worst = 0.0, None
+            for n, f, r, e in zip(names(fused), fused_low, reference_low, exact):
+                fused_error, reference_error = error(f, e), error(r, e)
+                assert fused_error <= 1.25 * reference_error + 0.01, \
+                    f"{n}: error {fused_error:.4f}, reference in bf16 {reference_error:.4f}"
+                if fused_error / (reference_error + 1e-12) > worst_ratio:
+                    worst_ratio, worst = fused_error / (reference_error + 1e-12), (n, fused_error, reference_error)
+            return {"largest_error_ratio_to_reference": worst_ratio, "where": worst}
+
+    @check("match embedding in true float32 with cuDNN TF32 on")
+    def _():
+        torch.manual_seed(0)
+        x = torch.randn(2, channels, 24, 24, device=device, dtype=torch.float64)
+        weight = torch.randn(channels // 4, channels, 3, 3, device=device, dtype=torch.float64) / (3 * channels ** 0.5)
+        bias = torch.zeros(channels // 4, device=device, dtype=torch.float64)
+        exact = F.conv2d(x, weight, bias, padding=1)
+        previous = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = True
+        try:
+            op_error = (conv2d_float32(x.float(), weight.float(), bias.float(), 1).double() - exact).abs().max().item()
+            plain = F.conv2d(x.float(), weight.float(), bias.float(), padding=1)
+            plain_error = (plain.double() - exact).abs().max().item()
+            still_on = torch.backends.cudnn.allow_tf32
+        finally:
+            torch.backends.cudnn.allow_tf32 = previous
+        assert op_error < 1e-4, f"float32 op differs from float64 by {op_error:.3g}"
+        assert still_on, "the op did not restore cudnn.allow_tf32"
+        return {"op_error": op_error, "tf32_conv2d_error": plain_error}
+
+    if cuda:
+        @check("rotations drawn on the GPU: no host synchronisation, CUDA-graph capture")
+        def _():
+            draw_rotations_on_device(3, 64, 18, device=device)  # warm-up: handles, workspaces
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                draw_rotations_on_device(3, 64, 128, device=device)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.cuda.graph(graph):
+                graphed = draw_rotations_on_device(3, 64, 18, device=device)
+            draws = []
+            for _ in range(2):
+                graph.replay()
+                torch.cuda.synchronize()
+                draws.append(graphed.clone())
+            error = (draws[0].mT @ draws[0] - torch.eye(18, device=device)).abs().max().item()
+            assert error < 1e-5 and not torch.equal(draws[0], draws[1]), (error, "replays drew the same matrices")
+            return {"orthonormality_error": error}
+
+        @check("GLA training step (fused, rotations drawn inside): no host synchronisation, CUDA graph")
+        def _():
+            layer = GLA(channels, chunk_size=chunk_size, n_hashes=3, attention_impl="fused").to(device)
+            x = torch.randn(2, channels, sizes[0][1], sizes[0][1], device=device, requires_grad=True)
+
+            def step():  # autocast's weight-cast cache must be off around CUDA-graph capture
+                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                    output = layer(x)
+                output.float().square().mean().backward()
+                return output
+
+            for _ in range(2):  # warm-up: Triton compiles, self-check, cuDNN plans
+                step()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                graphed_output = step()
+            outputs = []
+            for _ in range(2):
+                graph.replay()
+                torch.cuda.synchronize()
+                outputs.append(graphed_output.detach().clone())
+            assert all(torch.isfinite(o).all() for o in outputs)
+            assert not torch.equal(*outputs), "replays used the same rotations"
+            return {}
+
+    if not args.no_compile:
+        impl = "fused" if cuda else "reference"
+
+        @check(f"torch.compile(GLA, fullgraph=True) forward+backward equals eager ({impl}, float32, TF32)")
+        def _():
+            torch.manual_seed(0)
+            # The paper layer as above: its Triton kernels are compiled already.
+            layer = GLA(channels, chunk_size=chunk_size, n_hashes=3, attention_impl=impl).to(device)
+            size = sizes[0][1]
+            x = torch.randn(2, layer.channels, size, size, device=device)
+            rotations = torch.nn.init.orthogonal_(
+                torch.empty(3, layer.channels // 4, number_of_buckets(size * size, layer.chunk_size))).to(device)
+            start = time.perf_counter()
+            torch.set_float32_matmul_precision("high")  # the kernels compiled above
+            try:
+                compiled = torch.compile(layer, fullgraph=True)
+                got = outputs_and_gradients(compiled, x, rotations)
+                compile_s = time.perf_counter() - start
+                want = outputs_and_gradients(layer, x, rotations)
+            finally:
+                torch.set_float32_matmul_precision("highest")
+            error = max(((g - w).abs().max() / w.abs().max().clamp_min(1e-12)).item() for g, w in zip(got, want))
+            assert error <= 2e-2, f"compiled differs from eager by {error:.3g}"  # both TF32, other kernels
+            return {"relative_error": error, "first_call_s": round(compile_s, 1)}
+
+    failed = [r["check"] for r in RESULTS if r["status"] == "FAIL"]
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "torch": torch.__version__,
+                                               "results": RESULTS}, indent=1))
+    print(f"{len(RESULTS) - len(failed)} passed, {len(failed)} failed", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

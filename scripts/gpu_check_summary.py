@@ -1,0 +1,102 @@
+"""One markdown table from the JSON files scripts/gpu_check.sh leaves in a results folder.
+
+    python scripts/gpu_check_summary.py RESULTS_DIR
+
+Reads ``check.json`` (scripts/check_fused_gla.py), ``gla_targets.json`` and ``gla_targets_bf16.json``
+(scripts/benchmark_gla.py --targets in float32 and under bf16 autocast) and ``precision.json``
+(scripts/benchmark_precision.py), whichever exist, and prints one table: the correctness checks,
+then issue 9's model-level targets (published layout, reference and fused implementation, the fused
+one's ratio to the published layout, the target and whether the float32 run meets it; the bf16 run
+for information), then the training-step precision rows.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# (kind, LR size, batch) -> (target speed-up of fused over published, largest memory ratio or None)
+TARGETS = {
+    ("gla_forward_backward", 48, 1): (1.0, None),
+    ("gla_forward_backward", 96, 1): (1.0, None),
+    ("gla_forward_backward", 96, 16): (3.0, None),
+    ("dlsn_forward", 128, 1): (1.0, None),
+    ("dlsn_forward", 360, 1): (2.5, 0.3),
+}
+NAMES = {"gla_forward_backward": "GLA fwd+bwd, C=256", "dlsn_forward": "whole-image forward, paper DLSN x2"}
+
+
+def load(folder: Path, name: str):
+    path = folder / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def timing(case: dict | None) -> str:
+    if case is None:
+        return "—"
+    if "error" in case:
+        return f"error: {case['error'][:80]}"
+    return f"{1000 * case['median_s']:.1f} ms, {case['peak_mb']:.0f} MB"
+
+
+def target_rows(targets: dict | None, file_name: str, judged: bool) -> list[str]:
+    """Issue 9's model-level rows; ``judged``: with MET / NOT MET (else the ratios are for information)."""
+    if targets is None:
+        return [f"| model-level targets ({file_name}) | | | | | | MISSING |"]
+    rows = []
+    cases = {(c["impl"], c["kind"], c["size"], c["batch"]): c for c in targets.get("cases", [])}
+    for (kind, size, batch), (speed_target, memory_target) in TARGETS.items():
+        published, reference, fused = (cases.get((impl, kind, size, batch))
+                                        for impl in ("published", "reference", "fused"))
+        measured = [c for c in (published, reference, fused) if c]
+        if not measured:
+            rows.append(f"| {NAMES[kind]}, batch {batch}, LR {size}x{size} | | | | | | NOT MEASURED |")
+            continue
+        precision = f"{measured[0]['precision']}, matmul {measured[0].get('matmul_precision', 'highest')}"
+        ratio, status = "—", "NOT MEASURED"
+        if published and fused and "error" not in published and "error" not in fused:
+            speed = published["median_s"] / fused["median_s"]
+            memory = fused["peak_mb"] / published["peak_mb"] if published["peak_mb"] > 0 else float("nan")
+            ratio = f"{speed:.2f}x time, {memory:.2f}x memory"
+            met = speed >= speed_target and (memory_target is None or memory <= memory_target)
+            status = ("MET" if met else "NOT MET") if judged else "(information)"
+        target = f">= {speed_target:g}x" + (f", memory <= {memory_target:g}x" if memory_target else "")
+        label = f"{NAMES[kind]}, batch {batch}, LR {size}x{size} ({precision})"
+        rows.append(f"| {label} | {timing(published)} | {timing(reference)} | {timing(fused)} | {ratio} | "
+                    f"{target if judged else ''} | {status} |")
+    return rows
+
+
+def main(folder: Path) -> None:
+    rows = ["| what | published | reference | fused | fused vs published | target | status |",
+            "|---|---|---|---|---|---|---|"]
+    check = load(folder, "check.json")
+    for result in (check or {}).get("results", []):
+        detail = result.get("error", "")[:100]
+        rows.append(f"| check: {result['check']} | | | | {detail} | correct | {result['status']} |")
+    if check is None:
+        rows.append("| checks (check.json) | | | | | correct | MISSING |")
+
+    for file_name, judged in (("gla_targets.json", True), ("gla_targets_bf16.json", False)):
+        rows += target_rows(load(folder, file_name), file_name, judged)
+
+    precision = load(folder, "precision.json")
+    for name, numbers in (precision or {}).get("throughput", {}).items():
+        if "error" in numbers:
+            rows.append(f"| training step {name} (this project) | | | error: {numbers['error'][:80]} | | | |")
+            continue
+        rows.append(f"| training step {name}, batch {precision['settings']['batch']} (this project) | | | "
+                    f"{1000 * numbers['median_step_s']:.1f} ms, {numbers['peak_memory_mib']:.0f} MiB | | | |")
+    for name, numbers in (precision or {}).get("accuracy", {}).items():
+        if "psnr_delta_vs_32_true_db" in numbers:
+            delta = numbers["psnr_delta_vs_32_true_db"]
+            rows.append(f"| val PSNR {name} vs 32-true after a short run | | | {delta:+.4f} dB | | within 0.05 dB | "
+                        f"{'MET' if abs(delta) <= 0.05 else 'NOT MET'} |")
+    if precision is None:
+        rows.append("| training steps (precision.json) | | | | | | MISSING |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,355 @@
+"""The fused chunk-attention kernel (dlsn/models/chunk_attention.py) against the reference paths.
+
+On the CPU the Triton kernels run in Triton's interpreter: exact semantics, but slow, so problems
+are tiny; the fixture cases are marked slow. On a CUDA machine the same tests also run compiled.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlsn.models import GLA, load_official
+from dlsn.models import chunk_attention as fused
+from dlsn.models.gla import number_of_buckets
+
+pytestmark = pytest.mark.skipif(not fused.triton_available(),
+                                reason="triton is not importable (pip install the dev extra on Linux x86-64)")
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official_dlsn"
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def random_problem(batch, rounds, length, chunk, qk_dim, v_dim, *, seed=0, dtype=torch.float32, device="cpu"):
+    """Random inputs of the op, with strided views as GLA passes them and a valid padded ``order``."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    queries = random(batch, length, qk_dim)
+    keys = torch.nn.functional.normalize(random(batch, length, qk_dim), dim=-1)
+    learned_score = random(batch, length, chunk + 2)[..., :chunk]  # a view, like fc(u)[..., :chunk]
+    values = random(batch, length, 2 * v_dim)[..., v_dim:]  # a view, like a split of the stacked conv
+    order = torch.stack([torch.stack([torch.randperm(length, generator=generator) for _ in range(rounds)])
+                         for _ in range(batch)])
+    inverse = torch.empty_like(order).scatter_(2, order, torch.arange(length).expand_as(order).contiguous())
+    padding = -length % chunk
+    order = torch.cat([order, order[..., length - padding:]], dim=-1)
+    tensors = [t.to(device=device, dtype=dtype) for t in (queries, keys, learned_score, values)]
+    return tensors, order.to(device), inverse.to(device)
+
+
+SHAPES = {  # batch, rounds, length, chunk, qk_dim, v_dim
+    "padding, 3 chunks": (2, 2, 37, 16, 8, 12),
+    "exact multiple": (1, 3, 48, 16, 4, 8),
+    "two chunks (neighbours coincide)": (1, 2, 20, 10, 4, 6),
+    "one chunk": (2, 1, 9, 9, 4, 4),
+    "one position": (1, 2, 1, 1, 2, 3),
+    "chunk over several blocks": (1, 1, 150, 40, 5, 20),
+}
+
+
+def test_reference_backward_is_the_gradient_of_the_reference():
+    """The written-out backward (the fallback) against autograd, in float64."""
+    inputs, order, inverse = random_problem(2, 2, 37, 8, 4, 6, dtype=torch.float64)
+    inputs = [t.detach().requires_grad_(True) for t in inputs]
+    attended, confidence = fused.chunk_attention_reference(*inputs, order, inverse)
+    grad_attended, grad_confidence = torch.randn_like(attended), torch.randn_like(confidence)
+    expected = torch.autograd.grad((attended * grad_attended).sum() + (confidence * grad_confidence).sum(), inputs)
+    written_out = fused.chunk_attention_reference_backward(grad_attended, grad_confidence, *inputs, order, inverse)
+    for got, want in zip(written_out, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_fused_op_matches_reference_in_float32(shape, device):
+    inputs, order, inverse = random_problem(*shape, device=device)
+    fused_inputs = [t.detach().requires_grad_(True) for t in inputs]
+    exact_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    attended, confidence = fused.chunk_attention(*fused_inputs, order, inverse)
+    expected_attended, expected_confidence = fused.chunk_attention_reference(*exact_inputs, order, inverse)
+    assert attended.dtype == torch.float32 and confidence.dtype == torch.float32
+    torch.testing.assert_close(attended.double(), expected_attended, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(confidence.double(), expected_confidence, rtol=1e-4, atol=1e-4)
+
+    grad_attended, grad_confidence = torch.randn_like(attended), torch.randn_like(confidence)
+    ((attended * grad_attended).sum() + (confidence * grad_confidence).sum()).backward()
+    ((expected_attended * grad_attended.double()).sum() + (expected_confidence * grad_confidence.double()).sum()
+     ).backward()
+    for name, got, want in zip(("queries", "keys", "learned_score", "values"), fused_inputs, exact_inputs):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_fused_op_in_bfloat16_is_close_to_float32():
+    inputs, order, inverse = random_problem(2, 2, 37, 16, 8, 12)
+    low = [t.detach().bfloat16().requires_grad_(True) for t in inputs]
+    exact = [t.detach().double().requires_grad_(True) for t in inputs]
+    attended, confidence = fused.chunk_attention(*low, order, inverse)
+    expected_attended, expected_confidence = fused.chunk_attention_reference(*exact, order, inverse)
+    assert attended.dtype == torch.float32 and confidence.dtype == torch.float32
+    # bfloat16 keeps 8 bits: about 0.4% of the scores' and values' size.
+    assert (attended.double() - expected_attended).abs().max() < 0.03
+    assert (confidence.double() - expected_confidence).abs().max() < 0.03
+    (attended.float().square().sum() + confidence.sum()).backward()
+    (expected_attended.square().sum() + expected_confidence.sum()).backward()
+    for name, got, want in zip(("queries", "keys", "learned_score", "values"), low, exact):
+        scale = want.grad.abs().max().item()
+        assert (got.grad.double() - want.grad).abs().max() < 0.03 * scale, name
+
+
+def test_custom_op_registration():
+    """Schema, fake (meta) implementation and autograd registration as torch.compile relies on them."""
+    inputs, order, inverse = random_problem(1, 2, 10, 5, 2, 3)
+    inputs = [t.detach().requires_grad_(True) for t in inputs]
+    torch.library.opcheck(torch.ops.dlsn.chunk_attention.default, (*inputs, order, inverse, False))
+
+
+def test_bad_inputs_are_named():
+    inputs, order, inverse = random_problem(1, 1, 10, 5, 2, 3)
+    queries, keys, learned_score, values = inputs
+    with pytest.raises(TypeError, match="queries must be float32, bfloat16 or float16, got torch.float64"):
+        fused.chunk_attention(queries.double(), keys, learned_score, values, order, inverse)
+    with pytest.raises(TypeError, match=r"queries \(torch.bfloat16\) and keys \(torch.float32\) must share"):
+        fused.chunk_attention(queries.bfloat16(), keys, learned_score, values, order, inverse)
+    with pytest.raises(ValueError, match="order has 9 entries, not the 10 positions padded"):
+        fused.chunk_attention(queries, keys, learned_score, values, order[..., :9], inverse)
+
+
+@pytest.fixture
+def fresh_fallback_state(monkeypatch):
+    """The module's one-way 'kernel failed' state, reset around the test."""
+    monkeypatch.setattr(fused, "_failure", None)
+    monkeypatch.setattr(fused, "_checked", set())
+
+
+def test_fallback_warns_once_and_computes_the_reference(monkeypatch, fresh_fallback_state):
+    inputs, order, inverse = random_problem(1, 2, 20, 8, 4, 6)
+    inputs = [t.detach().requires_grad_(True) for t in inputs]
+
+    def broken_kernel(*args):
+        raise RuntimeError("out of cheese")
+
+    monkeypatch.setattr(fused, "_fused_forward", broken_kernel)
+    with pytest.raises(RuntimeError, match="out of cheese"):  # fused: the error surfaces
+        fused.chunk_attention(*inputs, order, inverse)
+    with pytest.warns(RuntimeWarning, match=r"fused chunk-attention kernel failed \(RuntimeError: out of cheese\)"):
+        attended, confidence = fused.chunk_attention(*inputs, order, inverse, fallback=True)
+    assert fused.fused_kernel_failure() == "RuntimeError: out of cheese"
+    expected = fused.chunk_attention_reference(*inputs, order, inverse)
+    torch.testing.assert_close(attended, expected[0])
+    torch.testing.assert_close(confidence, expected[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        attended.sum().backward()  # the backward op falls back as well (the kernel is marked failed)
+        fused.chunk_attention(*inputs, order, inverse, fallback=True)
+
+
+def test_self_check_catches_a_wrong_kernel(monkeypatch, fresh_fallback_state):
+    original = fused._fused_forward
+
+    def slightly_wrong(*args):
+        attended, confidence = original(*args)
+        return attended * 1.01, confidence
+
+    monkeypatch.setattr(fused, "_fused_forward", slightly_wrong)
+    with pytest.raises(RuntimeError, match=r"self-check \(torch.float32\): attended differs from the reference"):
+        fused.self_check(torch.device("cpu"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_self_check_passes_with_the_real_kernel(dtype):
+    fused.self_check(torch.device("cpu"), dtype)
+
+
+# ---------------------------------------------------------------- whole GLA layers, fused vs reference
+
+def _gla_outputs_and_gradients(layer: GLA, x: torch.Tensor, rotations: torch.Tensor, autocast_dtype=None):
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        output = layer(x, rotations)
+    output.float().square().sum().backward()
+    return output.detach().float(), x.grad, {name: p.grad for name, p in layer.named_parameters()}
+
+
+def _assert_gla_gradients_close(got, want, tolerance):
+    torch.testing.assert_close(got[0], want[0], rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got[1], want[1], rtol=tolerance, atol=tolerance)
+    for name, expected in want[2].items():
+        # Parameter gradients sum many float32 terms: bound relative to the tensor's largest entry.
+        difference = (got[2][name] - expected).abs().max().item()
+        assert difference <= tolerance * max(1.0, expected.abs().max().item()), f"{name}: {difference:.3g}"
+
+
+def _fused_and_reference(config: dict, state_dict=None):
+    reference = GLA(**config, attention_impl="reference")
+    if state_dict is not None:
+        load_official(reference, state_dict)
+    fused_layer = GLA(**config, attention_impl="fused")
+    fused_layer.load_state_dict(reference.state_dict())
+    return fused_layer, reference
+
+
+@pytest.mark.parametrize("batch, height, width", [(1, 1, 1), (2, 5, 7), (2, 3, 4), (1, 6, 8), (2, 7, 9)])
+def test_fused_gla_matches_reference(batch, height, width):
+    """1x1, L < chunk (one chunk of L), an exact multiple, padding; batch > 1; outputs and gradients."""
+    torch.manual_seed(0)
+    config = dict(channels=8, chunk_size=16, n_hashes=2, reduction=2, res_scale=0.5)
+    fused_layer, reference = _fused_and_reference(config)
+    length = height * width
+    rotations = torch.nn.init.orthogonal_(torch.empty(2, 4, number_of_buckets(length, 16)))
+    x = torch.randn(batch, 8, height, width)
+    _assert_gla_gradients_close(_gla_outputs_and_gradients(fused_layer, x, rotations),
+                                _gla_outputs_and_gradients(reference, x, rotations), 1e-4)
+
+
+def test_fused_gla_under_bfloat16_autocast_is_as_accurate_as_the_reference():
+    """Errors against float32 (norm of the difference over the norm) about those of the reference path
+    under the same autocast, for the output and every gradient. The learned score's gradient sums
+    the softmax's row term over every query, so a row term inconsistent with the rounded weights
+    (e.g. from a bfloat16 output) shows up there several times larger."""
+    torch.manual_seed(0)
+    config = dict(channels=16, chunk_size=8, n_hashes=2, reduction=2)
+    fused_layer, reference = _fused_and_reference(config)
+    rotations = torch.nn.init.orthogonal_(torch.empty(2, 8, number_of_buckets(70, 8)))
+    x = torch.randn(2, 16, 7, 10)
+    exact = _gla_outputs_and_gradients(reference, x, rotations)
+    fused_low = _gla_outputs_and_gradients(fused_layer, x, rotations, autocast_dtype=torch.bfloat16)
+    reference_low = _gla_outputs_and_gradients(reference, x, rotations, autocast_dtype=torch.bfloat16)
+
+    def errors(result):
+        pairs = [(result[0], exact[0]), (result[1], exact[1])] + [(result[2][n], exact[2][n]) for n in exact[2]]
+        return [((got - want).norm() / want.norm()).item() for got, want in pairs]
+
+    names = ["output", "input gradient", *exact[2]]
+    for name, fused_error, reference_error in zip(names, errors(fused_low), errors(reference_low)):
+        assert fused_error <= 1.25 * reference_error + 0.01, f"{name}: {fused_error:.4f} vs {reference_error:.4f}"
+
+
+def _gla_cases():
+    return torch.load(FIXTURES / "gla_cases.pt", weights_only=True) if FIXTURES.exists() else []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FIXTURES.exists(), reason=f"official DLSN fixtures not found at {FIXTURES}")
+@pytest.mark.parametrize("case_index", range(len(_gla_cases())))
+def test_fused_gla_matches_reference_on_the_official_cases(case_index):
+    """Padding, an exact multiple, many buckets, the 128-bucket cap (the interpreter takes 5-30 s each)."""
+    case = _gla_cases()[case_index]
+    fused_layer, reference = _fused_and_reference(case["config"], case["state_dict"])
+    rotations = torch.stack(case["rotations"])
+    got = _gla_outputs_and_gradients(fused_layer, case["input"], rotations)
+    _assert_gla_gradients_close(got, _gla_outputs_and_gradients(reference, case["input"], rotations), 1e-4)
+    torch.testing.assert_close(got[0], case["output"], rtol=1e-4, atol=1e-4)
+
+
+def test_auto_uses_the_reference_on_the_cpu(monkeypatch):
+    def not_expected(*args, **kwargs):
+        raise AssertionError("the fused op was called")
+
+    monkeypatch.setattr(fused, "chunk_attention", not_expected)
+    layer = GLA(8, chunk_size=4, n_hashes=1, reduction=2)
+    assert layer.attention_impl == "auto"
+    layer(torch.randn(1, 8, 3, 3))
+    with pytest.raises(AssertionError, match="the fused op was called"):
+        GLA(8, chunk_size=4, n_hashes=1, reduction=2, attention_impl="fused")(torch.randn(1, 8, 3, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_on_cuda_uses_the_kernel_and_matches_the_reference(dtype):
+    torch.manual_seed(2)
+    config = dict(channels=32, chunk_size=16, n_hashes=3, reduction=4)
+    layer = GLA(**config).cuda()  # auto
+    reference = GLA(**config, attention_impl="reference").cuda()
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 32, 20, 18, device="cuda")
+    rotations = torch.nn.init.orthogonal_(torch.empty(3, 8, number_of_buckets(360, 16))).cuda()
+    autocast = dtype if dtype != torch.float32 else None
+    got = _gla_outputs_and_gradients(layer, x, rotations, autocast)
+    want = _gla_outputs_and_gradients(reference, x, rotations, autocast)
+    assert fused.fused_kernel_failure() is None
+    _assert_gla_gradients_close(got, want, 1e-4 if dtype == torch.float32 else 0.05)
+
+
+# ---------------------------------------------------------------- compiled for GPUs, without a GPU
+
+# int arguments that Triton's JIT sees divisible by 16 at the paper configuration (it specialises on it)
+_DIVISIBLE_BY_16 = {"q_stride_n", "q_stride_l", "k_stride_n", "k_stride_l", "v_stride_n", "v_stride_l",
+                    "ls_stride_n", "ls_stride_l", "chunk", "qk_dim", "v_dim"}
+_SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes per block: A100, H100
+
+
+def _compile_for_gpu(name: str, value_type: str, arch: int):
+    """Ahead-of-time compile of one kernel for sm_``arch`` at the paper configuration (C=256, d=64,
+    k=128) with its LAUNCH_CONFIGS entry: Triton's front end, LLVM and ptxas, no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    function = {"forward": fused._forward_kernel, "queries": fused._backward_queries_kernel,
+                "keys": fused._backward_keys_kernel}[name]
+    kernel = fused._kernel(function, False)
+    rows, num_warps, num_stages = fused.LAUNCH_CONFIGS[name, "half" if value_type == "bf16" else "float32"]
+    constants = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64, BLOCK_C=128 if name == "forward" else 256,
+                     PRECISION="tf32", INTERPRETED=False)
+    if name == "queries":
+        constants["EXACT_DELTA"] = value_type == "bf16"
+    float32_outputs = {"OUT", "LSE", "DELTA", "GRAD_Q", "GRAD_K", "GRAD_V", "GRAD_LS"}
+    signature, attributes = {}, {}
+    for index, argument in enumerate(kernel.arg_names):
+        if argument in constants:
+            signature[argument] = "constexpr"
+        elif argument.isupper():  # a pointer
+            signature[argument] = ("*fp32" if argument in float32_outputs else
+                                   "*i32" if argument == "ORDER" else f"*{value_type}")
+            attributes[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[argument] = "i32"
+            if argument in _DIVISIBLE_BY_16:
+                attributes[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes)
+    return triton_compile(source, GPUTarget("cuda", arch, 32), num_warps, num_stages)
+
+
+def triton_compile(source, target, num_warps, num_stages):
+    import triton
+
+    return triton.compile(source, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _register_spill_bytes(compiled) -> int | None:
+    """Bytes of stack per thread (register spills) from the cubin, via the cuobjdump Triton ships."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
+    match = re.search(r"STACK:(\d+)", usage)
+    return int(match.group(1)) if match else None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("value_type", ["bf16", "fp32"])
+@pytest.mark.parametrize("name", ["forward", "queries", "keys"])
+def test_kernels_compile_for_gpus_within_their_resources(name, value_type, arch):
+    """Catches what only a GPU compile would: Triton type/shape errors, shared memory over an A100's or
+    H100's limit, heavy register spilling (first seen as a fully spilled float32 backward kernel)."""
+    pytest.importorskip("triton.backends.nvidia")
+    compiled = _compile_for_gpu(name, value_type, arch)
+    assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
+    spill = _register_spill_bytes(compiled)
+    assert spill is None or spill <= 256, f"{spill} bytes of register spills per thread"
