@@ -169,8 +169,9 @@ def time_published(args: argparse.Namespace, device: torch.device, precision: st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
-    parser.add_argument("--cases", nargs="+", default=["project", "project-compiled", "published"],
+    # In order of importance, so that a run cut short keeps the headline numbers.
+    parser.add_argument("--precisions", nargs="+", default=["bf16-mixed", "32-true"])
+    parser.add_argument("--cases", nargs="+", default=["published", "project-compiled", "project"],
                         choices=["project", "project-compiled", "published"])
     parser.add_argument("--published-src", default=None, help="src/ of a laoyangui/DLSN checkout (CUDA only)")
     parser.add_argument("--compile-mode", default="reduce-overhead")
@@ -184,9 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="steps before timing (compilation included)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (at least 10 for the issue's medians)")
     parser.add_argument("--window", type=int, default=2, help="steps per timed window")
+    parser.add_argument("--matmul-precision", default=None, choices=["highest", "high", "medium"],
+                        help="torch.set_float32_matmul_precision for every case (high: TF32 matrix products)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.matmul_precision:
+        torch.set_float32_matmul_precision(args.matmul_precision)
     cases = [c for c in args.cases if c != "published" or args.published_src]
     if "published" in args.cases and not args.published_src:
         print("published: skipped (no --published-src)")
@@ -197,12 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for precision in args.precisions:
         for case in cases:
-            if case == "published":
-                result = time_published(args, device, precision)
-            else:
-                result = time_project(args, device, precision, compiled=case == "project-compiled")
-            result |= {"case": case, "precision": precision, "device": str(device)}
+            try:
+                if case == "published":
+                    result = time_published(args, device, precision)
+                else:
+                    result = time_project(args, device, precision, compiled=case == "project-compiled")
+            except Exception as err:  # e.g. out of memory: report it, go on with the next case
+                print(f"train_step {case} {precision}: {type(err).__name__}: {err}", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            result |= {"case": case, "precision": precision, "device": str(device),
+                       "matmul_precision": torch.get_float32_matmul_precision()}
             results.append(result)
+            if args.json:  # after every case: a run cut short keeps what it measured
+                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
             memory = "-" if result["peak_mb"] is None else f"{result['peak_mb']:.0f} MB"
             print(f"train_step {case:17s} {precision:10s} {result['step_s'] * 1e3:9.1f} ms/step  peak {memory:>9s}  "
                   f"warm-up {result['warmup_s']:.1f} s", flush=True)
@@ -214,8 +228,6 @@ def main(argv: list[str] | None = None) -> int:
         memory = "-" if result["peak_mb"] is None else f"{result['peak_mb']:.0f} MB"
         print(f"| {result['precision']} | {result['case']} | {result['step_s'] * 1e3:.1f} | {memory} | "
               f"{result['warmup_s']:.1f} s | {ratio} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -2,8 +2,10 @@
 # Every GPU measurement docs/benchmarks.md asks for, in one offline command on a CUDA machine.
 #
 #   scripts/gpu_check.sh --fetch     # on a machine with internet: wheels of the pure-Python packages
-#                                    # an offline GPU image may lack (Hydra, OmegaConf) into .whl/
-#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; about 5 minutes on an H100
+#                                    # an offline GPU image may lack (Hydra, OmegaConf) into .whl/, and
+#                                    # the authors' code (laoyangui/DLSN; or DLSN_MIRROR=<a clone>) into
+#                                    # .published/DLSN (git-ignored: carry it, never commit it)
+#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; about 6 minutes on an H100
 #
 # The GPU machine needs python3 with a CUDA build of torch (with its triton), lightning, torchmetrics,
 # scikit-image, rich and safetensors. Whatever .whl/ holds is installed into /tmp/site first (no
@@ -12,6 +14,10 @@
 #   gpu.txt             GPU, driver, torch/triton/lightning versions
 #   check.{txt,json}    scripts/check_fused_gla.py: the fused kernel against the reference (float32,
 #                       bf16), true-float32 match embedding, sync-free rotations, CUDA graph, compile
+#   train_step.{txt,json}   scripts/benchmark_train_step.py: the paper training step (x2, batch 16,
+#                       48x48) of this project, eager and compiled, against the published code (when
+#                       .published/DLSN/src is there), float32 and bf16-mixed; steps in order of
+#                       importance, so a run cut short keeps the headline numbers
 #   gla_targets.{txt,json}  scripts/benchmark_gla.py --targets: issue 9's model-level rows for the
 #                       published layout, the reference and the fused implementation, float32 with
 #                       TF32 matrix products on all three; gla_targets_bf16.*: the same under bf16 autocast
@@ -28,6 +34,15 @@ if [[ "${1:-}" == "--fetch" ]]; then
     # build its (pure-Python) wheel here.
     python3 -m pip wheel --no-deps -q -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
     ls .whl
+    if [[ ! -d .published/DLSN/src ]]; then
+        mkdir -p .published/DLSN
+        if [[ -n "${DLSN_MIRROR:-}" ]]; then
+            git -C "$DLSN_MIRROR" archive HEAD src | tar -x -C .published/DLSN
+        else
+            git clone -q --depth 1 https://github.com/laoyangui/DLSN .published/DLSN
+        fi
+    fi
+    ls .published/DLSN/src/model/dlsn.py
     exit 0
 fi
 
@@ -56,6 +71,11 @@ step() {  # step NAME COMMAND...: run with stdout and stderr to $OUT/NAME.txt, r
 echo "== $(tr '\n' ' ' <"$OUT/gpu.txt")"
 
 step check python3 scripts/check_fused_gla.py --json "$OUT/check.json"
+# The headline: the training step, float32 with TF32 matrix products (as train.py's paper recipes) and bf16.
+published=()
+[[ -f .published/DLSN/src/model/dlsn.py ]] && published=(--published-src .published/DLSN/src)
+step train_step python3 scripts/benchmark_train_step.py --device cuda "${published[@]}" --warmup 4 --steps 12 \
+    --matmul-precision high --json "$OUT/train_step.json"
 # float32 with TF32 matrix products for every implementation (the fused kernel's float32 mode), then bf16
 step gla_targets python3 scripts/benchmark_gla.py --device cuda --targets --repeats 10 --warmup 3 \
     --matmul-precision high --json "$OUT/gla_targets.json" --markdown

@@ -2,7 +2,8 @@
 
     python scripts/gpu_check_summary.py RESULTS_DIR
 
-Reads ``check.json`` (scripts/check_fused_gla.py), ``gla_targets.json`` and ``gla_targets_bf16.json``
+Reads ``check.json`` (scripts/check_fused_gla.py), ``train_step.json`` (scripts/benchmark_train_step.py:
+the paper training step, eager and compiled, against the published code), ``gla_targets.json`` and ``gla_targets_bf16.json``
 (scripts/benchmark_gla.py --targets in float32 and under bf16 autocast) and ``precision.json``
 (scripts/benchmark_precision.py), whichever exist, and prints one table: the correctness checks,
 then issue 9's model-level targets (published layout, reference and fused implementation, the fused
@@ -68,6 +69,41 @@ def target_rows(targets: dict | None, file_name: str, judged: bool) -> list[str]
     return rows
 
 
+# precision -> (target speed-up of the compiled step over the published one, largest memory ratio)
+STEP_TARGETS = {"bf16-mixed": (2.5, 0.5), "32-true": (2.0, 0.5)}
+COMPILE_WARMUP_LIMIT_S = 180
+
+
+def train_step_rows(results: list | None) -> list[str]:
+    """Issue 9's training-step rows: this project (eager, compiled) against the published code."""
+    if results is None:
+        return ["| training step (train_step.json) | | | | | | MISSING |"]
+    rows = []
+    for precision, (speed_target, memory_target) in STEP_TARGETS.items():
+        cases = {r["case"]: r for r in results if r["precision"] == precision}
+        published, eager, compiled = (cases.get(c) for c in ("published", "project", "project-compiled"))
+
+        def shown(case):
+            if case is None:
+                return "—"
+            memory = "" if case.get("peak_mb") is None else f", {case['peak_mb']:.0f} MB"
+            return f"{1000 * case['step_s']:.1f} ms{memory}"
+
+        ratio, status = "—", "NOT MEASURED"
+        if published and compiled:
+            speed = published["step_s"] / compiled["step_s"]
+            memory = compiled["peak_mb"] / published["peak_mb"]
+            ratio = f"{speed:.2f}x time, {memory:.2f}x memory"
+            status = "MET" if speed >= speed_target and memory <= memory_target else "NOT MET"
+        rows.append(f"| training step x2, batch 16, 48x48, {precision} | {shown(published)} | {shown(eager)} (eager) | "
+                    f"{shown(compiled)} (compiled) | {ratio} | >= {speed_target:g}x, memory <= {memory_target:g}x | {status} |")
+        if compiled:
+            warmup = compiled["warmup_s"]
+            rows.append(f"| compile warm-up, {precision} | | | {warmup:.0f} s | | <= {COMPILE_WARMUP_LIMIT_S} s | "
+                        f"{'MET' if warmup <= COMPILE_WARMUP_LIMIT_S else 'NOT MET'} |")
+    return rows
+
+
 def main(folder: Path) -> None:
     rows = ["| what | published | reference | fused | fused vs published | target | status |",
             "|---|---|---|---|---|---|---|"]
@@ -78,6 +114,7 @@ def main(folder: Path) -> None:
     if check is None:
         rows.append("| checks (check.json) | | | | | correct | MISSING |")
 
+    rows += train_step_rows(load(folder, "train_step.json"))
     for file_name, judged in (("gla_targets.json", True), ("gla_targets_bf16.json", False)):
         rows += target_rows(load(folder, file_name), file_name, judged)
 

@@ -39,3 +39,20 @@ def test_training_step_benchmark_prints_one_row_per_case(tmp_path):
 
     (result,) = json.loads(json_path.read_text())
     assert result["case"] == "project" and result["steps"] == 4 and result["step_s"] > 0
+
+
+def test_gpu_summary_judges_the_training_step_against_the_published_code(tmp_path):
+    import json
+
+    results = [{"case": "published", "precision": "bf16-mixed", "step_s": 0.150, "peak_mb": 12000, "warmup_s": 2},
+               {"case": "project-compiled", "precision": "bf16-mixed", "step_s": 0.059, "peak_mb": 5000, "warmup_s": 200},
+               {"case": "published", "precision": "32-true", "step_s": 0.240, "peak_mb": 19000, "warmup_s": 2},
+               {"case": "project-compiled", "precision": "32-true", "step_s": 0.130, "peak_mb": 9000, "warmup_s": 100}]
+    (tmp_path / "train_step.json").write_text(json.dumps(results))
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "gpu_check_summary.py"), str(tmp_path)],
+                          capture_output=True, text=True, check=True)
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert rows["training step x2, batch 16, 48x48, bf16-mixed"].rstrip(" |").endswith("MET")  # 2.54x, 0.42x
+    assert "NOT MET" not in rows["training step x2, batch 16, 48x48, bf16-mixed"]
+    assert "NOT MET" in rows["training step x2, batch 16, 48x48, 32-true"]  # 1.85x < 2x
+    assert "NOT MET" in rows["compile warm-up, bf16-mixed"] and "NOT MET" not in rows["compile warm-up, 32-true"]

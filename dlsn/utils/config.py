@@ -77,9 +77,15 @@ def register_resolvers() -> None:
 
 
 def apply_extras(cfg: DictConfig) -> None:
-    """The ``extras`` group: silence known-harmless warnings, print the config tree."""
+    """Process-wide settings: ``float32_matmul_precision``, and the ``extras`` group (silence known-harmless
+    warnings, print the config tree)."""
     import warnings
 
+    precision = cfg.get("float32_matmul_precision")
+    if precision:
+        import torch
+
+        torch.set_float32_matmul_precision(precision)
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         # Hints about dataloader workers and logging intervals that do not apply to small sample runs.
