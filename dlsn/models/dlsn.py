@@ -113,6 +113,10 @@ class DLSN(nn.Module):
         self.reconstruction = conv3x3(n_feats, 3)
         # Channels-last weights (kept by .to(device), load_state_dict and optimizers' state).
         self.to(memory_format=torch.channels_last)
+        # ... but not the [1, 3, 1, 1] mean: DDP broadcasts buffers every step, and a lone buffer whose
+        # strides differ from the flat copy it is broadcast through fails ("refer to a single memory
+        # location"); channels-last means nothing for it anyway.
+        self.rgb_mean = self.rgb_mean.clone(memory_format=torch.contiguous_format)
 
     def set_rotation_seed(self, seed: int | None) -> None:
         """Deterministic hash rotations (an int) for evaluation, or fresh ones (``None``) for training."""
