@@ -5,47 +5,18 @@ sweeps, the mutation check) are skipped unless a marker expression is given, so 
 stays fast. ``.ci/run`` runs the default suite (``pytest``) and then every slow test
 (``pytest -m slow``), which includes ``scripts/mutation_check.py`` (tests/test_mutation_check.py).
 
-Test data outside the repository: ``../shared`` beside the checkout (``DLSN_TEST_SHARED`` overrides
+Shared code lives in the package ``tests/helpers`` (``from tests.helpers.runs import TINY_TRAIN, run_script``),
+not here. Test data outside the repository: ``../shared`` beside the checkout (``DLSN_TEST_SHARED`` overrides
 it, e.g. for a git worktree elsewhere); tests that need it skip with the path in the reason.
 """
 
 from __future__ import annotations
 
-import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-TESTS_DIR = Path(__file__).resolve().parent
-SHARED_DIR = Path(os.environ.get("DLSN_TEST_SHARED", PROJECT_ROOT.parent / "shared"))
-BENCHMARK_DIR = Path(os.environ.get("DLSN_TEST_BENCHMARKS", SHARED_DIR / "benchmarks"))
-OFFICIAL_FIXTURES = SHARED_DIR / "fixtures" / "official_dlsn"
-
-# A DLSN small enough for a training step in about a second, on tiny patches, with two checkpoints'
-# worth of steps; no W&B, CSV logs to read metrics back.
-TINY_TRAIN = [
-    "model=dlsn_small",
-    "model.n_feats=8",
-    "model.n_resgroups=1",
-    "model.n_resblocks=1",
-    "model.chunk_size=16",
-    "model.n_hashes=1",
-    "data.patch_size=12",
-    "data.batch_size=2",
-    "data.iters_per_epoch=3",
-    "data.num_workers=0",
-    "module.optimizer.lr=1e-4",
-    "trainer.max_epochs=1",
-    "trainer.accelerator=cpu",
-    "trainer.log_every_n_steps=1",
-    "logger=csv",
-    "extras.print_config=false",
-    "compare_bicubic=false",
-]
+from tests.helpers.runs import BENCHMARK_DIR, TINY_TRAIN, run_script  # noqa: F401
 
 
 def pytest_collection_modifyitems(config, items):
@@ -57,53 +28,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
-def subprocess_env(wandb_mode: str = "disabled", **extra: str) -> dict[str, str]:
-    """Environment of a train.py/eval.py subprocess: W&B offline or disabled, and tests/ importable so
-    that a run can be given a test callback (``+callbacks.probe._target_=join_probes.RecordTraining``)."""
-    python_path = [*filter(None, [os.environ.get("PYTHONPATH")]), str(TESTS_DIR)]
-    env = {**os.environ, "WANDB_MODE": wandb_mode, "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join(python_path), **extra}
-    env.pop("LOCAL_RANK", None)  # never inherit a rank from an outer launcher
-    return env
-
-
-def run_script(script: str, run_dir: Path, *overrides: str, expect_success: bool = True, wandb_mode: str = "disabled",
-               timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run train.py / eval.py in a subprocess with Hydra's output in ``run_dir``."""
-    cmd = [sys.executable, str(PROJECT_ROOT / script), f"hydra.run.dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=subprocess_env(wandb_mode), capture_output=True, text=True,
-                          timeout=timeout)
-    if expect_success and proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def read_csv_metrics(run_dir: Path) -> list[dict[str, str]]:
-    """Rows of the CSVLogger's metrics.csv of a run."""
-    files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
-    assert files, f"no metrics.csv under {run_dir}"
-    with open(files[-1], newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def last_value(rows: list[dict[str, str]], key: str) -> float:
-    values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
-    assert values, f"{key} was never logged"
-    return values[-1]
-
-
 @pytest.fixture(scope="session")
 def tiny_train_run(tmp_path_factory) -> Path:
     """One tiny training run (2 epochs), shared by the tests that read its checkpoints and logs."""
     run_dir = tmp_path_factory.mktemp("tiny_train") / "run"
     run_script("train.py", run_dir, *TINY_TRAIN, "trainer.max_epochs=2")
     return run_dir
-
-
-def requires_official_fixtures():
-    """Skip mark for tests that compare against ../shared/fixtures/official_dlsn."""
-    return pytest.mark.skipif(not (OFFICIAL_FIXTURES / "dlsn_tiny_x2.pt").is_file(),
-                              reason=f"official DLSN fixtures not found at {OFFICIAL_FIXTURES} (set DLSN_TEST_SHARED)")
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import run_script
-
-DLSN_ONLY_KEYS = ("n_feats", "n_resgroups", "n_resblocks", "reduction", "chunk_size", "n_hashes", "res_scale", "rgb_range")
-
+from tests.helpers.runs import run_script
 
 def test_a_new_model_optimizer_data_set_and_callback_need_only_configuration(tmp_path):
     rng = np.random.default_rng(0)
@@ -22,7 +19,7 @@ def test_a_new_model_optimizer_data_set_and_callback_need_only_configuration(tmp
     run_script(
         "train.py", run_dir,
         # the model: tests/helpers/models.py, without a YAML file
-        "model._target_=tests.helpers.models.TinyUpsampler", *(f"~model.{key}" for key in DLSN_ONLY_KEYS),
+        "~model", "+model={_target_:tests.helpers.models.TinyUpsampler,scale:${scale}}",
         # the optimizer and schedule
         "module.optimizer._target_=torch.optim.SGD", "~module.optimizer.betas", "~module.optimizer.eps",
         "~module.optimizer.fused", "+module.optimizer.momentum=0.9", "module/scheduler=cosine",
@@ -43,7 +40,7 @@ def test_a_new_model_optimizer_data_set_and_callback_need_only_configuration(tmp
     # eval.py rebuilds the new network from the checkpoint; a network outside dlsn.models is built when the
     # run's own model config names it (or with trust_checkpoint=true).
     run_script("eval.py", tmp_path / "eval", f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}", "data=folder",
-               "model._target_=tests.helpers.models.TinyUpsampler", *(f"~model.{key}" for key in DLSN_ONLY_KEYS),
+               "~model", "+model={_target_:tests.helpers.models.TinyUpsampler,scale:${scale}}",
                f"data.test_sets=[{tmp_path / 'val'}]", "data.train_set=null", "data.val_sets=[]", "trainer.accelerator=cpu",
                "logger=none", "extras.print_config=false", "data.num_workers=0")
     import json

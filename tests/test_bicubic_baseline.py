@@ -12,7 +12,7 @@ from dlsn.data import imresize
 from dlsn.data.datasets import SREvalDataset, benchmark_records
 from dlsn.imresize import imresize_torch
 from dlsn.metrics import psnr_y, ssim_y
-from data_helpers import BENCHMARKS, requires_shared
+from tests.helpers.data import BENCHMARKS, requires_shared
 
 # Tolerance to the published rows. This pipeline's measured differences are at most 0.0134 dB and 0.00074
 # (Set5 x2 / x3, Set5 x4); a metric crop of scale+1 pixels moves a row by up to 0.03 dB, luma computed

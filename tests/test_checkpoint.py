@@ -7,7 +7,7 @@ import torch
 import os
 import time
 
-from conftest import OFFICIAL_FIXTURES as FIXTURES
+from tests.helpers.runs import OFFICIAL_FIXTURES as FIXTURES
 from dlsn.checkpoint import (
     NETWORK_PREFIX,
     build_network,

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import PROJECT_ROOT, TINY_TRAIN, last_value, read_csv_metrics, run_script
+from tests.helpers.runs import PROJECT_ROOT, TINY_TRAIN, last_value, read_csv_metrics, run_script
 
 
 @pytest.mark.slow

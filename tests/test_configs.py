@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from dlsn.utils.config import ConfigError, register_resolvers, validate_config
 from dlsn.utils.instantiate import build_network, count_parameters, network_config
 
-from conftest import PROJECT_ROOT, run_script
+from tests.helpers.runs import PROJECT_ROOT, run_script
 
 CONFIG_DIR = str(PROJECT_ROOT / "configs")
 EXPERIMENTS = sorted(p.stem for p in (PROJECT_ROOT / "configs" / "experiment").glob("*.yaml"))

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from dlsn.data import SRDataModule
-from data_helpers import BENCHMARKS, requires_shared, sample_dir  # noqa: F401 - fixture
+from tests.helpers.data import BENCHMARKS, requires_shared, sample_dir  # noqa: F401 - fixture
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
 
@@ -120,7 +120,7 @@ def test_hydra_instantiates_benchmark_config_with_eval_overrides(tmp_path, sampl
 
 def eval_folder(root: Path, name: str, sizes: dict[str, tuple[int, int]]) -> Path:
     """A folder ``root/name`` with one random PNG per ``{file stem: (height, width)}``."""
-    from data_helpers import random_image, save_png
+    from tests.helpers.data import random_image, save_png
 
     for i, (stem, (height, width)) in enumerate(sizes.items()):
         save_png(root / name / f"{stem}.png", random_image(height, width, seed=i))
@@ -178,7 +178,7 @@ def test_decoding_failures_found_while_building_are_counted_too(tmp_path, sample
 
     from PIL import Image
 
-    from data_helpers import random_image
+    from tests.helpers.data import random_image
 
     val = eval_folder(tmp_path, "val", {"good": (24, 24)})
     buffer = io.BytesIO()
@@ -191,7 +191,7 @@ def test_decoding_failures_found_while_building_are_counted_too(tmp_path, sample
 
 
 def test_official_lr_file_of_the_wrong_size_is_found_from_its_header(tmp_path, sample_dir):
-    from data_helpers import random_image, save_png
+    from tests.helpers.data import random_image, save_png
 
     save_png(tmp_path / "SetX" / "HR" / "a.png", random_image(32, 32))
     save_png(tmp_path / "SetX" / "LR_bicubic" / "X2" / "ax2.png", random_image(15, 16))

@@ -15,7 +15,7 @@ from dlsn.data import ArrayCache, ImageReadError, degrade, read_image
 from dlsn.data.datasets import ImageRecord, SREvalDataset, SRTrainDataset, benchmark_records, folder_records
 from dlsn.data.div2k import ChecksumError, DownloadError, div2k_records, download_file, prepare_div2k, sha256_of
 from dlsn.data.io import list_images
-from data_helpers import random_image, save_png, serve_folder
+from tests.helpers.data import random_image, save_png, serve_folder
 
 # ---------------------------------------------------------------- reading
 

@@ -5,7 +5,7 @@ import pytest
 
 from dlsn.data import degrade, imresize, modcrop
 from dlsn.data.degradations import gaussian_blur_replicate, nearest_downscale
-from data_helpers import random_image
+from tests.helpers.data import random_image
 
 
 def ramp(n: int) -> np.ndarray:

@@ -26,8 +26,7 @@ from dlsn.metrics import PSNR_Y, SSIM_Y
 
 SCRIPTS = Path(__file__).parent / "distributed_scripts"
 REPO_ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(SCRIPTS))
-from eval_worker import SyntheticPairs  # noqa: E402
+from tests.distributed_scripts.eval_worker import SyntheticPairs
 
 SUBPROCESS_TIMEOUT_S = 180
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dlsn.metrics import PSNR_Y, SSIM_Y, psnr_y, rgb_to_y, ssim_y
-from data_helpers import random_image
+from tests.helpers.data import random_image
 
 
 def test_rgb_to_y_matlab_coefficients():

@@ -14,7 +14,7 @@ from PIL import Image
 from dlsn.data.datasets import SREvalDataset, folder_records
 from dlsn.data.degradations import modcrop
 from dlsn.metrics import PSNR_Y, SSIM_Y, main, psnr_y, ssim_y
-from data_helpers import random_image, save_png
+from tests.helpers.data import random_image, save_png
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import OFFICIAL_FIXTURES as FIXTURES
+from tests.helpers.runs import OFFICIAL_FIXTURES as FIXTURES
 from dlsn.models import DLSN, GLA, load_official, to_official
 from dlsn.models.official import official_names
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import BENCHMARK_DIR, OFFICIAL_FIXTURES, PROJECT_ROOT, SHARED_DIR
+from tests.helpers.runs import BENCHMARK_DIR, OFFICIAL_FIXTURES, PROJECT_ROOT, SHARED_DIR
 
 SCRIPT = PROJECT_ROOT / "scripts" / "mutation_check.py"
 

@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, read_csv_metrics, run_script
+from tests.helpers.runs import TINY_TRAIN, read_csv_metrics, run_script
 from dlsn.callbacks import BestCheckpoint
 from dlsn.utils.launcher import RunDirectoryLock
 
@@ -183,7 +183,7 @@ def test_a_run_started_from_a_read_only_directory_writes_under_the_project_root(
     import subprocess
     import sys
 
-    from conftest import PROJECT_ROOT
+    from tests.helpers.runs import PROJECT_ROOT
 
     read_only = tmp_path / "read_only"
     read_only.mkdir()

@@ -2,7 +2,7 @@
 
 One tiny training run with the default logger (logger/wandb.yaml, WANDB_MODE=offline), compare_bicubic and
 test=true, and one eval.py run with W&B on its best checkpoint; the tests read what W&B wrote to disk
-(tests/join_helpers.py parses the offline run) and the printed output, and recompute the numbers through
+(tests/helpers/joins.py parses the offline run) and the printed output, and recompute the numbers through
 the public API. All `slow` (two subprocess runs shared by the module).
 """
 
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import TINY_TRAIN, run_script
-from join_helpers import evaluation_batches, mean_psnr_ssim, the_wandb_run, wandb_run_id_for_directory
+from tests.helpers.runs import TINY_TRAIN, run_script
+from tests.helpers.joins import evaluation_batches, mean_psnr_ssim, the_wandb_run, wandb_run_id_for_directory
 
 pytestmark = pytest.mark.slow
 

@@ -23,9 +23,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import PROJECT_ROOT, TINY_TRAIN, last_value, read_csv_metrics, subprocess_env
-from join_helpers import the_wandb_run, wandb_run_id_for_directory, wandb_runs
-from join_probes import load_records, probe_overrides
+from tests.helpers.runs import PROJECT_ROOT, TINY_TRAIN, last_value, read_csv_metrics, subprocess_env
+from tests.helpers.joins import the_wandb_run, wandb_run_id_for_directory, wandb_runs
+from tests.helpers.probes import load_records, probe_overrides
 
 pytestmark = pytest.mark.slow
 

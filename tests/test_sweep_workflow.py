@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import PROJECT_ROOT, TINY_TRAIN
+from tests.helpers.runs import PROJECT_ROOT, TINY_TRAIN
 
 TIMEOUT_S = 600
 TINY_NO_LOGGER = [arg for arg in TINY_TRAIN if not arg.startswith("logger=")]
@@ -183,7 +183,7 @@ def test_wandb_config_is_logged_once_without_duplicated_keys(tmp_path):
 
 @pytest.mark.slow
 def test_report_reads_a_real_run_stopped_by_sigterm_then_finished_after_a_restart(tmp_path):
-    from conftest import run_script
+    from tests.helpers.runs import run_script
     from dlsn.sweep_report import FAILED, FINISHED, INTERRUPTED, read_job
 
     settings = [*TINY_TRAIN, "trainer.max_epochs=2", "data.iters_per_epoch=4", "checkpoint.every_n_steps=1000"]

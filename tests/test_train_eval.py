@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, last_value, read_csv_metrics, requires_official_fixtures, run_script
-from join_probes import load_records, probe_overrides
-from join_helpers import (
+from tests.helpers.runs import TINY_TRAIN, last_value, read_csv_metrics, requires_official_fixtures, run_script
+from tests.helpers.probes import load_records, probe_overrides
+from tests.helpers.joins import (
     OFFICIAL_TINY_MODEL,
     dihedral,
     dihedral_inverse,

@@ -1,6 +1,6 @@
 """train.py options that only matter where the parts join: init_from fine-tuning and gradient clipping.
 
-Each test runs the real train.py (subprocess, tiny DLSN) with tests/join_probes.py's RecordTraining
+Each test runs the real train.py (subprocess, tiny DLSN) with tests/helpers/probes.py's RecordTraining
 callback added through a Hydra override, and checks what the Trainer actually did with the weights and
 gradients. All `slow` (a few train.py runs).
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, requires_official_fixtures, run_script
-from join_helpers import OFFICIAL_TINY_MODEL, official_tiny_fixture, official_tiny_network
-from join_probes import load_records, probe_overrides
+from tests.helpers.runs import TINY_TRAIN, requires_official_fixtures, run_script
+from tests.helpers.joins import OFFICIAL_TINY_MODEL, official_tiny_fixture, official_tiny_network
+from tests.helpers.probes import load_records, probe_overrides
 
 pytestmark = pytest.mark.slow
 

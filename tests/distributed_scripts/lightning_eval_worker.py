@@ -15,12 +15,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).parent))
-from eval_worker import SyntheticPairs  # noqa: E402
+from eval_worker import SyntheticPairs  # this script's folder is on sys.path (run as a file)
 
-from dlsn.data.samplers import eval_sampler  # noqa: E402
-from dlsn.utils.launcher import shutdown_process_group  # noqa: E402
-from dlsn.metrics import PSNR_Y, SSIM_Y  # noqa: E402
+from dlsn.data.samplers import eval_sampler
+from dlsn.metrics import PSNR_Y, SSIM_Y
+from dlsn.utils.launcher import shutdown_process_group
 
 
 class PairsDataModule(L.LightningDataModule):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BENCHMARK_DIR as BENCHMARKS
+from tests.helpers.runs import BENCHMARK_DIR as BENCHMARKS
 
 requires_shared = pytest.mark.skipif(not (BENCHMARKS / "Set5" / "HR").is_dir(),
                                      reason=f"benchmark images not found at {BENCHMARKS} (set DLSN_TEST_SHARED)")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import OFFICIAL_FIXTURES
+from tests.helpers.runs import OFFICIAL_FIXTURES
 
 # ---- library internals the join tests name (keep them here) ---------------------------------------
 from dlsn.sweep import run_id as wandb_run_id_for_directory  # noqa: E402  the id logger/wandb.yaml derives

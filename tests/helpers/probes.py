@@ -1,6 +1,6 @@
 """A Lightning callback that the join tests add to a real train.py run to see inside it.
 
-    python train.py ... +callbacks.probe._target_=join_probes.RecordTraining +callbacks.probe.out_dir=DIR
+    python train.py ... +callbacks.probe._target_=tests.helpers.probes.RecordTraining +callbacks.probe.out_dir=DIR
 
 (tests/conftest.py puts tests/ on the subprocess's PYTHONPATH.) It observes the run without changing it,
 except for ``bad_batch``/``bad_rank``, which poison one training batch on one process (NaN inputs) to check
@@ -78,7 +78,7 @@ def load_records(out_dir: Path) -> list[dict]:
 
 def probe_overrides(out_dir: Path, bad_batch: int | None = None, bad_rank: int = 0) -> list[str]:
     """Hydra overrides that add :class:`RecordTraining` to a train.py run."""
-    overrides = ["+callbacks.probe._target_=join_probes.RecordTraining", f"+callbacks.probe.out_dir={out_dir}"]
+    overrides = ["+callbacks.probe._target_=tests.helpers.probes.RecordTraining", f"+callbacks.probe.out_dir={out_dir}"]
     if bad_batch is not None:
         overrides += [f"+callbacks.probe.bad_batch={bad_batch}", f"+callbacks.probe.bad_rank={bad_rank}"]
     return overrides
