@@ -256,13 +256,11 @@ def _checkpoint_step(job_dir: Path) -> int | None:
     checkpoints = sorted((job_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not checkpoints:
         return None
-    try:
-        import torch  # only here: a summary of logged jobs does not need it
+    from dlsn.checkpoint import CheckpointError, read_checkpoint  # only here: imports torch
 
-        # weights_only: nothing from the file is executed; mmap: tensors are mapped, not read
-        state = torch.load(checkpoints[-1], map_location="cpu", weights_only=True, mmap=True)
-        return int(state["global_step"])
-    except Exception:  # unreadable, not a Lightning checkpoint, or being written right now
+    try:  # weights only (nothing from the file runs); mmap: tensors are mapped, not read
+        return int(read_checkpoint(checkpoints[-1], mmap=True)["global_step"])
+    except (CheckpointError, KeyError, TypeError, ValueError):  # unreadable, or not a Lightning checkpoint
         return None
 
 
