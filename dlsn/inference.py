@@ -22,6 +22,7 @@ papers fix these settings for evaluation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
@@ -144,51 +145,43 @@ def self_ensemble_forward(forward: Forward, lr: torch.Tensor) -> torch.Tensor:
 INFERENCE_MODES = ("whole", "chop", "tile")
 
 
-def check_inference_options(
-    mode: InferenceMode = "chop",
-    shave: int = 10,
-    min_size: int = 160000,
-    tile_size: int = 128,
-    overlap: int = 16,
-    self_ensemble: bool = False,
-) -> None:
-    """Raise ``ValueError`` naming the option for settings :func:`super_resolve` cannot use.
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Settings of :func:`super_resolve` (``configs/inference/``); a bad value raises ``ValueError``
+    naming the option, so that the LightningModule refuses it when it is built, not at the first
+    validation."""
 
-    Called when the LightningModule is built, so that a bad setting fails before training, not at
-    the first validation.
-    """
-    if mode not in INFERENCE_MODES:
-        raise ValueError(f"inference.mode must be one of {', '.join(INFERENCE_MODES)}; got {mode!r}")
-    for name, value, minimum in (("shave", shave, 0), ("min_size", min_size, 1), ("tile_size", tile_size, 1),
-                                 ("overlap", overlap, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"inference.{name} must be an integer >= {minimum}; got {value!r}")
-    if overlap >= tile_size:
-        raise ValueError(f"inference.overlap ({overlap}) must be smaller than inference.tile_size ({tile_size})")
-    if not isinstance(self_ensemble, bool):
-        raise ValueError(f"inference.self_ensemble must be true or false; got {self_ensemble!r}")
+    mode: InferenceMode = "chop"
+    shave: int = 10
+    min_size: int = 160000
+    tile_size: int = 128
+    overlap: int = 16
+    self_ensemble: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in INFERENCE_MODES:
+            raise ValueError(f"inference.mode must be one of {', '.join(INFERENCE_MODES)}; got {self.mode!r}")
+        for name, minimum in (("shave", 0), ("min_size", 1), ("tile_size", 1), ("overlap", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"inference.{name} must be an integer >= {minimum}; got {value!r}")
+        if self.overlap >= self.tile_size:
+            raise ValueError(f"inference.overlap ({self.overlap}) must be smaller than inference.tile_size "
+                             f"({self.tile_size})")
+        if not isinstance(self.self_ensemble, bool):
+            raise ValueError(f"inference.self_ensemble must be true or false; got {self.self_ensemble!r}")
 
 
-def super_resolve(
-    forward: Forward,
-    lr: torch.Tensor,
-    scale: int,
-    mode: InferenceMode = "chop",
-    shave: int = 10,
-    min_size: int = 160000,
-    tile_size: int = 128,
-    overlap: int = 16,
-    self_ensemble: bool = False,
-) -> torch.Tensor:
-    """Super-resolve a whole image with the chosen memory strategy and optional self-ensemble."""
-    if mode == "whole":
+def super_resolve(forward: Forward, lr: torch.Tensor, scale: int, **options) -> torch.Tensor:
+    """Super-resolve a whole image with the chosen memory strategy and optional self-ensemble
+    (``options``: the fields of :class:`InferenceOptions`)."""
+    settings = InferenceOptions(**options)
+    if settings.mode == "whole":
         bounded = forward
-    elif mode == "chop":
+    elif settings.mode == "chop":
         def bounded(x: torch.Tensor) -> torch.Tensor:
-            return chop_forward(forward, x, scale, shave=shave, min_size=min_size)
-    elif mode == "tile":
-        def bounded(x: torch.Tensor) -> torch.Tensor:
-            return tile_forward(forward, x, scale, tile_size=tile_size, overlap=overlap)
+            return chop_forward(forward, x, scale, shave=settings.shave, min_size=settings.min_size)
     else:
-        raise ValueError(f"inference.mode must be one of {', '.join(INFERENCE_MODES)}; got {mode!r}")
-    return self_ensemble_forward(bounded, lr) if self_ensemble else bounded(lr)
+        def bounded(x: torch.Tensor) -> torch.Tensor:
+            return tile_forward(forward, x, scale, tile_size=settings.tile_size, overlap=settings.overlap)
+    return self_ensemble_forward(bounded, lr) if settings.self_ensemble else bounded(lr)

@@ -28,7 +28,7 @@ from lightning import LightningModule
 from torch import nn
 from torchmetrics import MaxMetric, SumMetric
 
-from dlsn.inference import check_inference_options, super_resolve
+from dlsn.inference import InferenceOptions, super_resolve
 from dlsn.metrics import PSNR_Y, SSIM_Y
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,8 @@ class SRModule(LightningModule):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
         if max_consecutive_skips is not None and max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips!r}")
+        InferenceOptions(**(inference or {}))  # refuses a bad setting now, naming it
         self.inference = dict(inference or {})
-        check_inference_options(**self.inference)
         # Partials, the network and its config are not hyperparameters: the config is stored in the
         # checkpoint by on_save_checkpoint, and plain values keep checkpoints loadable with weights_only.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "net_config"], logger=False)
