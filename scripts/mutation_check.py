@@ -64,8 +64,7 @@ def _crop_mutation(extra: int) -> Mutation:
     return Mutation(
         f"metric-crop-plus-{extra}",
         f"Y-PSNR/SSIM crop scale + {extra} border pixels instead of scale",
-        (Patch("dlsn/metrics.py", "    sr_rows, hr_rows = _ImageRows(sr, rgb_range), _ImageRows(hr, rgb_range)\n",
-               f"    crop_border += {extra}\n    sr_rows, hr_rows = _ImageRows(sr, rgb_range), _ImageRows(hr, rgb_range)\n"),),
+        (Patch("dlsn/metrics.py", "    cb = crop_border\n", f"    cb = crop_border + {extra}\n"),),
         (BICUBIC_ROWS,),
         issue_row=True,
     )
