@@ -5,8 +5,10 @@
 
 The body is ``B`` residual blocks ``x + res_scale * conv(relu(conv(x)))`` (no batch norm). With
 ``attention`` other than ``"none"``, an attention layer (:mod:`dlsn.models.attention`: ``gla``,
-``lsh`` or ``nonlocal``) follows every ``attention_every``-th block, as NLSN (Mei et al., CVPR 2021)
-inserts its attention into EDSR; ``attention="none"`` is EDSR as published. The paper sizes:
+``lsh`` or ``nonlocal``) follows blocks ``K, 2K, ...`` (``K = attention_every``), as NLSN (Mei et al.,
+CVPR 2021) inserts its attention into EDSR; ``attention="none"`` is EDSR as published. The blocks are
+``body.<i>`` and the attention layers ``attention.<n>`` (after block ``(n + 1) K``) whatever the
+variant, so a plain EDSR's weights name the same backbone parameters. The paper sizes:
 the baseline (16 blocks x 64 features, ``res_scale`` 1; 1.37 M parameters at x2) and the large
 model (32 x 256, ``res_scale`` 0.1; 40.7 M at x2), ``configs/model/edsr.yaml`` and
 ``edsr_large.yaml``.
@@ -90,18 +92,17 @@ class EDSR(nn.Module):
         self.register_buffer(
             "rgb_mean", rgb_range * torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1), persistent=False
         )
+        self.attention_every = attention_every
         self.head = conv3x3(3, n_feats)
-        body: list[nn.Module] = []
-        for block in range(1, n_resblocks + 1):
-            body.append(ScaledResidualBlock(n_feats, res_scale))
-            if block % attention_every == 0:
-                layer = build_attention(attention, n_feats, chunk_size=chunk_size, n_hashes=n_hashes,
-                                        reduction=reduction, score_mlp_hidden=score_mlp_hidden,
-                                        adjacent_chunks=adjacent_chunks, attention_impl=attention_impl,
-                                        network="EDSR")
-                if layer is not None:
-                    body.append(layer)
-        self.body = nn.ModuleList(body)
+        self.body = nn.ModuleList(ScaledResidualBlock(n_feats, res_scale) for _ in range(n_resblocks))
+        # Apart from the blocks, so that the backbone's parameter names are the same for every variant.
+        n_layers = 0 if attention == "none" else n_resblocks // attention_every
+        self.attention = nn.ModuleList(
+            build_attention(attention, n_feats, chunk_size=chunk_size, n_hashes=n_hashes, reduction=reduction,
+                            score_mlp_hidden=score_mlp_hidden, adjacent_chunks=adjacent_chunks,
+                            attention_impl=attention_impl, network="EDSR")
+            for _ in range(n_layers)
+        )
         self.body_conv = conv3x3(n_feats, n_feats)
         self.upsampler = Upsampler(scale, n_feats, network="EDSR")
         self.reconstruction = conv3x3(n_feats, 3)
@@ -118,16 +119,16 @@ class EDSR(nn.Module):
         return attention_layers(self)
 
     def forward(self, x: torch.Tensor, rotations: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        n_hashed = sum(isinstance(layer, GLA) for layer in self.body)
+        n_hashed = sum(isinstance(layer, GLA) for layer in self.attention)
         if rotations is not None and len(rotations) != n_hashed:
             raise ValueError(f"EDSR: expected {n_hashed} rotation tensors (one per GLA/LSH layer), got {len(rotations)}")
         layer_rotations = iter(rotations or ())
         shallow = self.head((x - self.rgb_mean).contiguous(memory_format=torch.channels_last))
         features = shallow
-        for layer in self.body:
-            if isinstance(layer, ScaledResidualBlock):
-                features = layer(features)
-            else:
+        for index, block in enumerate(self.body, start=1):
+            features = block(features)
+            if len(self.attention) and index % self.attention_every == 0:
+                layer = self.attention[index // self.attention_every - 1]
                 features = layer(features, next(layer_rotations) if rotations is not None and isinstance(layer, GLA)
                                  else None)
         features = self.body_conv(features) + shallow
