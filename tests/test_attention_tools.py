@@ -10,16 +10,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import PROJECT_ROOT
 from dlsn.checkpoint import save_weights
 from dlsn.data.io import write_png
 from dlsn.models import DLSN, EDSR, to_official
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script(name: str):

@@ -12,19 +12,21 @@ import csv
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from conftest import PROJECT_ROOT
 from dlsn.checkpoint import load_into, read_weights
 from dlsn.models import EDSR, GLA, LSHAttention, NonLocalAttention
 from dlsn.models.edsr import ScaledResidualBlock
 from dlsn.models.gla import number_of_buckets
 from dlsn.utils.config import register_resolvers, validate_config
 from dlsn.utils.instantiate import build_network, count_parameters
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_edsr(scale: int = 2, **options) -> EDSR:

@@ -106,8 +106,10 @@ class EDSR(nn.Module):
         self.body_conv = conv3x3(n_feats, n_feats)
         self.upsampler = Upsampler(scale, n_feats, network="EDSR")
         self.reconstruction = conv3x3(n_feats, 3)
-        # Channels-last weights (kept by .to(device), load_state_dict and optimizers' state).
+        # Channels-last weights (kept by .to(device), load_state_dict and optimizers' state), but not the
+        # [1, 3, 1, 1] mean: DDP broadcasts buffers and a lone one with channels-last strides fails there.
         self.to(memory_format=torch.channels_last)
+        self.rgb_mean = self.rgb_mean.clone(memory_format=torch.contiguous_format)
 
     def set_rotation_seed(self, seed: int | None) -> None:
         """Deterministic hash rotations (an int) for evaluation, or fresh ones (``None``) for training."""

@@ -25,9 +25,9 @@ where ``slot(i)`` is the query's place inside its chunk: the MLP learns, per key
 query slot should trust it. The round's output is ``y_t(i) = sum_j softmax_j(s(i, j)) v_j`` and its
 confidence ``c_t(i) = logsumexp_j s(i, j)``. Rounds are mixed per position with weights
 ``softmax_t(c_t(i))``, and the layer returns ``x + res_scale * sum_t w_t(i) y_t(i)``. When
-``2a + 1 > n`` the cyclic neighbourhood meets itself and a chunk is counted once per visit (as the
-published code does for ``n < 3``): a key seen twice gets twice the weight, and every query of the
-round sees the same number of copies, so the mixing of the rounds is unchanged.
+``2a + 1 > n`` the cyclic neighbourhood wraps round and visits some chunks more than once (as the
+published code does for ``n = 2``, whose previous and next chunk coincide): every visit counts, so
+such a chunk's keys enter the softmax once per visit.
 
 **Variants** (:mod:`dlsn.models.attention`): :class:`~dlsn.models.attention.LSHAttention` is this
 layer without the learned term (``s(i, j) = m_i . m_j / |m_j|``, no ``u`` and no MLP: NLSN's sparse
