@@ -114,6 +114,13 @@ def test_edsr_with_attention_trains_and_evaluates_reproducibly(attention):
         model(x, rotations + [torch.zeros(1)])
 
 
+@pytest.mark.parametrize("attention", ["gla", "lsh", "nonlocal", "none"])
+def test_edsr_traces_into_one_graph(attention):
+    """No graph breaks, so module.compile gets the whole network whatever the attention."""
+    explanation = torch._dynamo.explain(tiny_edsr(attention=attention))(torch.rand(2, 3, 6, 6))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+
 def test_fine_tuning_at_another_scale_reinitialises_only_the_upsampler():
     source = tiny_edsr(2, attention="gla")
     target = tiny_edsr(4, attention="gla")
