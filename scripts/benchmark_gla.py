@@ -41,9 +41,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from dlsn.models import DLSN, GLA  # noqa: E402
-from dlsn.models.gla import KEY_NORM_EPS, draw_rotations, gla_layers, number_of_buckets  # noqa: E402
+from dlsn.models import DLSN, GLA
+from dlsn.models.allocator import keep_freed_memory
+from dlsn.models.gla import KEY_NORM_EPS, draw_rotations, gla_layers, number_of_buckets
 
 IMPLS = ("published", "reference", "fused")
 TARGET_CASES = [  # issue 9, model-level rows
@@ -104,8 +104,6 @@ def _attention_impl(case: dict) -> str:
 
 def run_case(case: dict) -> dict:
     if case.get("keep_freed_memory"):
-        from dlsn.utils.allocator import keep_freed_memory  # imported only here: dlsn.utils pulls in Hydra
-
         keep_freed_memory()
     device = torch.device(case["device"])
     torch.set_float32_matmul_precision(case.get("matmul_precision", "highest"))
@@ -274,7 +272,7 @@ def main() -> None:
     parser.add_argument("--train-batches", type=int, nargs="+", default=[2],
                         help="batch sizes of the DLSN training step (the published figure is batch 1)")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="glibc malloc: no mmap, no trimming (dlsn/utils/allocator.py): fewer page "
+                        help="glibc malloc: no mmap, no trimming (dlsn/models/allocator.py): fewer page "
                              "faults at large sizes, higher peak RSS")
     parser.add_argument("--breakdown", action="store_true",
                         help="also profile each case: seconds per step in convolutions and matrix products")

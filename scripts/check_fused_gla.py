@@ -33,11 +33,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dlsn.models import GLA  # noqa: E402
-from dlsn.models import chunk_attention  # noqa: E402
-from dlsn.models.float32_ops import conv2d_float32  # noqa: E402
-from dlsn.models.gla import draw_rotations_on_device, number_of_buckets  # noqa: E402
+from dlsn.models import GLA
+from dlsn.models import chunk_attention
+from dlsn.models.float32_ops import conv2d_float32
+from dlsn.models.gla import draw_rotations_on_device, number_of_buckets
 
 RESULTS: list[dict] = []
 

@@ -208,7 +208,7 @@ def test_keep_freed_memory_is_applied_on_linux():
     import platform
     import sys
 
-    from dlsn.utils.allocator import keep_freed_memory
+    from dlsn.models.allocator import keep_freed_memory
 
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() == glibc

@@ -4,7 +4,9 @@
       -> pixel-shuffle upsampler -> reconstruction conv -> add RGB mean
 
 Each residual group is ``B`` residual blocks (conv, ReLU, conv, + identity), one GLA layer and a
-3x3 conv, wrapped as ``x + res_scale * group(x)``.
+3x3 conv, wrapped as ``x + res_scale * group(x)``. For the ablations (``attention=``, see
+:mod:`dlsn.models.attention`) the GLA layer can be LSH or non-local attention instead, or left out
+(``none``: the groups keep their blocks, conv and residual scaling).
 
 Memory layout: convolution weights and every feature map are channels-last (NHWC), the layout GPU
 convolutions (cuDNN) and GLA's token view work in, so no layer converts between layouts; the
@@ -19,7 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dlsn.models.gla import GLA, gla_layers, set_rotation_seed
+from dlsn.models.attention import attention_layers, build_attention
+from dlsn.models.gla import GLA, set_rotation_seed
 
 # DIV2K mean colour, subtracted before the head and added back at the end (fixed, not trained).
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -41,28 +44,33 @@ class ResidualBlock(nn.Module):
 
 
 class ResidualGroup(nn.Module):
-    def __init__(self, channels: int, n_blocks: int, res_scale: float, **gla_options) -> None:
+    """``x + res_scale * conv(attention(blocks(x)))``; ``attention`` may be ``None`` (left out)."""
+
+    def __init__(self, channels: int, n_blocks: int, res_scale: float, attention: nn.Module | None) -> None:
         super().__init__()
         self.blocks = nn.Sequential(*(ResidualBlock(channels) for _ in range(n_blocks)))
-        self.attention = GLA(channels, **gla_options)
+        self.attention = attention
         self.conv = conv3x3(channels, channels)
         self.res_scale = res_scale
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor | None = None) -> torch.Tensor:
-        features = self.conv(self.attention(self.blocks(x), rotations))
-        return x + self.res_scale * features
+        features = self.blocks(x)
+        if self.attention is not None:
+            features = self.attention(features, rotations)
+        return x + self.res_scale * self.conv(features)
 
 
 class Upsampler(nn.Sequential):
-    """Sub-pixel upsampling: ``log2(scale)`` times [conv F -> 4F, shuffle 2], or [conv F -> 9F, shuffle 3]."""
+    """Sub-pixel upsampling: ``log2(scale)`` times [conv F -> 4F, shuffle 2], or [conv F -> 9F, shuffle 3].
+    ``network`` names the caller in errors."""
 
-    def __init__(self, scale: int, channels: int) -> None:
+    def __init__(self, scale: int, channels: int, network: str = "DLSN") -> None:
         if scale == 3:
             steps = [3]
-        elif scale >= 2 and scale & (scale - 1) == 0:
+        elif isinstance(scale, int) and scale >= 2 and scale & (scale - 1) == 0:
             steps = [2] * int(math.log2(scale))
         else:
-            raise ValueError(f"DLSN: scale must be 3 or a power of two (2, 4, 8), got {scale!r}")
+            raise ValueError(f"{network}: scale must be 3 or a power of two (2, 4, 8), got {scale!r}")
         layers: list[nn.Module] = []
         for factor in steps:
             layers += [conv3x3(channels, factor * factor * channels), nn.PixelShuffle(factor)]
@@ -73,8 +81,13 @@ class DLSN(nn.Module):
     """Deep Learnable Similarity Network. Defaults are the paper configuration.
 
     Input and output are RGB in ``[0, rgb_range]``. ``forward(x, rotations=None)`` optionally takes
-    one ``[n_hashes, n_feats // reduction, n_buckets]`` tensor per GLA layer (in forward order).
-    ``attention_impl`` selects every GLA layer's chunk attention (see :class:`~dlsn.models.GLA`).
+    one ``[n_hashes, n_feats // reduction, n_buckets]`` tensor per hashed attention layer (GLA or
+    LSH, in forward order). ``attention_impl`` selects every GLA layer's chunk attention (see
+    :class:`~dlsn.models.GLA`).
+
+    Ablations (docs/ablations.md): ``attention`` is ``"gla"`` (the paper), ``"lsh"``, ``"nonlocal"``
+    or ``"none"`` (:mod:`dlsn.models.attention`); ``score_mlp_hidden`` (``None``: ``chunk_size``) and
+    ``adjacent_chunks`` are GLA's learned-score MLP width and chunks attended on each side.
     """
 
     def __init__(
@@ -89,6 +102,9 @@ class DLSN(nn.Module):
         res_scale: float = 0.1,
         rgb_range: float = 1.0,
         attention_impl: str = "auto",
+        attention: str = "gla",
+        score_mlp_hidden: int | None = None,
+        adjacent_chunks: int = 1,
     ) -> None:
         super().__init__()
         for name, value in (("n_feats", n_feats), ("n_resgroups", n_resgroups),
@@ -103,9 +119,12 @@ class DLSN(nn.Module):
             "rgb_mean", rgb_range * torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1), persistent=False
         )
         self.head = conv3x3(3, n_feats)
+        self.attention_variant = attention
         self.groups = nn.ModuleList(
-            ResidualGroup(n_feats, n_resblocks, res_scale, chunk_size=chunk_size,
-                          n_hashes=n_hashes, reduction=reduction, attention_impl=attention_impl)
+            ResidualGroup(n_feats, n_resblocks, res_scale, build_attention(
+                attention, n_feats, chunk_size=chunk_size, n_hashes=n_hashes, reduction=reduction,
+                score_mlp_hidden=score_mlp_hidden, adjacent_chunks=adjacent_chunks,
+                attention_impl=attention_impl, network="DLSN"))
             for _ in range(n_resgroups)
         )
         self.body_conv = conv3x3(n_feats, n_feats)
@@ -123,16 +142,19 @@ class DLSN(nn.Module):
         set_rotation_seed(self, seed)
 
     def forward(self, x: torch.Tensor, rotations: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        if rotations is not None and len(rotations) != len(self.groups):
-            raise ValueError(f"DLSN: expected {len(self.groups)} rotation tensors (one per GLA "
+        hashed = [isinstance(group.attention, GLA) for group in self.groups]
+        if rotations is not None and len(rotations) != sum(hashed):
+            raise ValueError(f"DLSN: expected {sum(hashed)} rotation tensors (one per GLA "
                              f"layer), got {len(rotations)}")
+        layer_rotations = iter(rotations or ())
         shallow = self.head((x - self.rgb_mean).contiguous(memory_format=torch.channels_last))
         features = shallow
-        for index, group in enumerate(self.groups):
-            features = group(features, None if rotations is None else rotations[index])
+        for group, uses_rotations in zip(self.groups, hashed):
+            features = group(features, next(layer_rotations) if rotations is not None and uses_rotations else None)
         features = self.body_conv(features) + shallow
         return (self.reconstruction(self.upsampler(features)) + self.rgb_mean).contiguous()
 
     @property
-    def attention_layers(self) -> Sequence[GLA]:
-        return gla_layers(self)
+    def attention_layers(self) -> Sequence[nn.Module]:
+        """The attention layers (GLA, LSH or non-local) in forward order."""
+        return attention_layers(self)

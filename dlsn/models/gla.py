@@ -6,23 +6,33 @@ computed, each a 3x3 convolution followed by ReLU:
 * match  ``m = relu(conv(x))``  with ``C / r`` channels (queries and keys),
 * value  ``v = relu(conv(x))``  with ``C`` channels,
 * learnable-score input ``u = relu(conv(x))`` with ``C`` channels, mapped by a two-layer MLP
-  ``fc: C -> k -> k`` (``k`` = chunk size) to ``k`` learned scores per position.
+  ``fc: C -> h -> k`` (``k`` = chunk size, hidden width ``h`` = ``score_mlp_hidden``, by default ``k``
+  as published) to ``k`` learned scores per position.
 
 **Super-Bit LSH.** With ``b = min(L // k + (L // k) % 2, 128)`` buckets, every hash round ``t``
 draws a random matrix ``R_t`` of shape ``[C / r, b]`` with orthonormal columns (or rows) and assigns
 position ``p`` to bucket ``argmax(m_p R_t)``. Within a round, positions are sorted by bucket
 (ties by position), the sorted sequence is padded to a multiple of ``k`` by repeating its last
-elements, and cut into chunks of ``k``.
+elements, and cut into ``n`` chunks of ``k``.
 
-**Attention.** A query ``i`` attends to the ``3k`` keys ``j`` of its own chunk and of the previous
-and next chunk (cyclically) of the same round, with the score
+**Attention.** A query ``i`` in chunk ``c`` attends to the ``(2a + 1) k`` keys ``j`` of chunks
+``c - a .. c + a`` (cyclically, ``a = adjacent_chunks``; the published layer has ``a = 1``: its own,
+the previous and the next chunk) of the same round, with the score
 
     s(i, j) = m_i . (m_j / max(|m_j|, 5e-5)) + fc(u_j)[slot(i)],
 
 where ``slot(i)`` is the query's place inside its chunk: the MLP learns, per key, how much each
 query slot should trust it. The round's output is ``y_t(i) = sum_j softmax_j(s(i, j)) v_j`` and its
 confidence ``c_t(i) = logsumexp_j s(i, j)``. Rounds are mixed per position with weights
-``softmax_t(c_t(i))``, and the layer returns ``x + res_scale * sum_t w_t(i) y_t(i)``.
+``softmax_t(c_t(i))``, and the layer returns ``x + res_scale * sum_t w_t(i) y_t(i)``. When
+``2a + 1 > n`` the cyclic neighbourhood wraps round and visits some chunks more than once (as the
+published code does for ``n = 2``, whose previous and next chunk coincide): every visit counts, so
+such a chunk's keys enter the softmax once per visit.
+
+**Variants** (:mod:`dlsn.models.attention`): :class:`~dlsn.models.attention.LSHAttention` is this
+layer without the learned term (``s(i, j) = m_i . m_j / |m_j|``, no ``u`` and no MLP: NLSN's sparse
+attention with GLA's hashing and chunks); :class:`~dlsn.models.attention.NonLocalAttention` the
+same dot-product score over all ``L`` keys (no hashing).
 
 **Small inputs.** When ``L < k`` (the published code crashes there) the whole sequence is a single
 chunk of ``L`` positions and the learned score uses the first ``L`` slots of ``fc``. The previous and
@@ -46,7 +56,12 @@ PyTorch code below (``_attend_round``), ``"fused"`` the Triton kernel of
 in Triton's interpreter, for tests only). ``"auto"`` (default) takes the fused kernel on CUDA when
 Triton is installed, for half-precision (autocast) values and for float32 ones where TF32 matrix
 products are allowed (``torch.set_float32_matmul_precision("high")``), else the reference; a kernel
-failure there warns once and falls back.
+failure there warns once and falls back. The kernel computes the published neighbourhood only
+(``adjacent_chunks = 1``): for other values ``"auto"`` takes the reference and ``"fused"`` is refused.
+
+**Looking at one query** (:meth:`GLA.query_attention`): the per-round keys, score terms, softmax
+weights and round weights of one query position, recomputed apart from ``forward`` (which keeps
+none of them), for ``scripts/visualize_attention.py``.
 
 **Random rotations** during training are drawn on the input's device (:func:`draw_rotations_on_device`,
 no host copy or synchronisation, so a training step can be a CUDA graph); on the CPU, and with a
@@ -56,6 +71,7 @@ no host copy or synchronisation, so a training step can be a CUDA graph); on the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +180,20 @@ def take_rows(table: torch.Tensor, index: torch.Tensor, rows_per_group: int) -> 
     return rows.view(-1, rows_per_group, depth)
 
 
+def neighbour_chunk_table(n_chunks: int, adjacent_chunks: int, device=None) -> torch.Tensor:
+    """For every chunk ``c``, the chunks its queries attend to: ``[n_chunks, 2a + 1]``.
+
+    Columns: ``c``, ``c - 1``, ``c + 1``, ``c - 2``, ``c + 2``, ... (cyclic; ``a = adjacent_chunks``).
+    For ``a = 1`` this is the published own / previous / next order (the order sets how the softmax
+    sums, so it is kept for bit-identical results).
+    """
+    chunk_ids = torch.arange(n_chunks, device=device)
+    columns = [chunk_ids]
+    for distance in range(1, adjacent_chunks + 1):
+        columns += [(chunk_ids - distance) % n_chunks, (chunk_ids + distance) % n_chunks]
+    return torch.stack(columns, dim=1)
+
+
 def _concat_blocks(blocks: list[torch.Tensor]) -> torch.Tensor:
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
@@ -196,6 +226,51 @@ def softmax_and_logsumexp(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return _SoftmaxAndLogSumExp.apply(scores)
 
 
+@dataclass
+class QueryAttention:
+    """What one query position of an attention layer looks at (:meth:`GLA.query_attention`).
+
+    Per hash round ``t`` (one "round" for non-local attention) and key ``j`` of the query's
+    neighbourhood: ``key_positions [T, K]`` (flat image positions ``row * width + col``; a position
+    can appear more than once, e.g. a padded copy), the score terms ``dot_scores`` (``m_i . m_j /
+    |m_j|``) and ``learned_scores`` (``fc(u_j)[slot(i)]``, ``None`` for layers without it),
+    ``weights = softmax_j(dot + learned)`` and the round's mixing weight ``round_weights [T]`` =
+    ``softmax_t(logsumexp_j(dot + learned))``, all float32. ``height`` and ``width`` are the
+    feature map's.
+    """
+
+    key_positions: torch.Tensor
+    dot_scores: torch.Tensor
+    learned_scores: torch.Tensor | None
+    weights: torch.Tensor
+    round_weights: torch.Tensor
+    height: int
+    width: int
+
+    def heatmap(self, scores: str = "attention") -> torch.Tensor:
+        """``[height, width]``: the weight each position receives, summed over its copies and over the
+        rounds, each round weighted by ``round_weights`` (the layer's own mixing weights).
+
+        ``scores``: ``"attention"`` (the layer's weights), ``"dot_product"`` (softmax of the
+        dot-product term alone over the same keys) or ``"learned"`` (softmax of the learned term
+        alone; only for layers with one). Every map sums to 1.
+        """
+        if scores == "attention":
+            weights = self.weights
+        elif scores == "dot_product":
+            weights = torch.softmax(self.dot_scores, dim=-1)
+        elif scores == "learned":
+            if self.learned_scores is None:
+                raise ValueError("this attention layer has no learned score term")
+            weights = torch.softmax(self.learned_scores, dim=-1)
+        else:
+            raise ValueError(f"scores must be 'attention', 'dot_product' or 'learned', got {scores!r}")
+        per_key = weights * self.round_weights.unsqueeze(-1)
+        heat = per_key.new_zeros(self.height * self.width)
+        heat.index_add_(0, self.key_positions.flatten(), per_key.flatten())
+        return heat.view(self.height, self.width)
+
+
 class GLA(nn.Module):
     """Global Learnable Attention layer (see the module docstring for the math).
 
@@ -207,12 +282,18 @@ class GLA(nn.Module):
         res_scale: scale of the attention output before the residual addition.
         attention_impl: ``"auto"`` (fused kernel on CUDA when available), ``"reference"`` or
             ``"fused"`` (see the module docstring).
+        score_mlp_hidden: hidden width ``h`` of the learned-score MLP ``C -> h -> k``; ``None``
+            (default) is the published ``h = chunk_size``.
+        adjacent_chunks: chunks ``a`` attended on each side of a query's own chunk (published: 1).
 
     Hash rotations come from, in order of precedence: the ``rotations`` argument of ``forward``;
     a fixed CPU generator seeded with ``self.rotation_seed`` (set it for reproducible evaluation:
     the same output on every run and device); otherwise fresh random ones on every call (training,
     as in the paper): from the global CPU generator for CPU inputs, from the device's generator else.
     """
+
+    #: Whether the score has the learned term ``fc(u_j)[slot(i)]`` (:class:`LSHAttention`: no).
+    learns_scores = True
 
     def __init__(
         self,
@@ -222,34 +303,51 @@ class GLA(nn.Module):
         reduction: int = 4,
         res_scale: float = 1.0,
         attention_impl: str = "auto",
+        score_mlp_hidden: int | None = None,
+        adjacent_chunks: int = 1,
     ) -> None:
         super().__init__()
-        for name, value in (("channels", channels), ("chunk_size", chunk_size),
-                            ("n_hashes", n_hashes), ("reduction", reduction)):
+        name = type(self).__name__
+        for key, value in (("channels", channels), ("chunk_size", chunk_size),
+                           ("n_hashes", n_hashes), ("reduction", reduction)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"GLA: {name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{name}: {key} must be a positive integer, got {value!r}")
+        if score_mlp_hidden is not None and (not isinstance(score_mlp_hidden, int) or score_mlp_hidden < 1):
+            raise ValueError(f"{name}: score_mlp_hidden must be a positive integer or None (= chunk_size), "
+                             f"got {score_mlp_hidden!r}")
+        if not isinstance(adjacent_chunks, int) or adjacent_chunks < 0:
+            raise ValueError(f"{name}: adjacent_chunks must be a non-negative integer, got {adjacent_chunks!r}")
         if channels % reduction:
-            raise ValueError(f"GLA: channels ({channels}) must be divisible by reduction ({reduction})")
+            raise ValueError(f"{name}: channels ({channels}) must be divisible by reduction ({reduction})")
         if attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"GLA: attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {attention_impl!r}")
+            raise ValueError(f"{name}: attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {attention_impl!r}")
+        if attention_impl == "fused" and adjacent_chunks != 1:
+            raise ValueError(f"{name}: attention_impl='fused' computes the published neighbourhood only "
+                             f"(adjacent_chunks=1), got adjacent_chunks={adjacent_chunks}; use 'auto' or 'reference'")
         self.channels = channels
         self.chunk_size = chunk_size
         self.n_hashes = n_hashes
         self.reduction = reduction
         self.res_scale = res_scale
         self.attention_impl = attention_impl
+        self.adjacent_chunks = adjacent_chunks
         self.rotation_seed: int | None = None
 
         self.match_embedding = nn.Conv2d(channels, channels // reduction, 3, padding=1)
         self.value_embedding = nn.Conv2d(channels, channels, 3, padding=1)
-        self.score_embedding = nn.Conv2d(channels, channels, 3, padding=1)
-        self.score_mlp = nn.Sequential(
-            nn.Linear(channels, chunk_size), nn.ReLU(inplace=True), nn.Linear(chunk_size, chunk_size)
-        )
+        if self.learns_scores:
+            self.score_mlp_hidden = chunk_size if score_mlp_hidden is None else score_mlp_hidden
+            self.score_embedding = nn.Conv2d(channels, channels, 3, padding=1)
+            self.score_mlp = nn.Sequential(
+                nn.Linear(channels, self.score_mlp_hidden), nn.ReLU(inplace=True),
+                nn.Linear(self.score_mlp_hidden, chunk_size),
+            )
 
     def extra_repr(self) -> str:
+        knobs = f", score_mlp_hidden={self.score_mlp_hidden}" if self.learns_scores else ""
         return (f"channels={self.channels}, chunk_size={self.chunk_size}, n_hashes={self.n_hashes}, "
-                f"reduction={self.reduction}, res_scale={self.res_scale}, attention_impl={self.attention_impl}")
+                f"reduction={self.reduction}, res_scale={self.res_scale}, attention_impl={self.attention_impl}, "
+                f"adjacent_chunks={self.adjacent_chunks}{knobs}")
 
     def _rotations(self, n_buckets: int, rotations: torch.Tensor | None, device) -> torch.Tensor:
         expected = (self.n_hashes, self.channels // self.reduction, n_buckets)
@@ -267,8 +365,9 @@ class GLA(nn.Module):
             )
         return rotations.to(device=device, dtype=torch.float32)
 
-    def _embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Match, value and learnable-score embeddings as ``[N, L, D]`` tokens.
+    def _embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Match, value and learnable-score embeddings as ``[N, L, D]`` tokens (the last ``None``
+        for layers without the learned score).
 
         The convolutions share their input, so they run as one convolution with the weights
         stacked: one large matrix product instead of several smaller ones. The (small) match
@@ -284,7 +383,9 @@ class GLA(nn.Module):
             # In place: the map is large and the convolution's backward does not need its output.
             return F.relu(feature_map, inplace=True).permute(0, 2, 3, 1).flatten(1, 2)
 
-        convs = [self.match_embedding, self.value_embedding, self.score_embedding]
+        convs = [self.match_embedding, self.value_embedding]
+        if self.learns_scores:
+            convs.append(self.score_embedding)
         match = None
         if x.is_cuda or torch.is_autocast_enabled(x.device.type):
             match = tokens(conv2d_float32(x, self.match_embedding.weight, self.match_embedding.bias, 1))
@@ -292,11 +393,14 @@ class GLA(nn.Module):
         weight = torch.cat([conv.weight for conv in convs])
         bias = torch.cat([conv.bias for conv in convs])
         parts = tokens(F.conv2d(x, weight, bias, padding=1)).split([c.out_channels for c in convs], dim=-1)
-        return parts if match is None else (match, *parts)
+        parts = parts if match is None else (match, *parts)
+        return parts if self.learns_scores else (*parts, None)
 
     def _uses_fused_kernel(self, value: torch.Tensor) -> bool:
         if self.attention_impl != "auto":
             return self.attention_impl == "fused"
+        if self.adjacent_chunks != 1:  # the kernel's neighbourhood is own, previous and next chunk
+            return False
         # float32 values: only where TF32 matrix products are allowed (the kernel's true-float32 dot
         # products are slow); half precision (autocast) always.
         precision_ok = value.dtype in (torch.bfloat16, torch.float16) or (
@@ -305,26 +409,30 @@ class GLA(nn.Module):
 
     @staticmethod
     def _attend_round(match, keys, learned_score, value, sorted_positions, neighbour_chunks, chunks_per_block):
-        """One hash round: each chunk's queries attend to the keys of their chunk and its two neighbours.
+        """One hash round: each chunk's queries attend to the keys of their chunk and its neighbours.
 
-        ``sorted_positions`` ``[N, n, k]`` holds the round's chunks. Returns the attended values
-        ``[N, n*k, C]`` and the log-sum-exp confidences ``[N, n*k]``, both in the round's sorted order.
+        ``sorted_positions`` ``[N, n, k]`` holds the round's chunks, ``neighbour_chunks`` ``[n, 2a+1]``
+        the chunks each one attends to; ``learned_score`` is ``None`` for layers without it. Returns
+        the attended values ``[N, n*k, C]`` and the log-sum-exp confidences ``[N, n*k]``, both in the
+        round's sorted order.
         """
         batch, n_chunks, chunk = sorted_positions.shape
+        n_keys = neighbour_chunks.shape[1] * chunk
         attended_blocks, confidence_blocks = [], []
         for first in range(0, n_chunks, chunks_per_block):
             block = slice(first, first + chunks_per_block)
-            key_positions = sorted_positions[:, neighbour_chunks[block]]  # [N, b, 3, k]
+            key_positions = sorted_positions[:, neighbour_chunks[block]]  # [N, b, 2a+1, k]
             queries = take_rows(match, sorted_positions[:, block], chunk)  # [N*b, k, d]
-            # Scores laid out keys x queries: [N*b, 3k, k], s[j, i] = key_j . q_i + fc(u_j)[slot(i)]
-            scores = torch.baddbmm(
-                take_rows(learned_score, key_positions, 3 * chunk),
-                take_rows(keys, key_positions, 3 * chunk),
-                queries.transpose(1, 2),
-            )
+            # Scores laid out keys x queries: [N*b, (2a+1)k, k], s[j, i] = key_j . q_i + fc(u_j)[slot(i)]
+            similarity_keys = take_rows(keys, key_positions, n_keys)
+            if learned_score is None:
+                scores = torch.bmm(similarity_keys, queries.transpose(1, 2))
+            else:
+                scores = torch.baddbmm(take_rows(learned_score, key_positions, n_keys),
+                                       similarity_keys, queries.transpose(1, 2))
             weights, confidence = softmax_and_logsumexp(scores.float())
             attended = torch.bmm(weights.to(value.dtype).transpose(1, 2),
-                                 take_rows(value, key_positions, 3 * chunk))  # [N*b, k, C]
+                                 take_rows(value, key_positions, n_keys))  # [N*b, k, C]
             attended_blocks.append(attended.reshape(batch, -1, value.shape[-1]))
             confidence_blocks.append(confidence.reshape(batch, -1))
         return _concat_blocks(attended_blocks), _concat_blocks(confidence_blocks)
@@ -332,11 +440,11 @@ class GLA(nn.Module):
     def _reference_rounds(self, match, keys, learned_score, value, order, inverse):
         """Per round: attended values ``[N, L, C]`` and confidences ``[N, L]`` in image order."""
         batch, _, padded = order.shape
-        length, chunk = inverse.shape[-1], learned_score.shape[-1]
+        length = inverse.shape[-1]
+        chunk = min(self.chunk_size, length)
         n_chunks = padded // chunk
-        chunk_ids = torch.arange(n_chunks, device=order.device)
-        # For every chunk: itself, the previous and the next chunk (cyclic).
-        neighbour_chunks = torch.stack([chunk_ids, (chunk_ids - 1) % n_chunks, (chunk_ids + 1) % n_chunks], dim=1)
+        # For every chunk: itself and adjacent_chunks chunks on each side (cyclic).
+        neighbour_chunks = neighbour_chunk_table(n_chunks, self.adjacent_chunks, order.device)
 
         # Inference on the CPU runs in blocks of chunks: glibc's malloc serves tensors above 32 MB
         # with fresh mmap pages and unmaps them when freed, so big per-round temporaries would be
@@ -346,7 +454,7 @@ class GLA(nn.Module):
         # no such cost and runs fewer, larger kernels faster.
         chunks_per_block = n_chunks
         if match.device.type == "cpu" and not torch.is_grad_enabled():
-            gathered_values_per_chunk = batch * 3 * chunk * value.shape[-1] * value.element_size()
+            gathered_values_per_chunk = batch * neighbour_chunks.shape[1] * chunk * value.shape[-1] * value.element_size()
             chunks_per_block = max(1, CPU_BLOCK_BYTES // gathered_values_per_chunk)
 
         round_outputs, round_confidences = [], []
@@ -368,11 +476,13 @@ class GLA(nn.Module):
 
         match, value, score_input = self._embeddings(x)
         # fc(u_j) depends only on the key position: evaluate it once per position, gather later.
-        learned_score = self.score_mlp(score_input)[..., :chunk]
+        learned_score = None if score_input is None else self.score_mlp(score_input)[..., :chunk]
         keys = F.normalize(match, p=2, dim=-1, eps=KEY_NORM_EPS)
         order, inverse = sort_into_chunks(hash_codes(match, rotations), chunk)
 
         if self._uses_fused_kernel(value):
+            if learned_score is None:  # the kernel always adds a learned term: zero here
+                learned_score = value.new_zeros(batch, length, chunk)
             # Queries and keys in the values' precision, as the reference's autocast matmul uses them.
             attended, confidence = fused.chunk_attention(
                 match.to(value.dtype), keys.to(value.dtype), learned_score, value, order, inverse,
@@ -394,9 +504,57 @@ class GLA(nn.Module):
         attention = attention.view(batch, height, width, channels).permute(0, 3, 1, 2)
         return torch.add(x, attention.to(x.dtype), alpha=self.res_scale)
 
+    @torch.no_grad()
+    def query_attention(self, x: torch.Tensor, position: int,
+                        rotations: torch.Tensor | None = None) -> QueryAttention:
+        """The attention of one query ``position`` (flat ``row * width + col``) for the input ``x``
+        ``[1, C, H, W]``: see :class:`QueryAttention`.
+
+        Recomputes the embeddings and the hashing as ``forward`` does (rotations from the same
+        source: pass the same ``rotations``, or set ``rotation_seed``, to see what a forward pass
+        saw), then only this query's scores against its neighbourhood in every round, in float32.
+        ``forward`` is untouched: this costs one embedding pass and nothing during training.
+        """
+        batch, _, height, width = x.shape
+        length = height * width
+        if batch != 1:
+            raise ValueError(f"{type(self).__name__}.query_attention: expected one image, got a batch of {batch}")
+        if not 0 <= position < length:
+            raise ValueError(f"{type(self).__name__}.query_attention: position {position} is outside the "
+                             f"{height}x{width} feature map")
+        chunk = min(self.chunk_size, length)
+        rotations = self._rotations(number_of_buckets(length, self.chunk_size), rotations, x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            match, value, score_input = self._embeddings(x.float())
+            learned_score = None if score_input is None else self.score_mlp(score_input)[0, :, :chunk]
+        keys = F.normalize(match[0], p=2, dim=-1, eps=KEY_NORM_EPS)
+        query = match[0, position]
+        order, inverse = sort_into_chunks(hash_codes(match, rotations), chunk)
+        n_chunks = order.shape[-1] // chunk
+        neighbour_chunks = neighbour_chunk_table(n_chunks, self.adjacent_chunks, x.device)
+
+        key_positions, dot_scores, learned_scores = [], [], []
+        for hash_round in range(self.n_hashes):
+            own_chunk, slot = divmod(int(inverse[0, hash_round, position]), chunk)
+            chunks = order[0, hash_round].view(n_chunks, chunk)
+            positions = chunks[neighbour_chunks[own_chunk]].flatten()  # [(2a+1)k], own chunk first
+            key_positions.append(positions)
+            dot_scores.append(keys[positions] @ query)
+            if learned_score is not None:
+                learned_scores.append(learned_score[positions, slot])
+        dot = torch.stack(dot_scores)
+        learned = torch.stack(learned_scores) if learned_scores else None
+        scores = dot if learned is None else dot + learned
+        return QueryAttention(
+            key_positions=torch.stack(key_positions), dot_scores=dot, learned_scores=learned,
+            weights=torch.softmax(scores, dim=-1), round_weights=torch.softmax(torch.logsumexp(scores, dim=-1), dim=0),
+            height=height, width=width,
+        )
+
 
 def set_rotation_seed(module: nn.Module, seed: int | None) -> None:
-    """Fix (``seed`` an int) or release (``None``) the hash rotations of every GLA in ``module``.
+    """Fix (``seed`` an int) or release (``None``) the hash rotations of every GLA in ``module``
+    (LSH attention included: it is a GLA without the learned score).
 
     GLA layers get ``seed + i`` in forward order, so that different layers use different
     rotations while every forward pass, on any device, uses the same ones.

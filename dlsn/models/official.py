@@ -43,10 +43,13 @@ def _conv_mapping(official: str, own: str) -> dict[str, str]:
 
 def official_names(module: nn.Module) -> dict[str, str]:
     """Official parameter name -> this project's parameter name, for every learned parameter."""
-    if isinstance(module, GLA):
+    if isinstance(module, GLA) and module.learns_scores:
         return _gla_mapping("", "")
     if not isinstance(module, DLSN):
         raise TypeError(f"official format exists for DLSN and GLA, not {type(module).__name__}")
+    if not all(isinstance(group.attention, GLA) and group.attention.learns_scores for group in module.groups):
+        raise TypeError(f"official format exists for DLSN with attention='gla', not "
+                        f"attention={module.attention_variant!r} (the published code has no other variant)")
     mapping = _conv_mapping("head.0", "head")
     for g, group in enumerate(module.groups):
         n_blocks = len(group.blocks)
