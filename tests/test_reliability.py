@@ -6,13 +6,15 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.helpers.runs import TINY_TRAIN, read_csv_metrics, run_script
 from dlsn.callbacks import BestCheckpoint
 from dlsn.utils.launcher import RunDirectoryLock
+from tests.helpers.runs import PROJECT_ROOT, TINY_TRAIN, read_csv_metrics, run_script
 
 SIGNAL_AT = "+callbacks.signal._target_=tests.helpers.callbacks.SignalAtStep"
 
@@ -23,6 +25,17 @@ def load(path):
 
 def network_weights(checkpoint):
     return {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+
+
+def assert_resuming_matches_a_straight_run(tmp_path, run_dir, settings):
+    """Run ``train.py`` again in the stopped run's directory (it resumes) and compare its final network
+    with that of one uninterrupted run of the same settings: they must be bit-identical."""
+    run_script("train.py", run_dir, *settings)
+    straight = tmp_path / "straight"
+    run_script("train.py", straight, *settings)
+    resumed, reference = load(run_dir / "checkpoints" / "last.ckpt"), load(straight / "checkpoints" / "last.ckpt")
+    for key, value in network_weights(reference).items():
+        torch.testing.assert_close(network_weights(resumed)[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_last_checkpoint_follows_every_validation_and_every_n_steps_on_a_plateau(tmp_path):
@@ -72,12 +85,7 @@ def test_preemption_warning_saves_then_exits_and_the_requeued_job_continues_exac
                       "+callbacks.signal.signal_name=SIGUSR2", expect_success=False)
     assert proc.returncode == 128 + signal.SIGUSR2
     assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 6  # saved at the next batch's end
-    run_script("train.py", run_dir, *settings)
-    straight = tmp_path / "straight"
-    run_script("train.py", straight, *settings)
-    resumed, reference = load(run_dir / "checkpoints" / "last.ckpt"), load(straight / "checkpoints" / "last.ckpt")
-    for key, value in network_weights(reference).items():
-        torch.testing.assert_close(network_weights(resumed)[key], value, rtol=0, atol=0, msg=key)
+    assert_resuming_matches_a_straight_run(tmp_path, run_dir, settings)
 
 
 @pytest.mark.slow
@@ -170,21 +178,11 @@ def test_kill_9_costs_at_most_the_steps_since_the_last_save_and_the_restart_is_e
                       "+callbacks.signal.signal_name=SIGKILL", expect_success=False)
     assert proc.returncode == -signal.SIGKILL
     assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2  # saved every 2 steps, atomically
-    run_script("train.py", run_dir, *settings)
-    straight = tmp_path / "straight"
-    run_script("train.py", straight, *settings)
-    resumed, reference = load(run_dir / "checkpoints" / "last.ckpt"), load(straight / "checkpoints" / "last.ckpt")
-    for key, value in network_weights(reference).items():
-        torch.testing.assert_close(network_weights(resumed)[key], value, rtol=0, atol=0, msg=key)
+    assert_resuming_matches_a_straight_run(tmp_path, run_dir, settings)
 
 
 @pytest.mark.slow
 def test_a_run_started_from_a_read_only_directory_writes_under_the_project_root(tmp_path):
-    import subprocess
-    import sys
-
-    from tests.helpers.runs import PROJECT_ROOT
-
     read_only = tmp_path / "read_only"
     read_only.mkdir()
     read_only.chmod(0o555)
