@@ -174,6 +174,31 @@ if triton is not None:
             b = b.to(tl.float32)
         return tl.dot(a, b, input_precision=PRECISION)
 
+    @triton.jit
+    def _block_of_chunk(chunk, BLOCK: tl.constexpr):
+        """The sorted chunk and the slots in it (with their validity) of this program's block along
+        grid axis 0 (``cdiv(chunk, BLOCK)`` blocks per chunk)."""
+        blocks_per_chunk = tl.cdiv(chunk, BLOCK)
+        slots = (tl.program_id(0) % blocks_per_chunk) * BLOCK + tl.arange(0, BLOCK)
+        return tl.program_id(0) // blocks_per_chunk, slots, slots < chunk
+
+    @triton.jit
+    def _positions(order_row, sorted_index, valid):
+        """Image positions of the sorted entries ``sorted_index`` of one round's ``order`` row."""
+        return tl.load(order_row + sorted_index, mask=valid, other=0).to(tl.int64)
+
+    @triton.jit
+    def _rows(TABLE, item, stride_n, stride_l, positions, columns, row_valid, column_valid):
+        """``TABLE[item, positions][:, columns]``, zero where masked."""
+        return tl.load(TABLE + item * stride_n + positions[:, None] * stride_l + columns[None, :],
+                       mask=row_valid[:, None] & column_valid[None, :], other=0.0)
+
+    @triton.jit
+    def _learned_scores(LS, item, stride_n, stride_l, key_pos, slots, key_valid, slot_valid):
+        """``[slot r, key j] = ls[key j, r]`` in float32, zero where masked."""
+        return tl.load(LS + item * stride_n + key_pos[None, :] * stride_l + slots[:, None],
+                       mask=slot_valid[:, None] & key_valid[None, :], other=0.0).to(tl.float32)
+
     def _forward_kernel(
         Q, K, V, LS, ORDER, OUT, LSE,
         q_stride_n, q_stride_l, k_stride_n, k_stride_l, v_stride_n, v_stride_l, ls_stride_n, ls_stride_l,
@@ -183,10 +208,7 @@ if triton is not None:
     ):
         item_round = tl.program_id(1).to(tl.int64)  # n * T + t
         item = item_round // n_rounds
-        blocks_per_chunk = tl.cdiv(chunk, BLOCK_M)
-        query_chunk = tl.program_id(0) // blocks_per_chunk
-        slots = (tl.program_id(0) % blocks_per_chunk) * BLOCK_M + tl.arange(0, BLOCK_M)
-        slot_valid = slots < chunk
+        query_chunk, slots, slot_valid = _block_of_chunk(chunk, BLOCK_M)
         channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         channel_valid = channels < v_dim
         dims = tl.arange(0, BLOCK_D)
@@ -194,9 +216,8 @@ if triton is not None:
         order_row = ORDER + item_round * padded_length
 
         sorted_queries = query_chunk * chunk + slots
-        query_pos = tl.load(order_row + sorted_queries, mask=slot_valid, other=0).to(tl.int64)
-        q = tl.load(Q + item * q_stride_n + query_pos[:, None] * q_stride_l + dims[None, :],
-                    mask=slot_valid[:, None] & dim_valid[None, :], other=0.0)
+        query_pos = _positions(order_row, sorted_queries, slot_valid)
+        q = _rows(Q, item, q_stride_n, q_stride_l, query_pos, dims, slot_valid, dim_valid)
 
         running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -206,20 +227,16 @@ if triton is not None:
             for key_start in range(0, chunk, BLOCK_N):
                 key_slots = key_start + tl.arange(0, BLOCK_N)
                 key_valid = key_slots < chunk
-                key_pos = tl.load(order_row + key_chunk * chunk + key_slots, mask=key_valid, other=0).to(tl.int64)
-                k = tl.load(K + item * k_stride_n + key_pos[:, None] * k_stride_l + dims[None, :],
-                            mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
-                # learned[r, j] = ls[key j, slot r]
-                learned = tl.load(LS + item * ls_stride_n + key_pos[None, :] * ls_stride_l + slots[:, None],
-                                  mask=slot_valid[:, None] & key_valid[None, :], other=0.0).to(tl.float32)
+                key_pos = _positions(order_row + key_chunk * chunk, key_slots, key_valid)
+                k = _rows(K, item, k_stride_n, k_stride_l, key_pos, dims, key_valid, dim_valid)
+                learned = _learned_scores(LS, item, ls_stride_n, ls_stride_l, key_pos, slots, key_valid, slot_valid)
                 scores = _dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned
                 scores = tl.where(key_valid[None, :], scores, float("-inf"))
                 new_max = tl.maximum(running_max, tl.max(scores, axis=1))
                 rescale = tl.exp(running_max - new_max)
                 weights = tl.exp(scores - new_max[:, None])
                 running_sum = running_sum * rescale + tl.sum(weights, axis=1)
-                v = tl.load(V + item * v_stride_n + key_pos[:, None] * v_stride_l + channels[None, :],
-                            mask=key_valid[:, None] & channel_valid[None, :], other=0.0)
+                v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
                 acc = acc * rescale[:, None] + _dot(weights.to(v.dtype), v, PRECISION, INTERPRETED)
                 running_max = new_max
 
@@ -241,10 +258,7 @@ if triton is not None:
         """dK, dV and dls of one key block, summed over the queries of the 3 chunks that see it."""
         item_round = tl.program_id(1).to(tl.int64)
         item = item_round // n_rounds
-        blocks_per_chunk = tl.cdiv(chunk, BLOCK_N)
-        key_chunk = tl.program_id(0) // blocks_per_chunk
-        key_slots = (tl.program_id(0) % blocks_per_chunk) * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_valid = key_slots < chunk
+        key_chunk, key_slots, key_valid = _block_of_chunk(chunk, BLOCK_N)
         channels = tl.arange(0, BLOCK_C)
         channel_valid = channels < v_dim
         dims = tl.arange(0, BLOCK_D)
@@ -252,26 +266,22 @@ if triton is not None:
         order_row = ORDER + item_round * padded_length
 
         sorted_keys = key_chunk * chunk + key_slots
-        key_pos = tl.load(order_row + sorted_keys, mask=key_valid, other=0).to(tl.int64)
-        k = tl.load(K + item * k_stride_n + key_pos[:, None] * k_stride_l + dims[None, :],
-                    mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
-        v = tl.load(V + item * v_stride_n + key_pos[:, None] * v_stride_l + channels[None, :],
-                    mask=key_valid[:, None] & channel_valid[None, :], other=0.0)
+        key_pos = _positions(order_row, sorted_keys, key_valid)
+        k = _rows(K, item, k_stride_n, k_stride_l, key_pos, dims, key_valid, dim_valid)
+        v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
         grad_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         grad_v = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         for slot_start in range(0, chunk, BLOCK_M):
             slots = slot_start + tl.arange(0, BLOCK_M)
             slot_valid = slots < chunk
-            learned = tl.load(LS + item * ls_stride_n + key_pos[None, :] * ls_stride_l + slots[:, None],
-                              mask=slot_valid[:, None] & key_valid[None, :], other=0.0).to(tl.float32)
+            learned = _learned_scores(LS, item, ls_stride_n, ls_stride_l, key_pos, slots, key_valid, slot_valid)
             grad_learned = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for offset in tl.static_range(3):  # the chunks whose neighbourhood holds this one
                 query_chunk = (key_chunk - offset + 1 + n_chunks) % n_chunks
                 sorted_queries = query_chunk * chunk + slots
                 has_output = slot_valid & (sorted_queries < length)  # padded duplicates have none
-                query_pos = tl.load(order_row + sorted_queries, mask=slot_valid, other=0).to(tl.int64)
-                q = tl.load(Q + item * q_stride_n + query_pos[:, None] * q_stride_l + dims[None, :],
-                            mask=slot_valid[:, None] & dim_valid[None, :], other=0.0)
+                query_pos = _positions(order_row, sorted_queries, slot_valid)
+                q = _rows(Q, item, q_stride_n, q_stride_l, query_pos, dims, slot_valid, dim_valid)
                 image_row = item_round * length + query_pos
                 grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
                                    mask=has_output[:, None] & channel_valid[None, :], other=0.0)
@@ -307,10 +317,7 @@ if triton is not None:
         """
         item_round = tl.program_id(1).to(tl.int64)
         item = item_round // n_rounds
-        blocks_per_chunk = tl.cdiv(chunk, BLOCK_M)
-        query_chunk = tl.program_id(0) // blocks_per_chunk
-        slots = (tl.program_id(0) % blocks_per_chunk) * BLOCK_M + tl.arange(0, BLOCK_M)
-        slot_valid = slots < chunk
+        query_chunk, slots, slot_valid = _block_of_chunk(chunk, BLOCK_M)
         channels = tl.arange(0, BLOCK_C)
         channel_valid = channels < v_dim
         dims = tl.arange(0, BLOCK_D)
@@ -319,53 +326,39 @@ if triton is not None:
 
         sorted_queries = query_chunk * chunk + slots
         has_output = slot_valid & (sorted_queries < length)
-        query_pos = tl.load(order_row + sorted_queries, mask=slot_valid, other=0).to(tl.int64)
-        q = tl.load(Q + item * q_stride_n + query_pos[:, None] * q_stride_l + dims[None, :],
-                    mask=slot_valid[:, None] & dim_valid[None, :], other=0.0)
+        query_pos = _positions(order_row, sorted_queries, slot_valid)
+        q = _rows(Q, item, q_stride_n, q_stride_l, query_pos, dims, slot_valid, dim_valid)
         image_row = item_round * length + query_pos
         grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
                            mask=has_output[:, None] & channel_valid[None, :], other=0.0)
         lse = tl.load(LSE + image_row, mask=has_output, other=float("inf"))
         delta = tl.load(DELTA + image_row, mask=has_output, other=0.0)
-        if EXACT_DELTA:
+        grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        # Pass 0 (EXACT_DELTA only) completes delta, pass 1 accumulates dQ; both recompute P and dP.
+        for pass_index in tl.static_range(0 if EXACT_DELTA else 1, 2):
             for offset in tl.static_range(3):
                 key_chunk = (query_chunk + offset - 1 + n_chunks) % n_chunks
                 for key_start in range(0, chunk, BLOCK_N):
                     key_slots = key_start + tl.arange(0, BLOCK_N)
                     key_valid = key_slots < chunk
-                    key_pos = tl.load(order_row + key_chunk * chunk + key_slots, mask=key_valid, other=0).to(tl.int64)
-                    k = tl.load(K + item * k_stride_n + key_pos[:, None] * k_stride_l + dims[None, :],
-                                mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
-                    v = tl.load(V + item * v_stride_n + key_pos[:, None] * v_stride_l + channels[None, :],
-                                mask=key_valid[:, None] & channel_valid[None, :], other=0.0)
-                    learned = tl.load(LS + item * ls_stride_n + key_pos[None, :] * ls_stride_l + slots[:, None],
-                                      mask=slot_valid[:, None] & key_valid[None, :], other=0.0).to(tl.float32)
+                    key_pos = _positions(order_row + key_chunk * chunk, key_slots, key_valid)
+                    k = _rows(K, item, k_stride_n, k_stride_l, key_pos, dims, key_valid, dim_valid)
+                    v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
+                    learned = _learned_scores(LS, item, ls_stride_n, ls_stride_l, key_pos, slots, key_valid,
+                                              slot_valid)
                     scores = _dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned
                     weights = tl.where(key_valid[None, :], tl.exp(scores - lse[:, None]), 0.0)
-                    delta += tl.sum(weights * _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED), axis=1)
-            tl.store(DELTA + image_row, delta, mask=has_output)
-        grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for offset in tl.static_range(3):
-            key_chunk = (query_chunk + offset - 1 + n_chunks) % n_chunks
-            for key_start in range(0, chunk, BLOCK_N):
-                key_slots = key_start + tl.arange(0, BLOCK_N)
-                key_valid = key_slots < chunk
-                key_pos = tl.load(order_row + key_chunk * chunk + key_slots, mask=key_valid, other=0).to(tl.int64)
-                k = tl.load(K + item * k_stride_n + key_pos[:, None] * k_stride_l + dims[None, :],
-                            mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
-                v = tl.load(V + item * v_stride_n + key_pos[:, None] * v_stride_l + channels[None, :],
-                            mask=key_valid[:, None] & channel_valid[None, :], other=0.0)
-                learned = tl.load(LS + item * ls_stride_n + key_pos[None, :] * ls_stride_l + slots[:, None],
-                                  mask=slot_valid[:, None] & key_valid[None, :], other=0.0).to(tl.float32)
-                scores = _dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned
-                weights = tl.where(key_valid[None, :], tl.exp(scores - lse[:, None]), 0.0)
-                grad_weights = _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
-                grad_scores = weights * (grad_weights - delta[:, None])
-                grad_q += _dot(grad_scores.to(k.dtype), k, PRECISION, INTERPRETED)
+                    grad_weights = _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
+                    if pass_index == 0:
+                        delta += tl.sum(weights * grad_weights, axis=1)
+                    else:
+                        grad_scores = weights * (grad_weights - delta[:, None])
+                        grad_q += _dot(grad_scores.to(k.dtype), k, PRECISION, INTERPRETED)
+            if pass_index == 0:
+                tl.store(DELTA + image_row, delta, mask=has_output)
         sorted_row = item_round * padded_length + sorted_queries
         tl.store(GRAD_Q + sorted_row[:, None] * qk_dim + dims[None, :], grad_q,
                  mask=slot_valid[:, None] & dim_valid[None, :])
-
 
 @functools.cache
 def _kernel(function, interpreted: bool):
