@@ -13,6 +13,7 @@ the peak of ``torch.cuda.max_memory_allocated`` above what was allocated before 
     python scripts/benchmark_gla.py --breakdown        # also seconds in convolutions and matrix products
     python scripts/benchmark_gla.py --device cuda --targets --json out.json --markdown
                                                        # issue 9's model-level targets, published/reference/fused
+    python scripts/benchmark_gla.py --targets --smoke --repeats 2   # the same cases at toy sizes, on the CPU
 
 Cases: GLA (C=256, k=128, 3 hashes) forward and forward+backward at LR sizes 48, 96, 192, and one
 training step (forward, L1 loss, backward, Adam) of the paper-configuration DLSN on 2x3x48x48, and that
@@ -53,6 +54,9 @@ TARGET_CASES = [  # issue 9, model-level rows
     dict(kind="dlsn_forward", size=128, batch=1),
     dict(kind="dlsn_forward", size=360, batch=1),
 ]
+PAPER_WIDTHS = {"gla": dict(channels=256, chunk_size=128, n_hashes=3), "dlsn": {}}  # DLSN's defaults are the paper's
+SMOKE_WIDTHS = {"gla": dict(channels=16, chunk_size=8, n_hashes=2),
+                "dlsn": dict(n_feats=16, n_resgroups=1, n_resblocks=1, chunk_size=8, n_hashes=2)}
 
 
 def published_layout_forward(layer: GLA, x: torch.Tensor) -> torch.Tensor:
@@ -108,8 +112,10 @@ def run_case(case: dict) -> dict:
     device = torch.device(case["device"])
     torch.set_float32_matmul_precision(case.get("matmul_precision", "highest"))
     torch.manual_seed(0)
+    # --smoke: a toy network and toy inputs of the same kinds (checks the script, measures nothing).
+    widths = SMOKE_WIDTHS if case.get("smoke") else PAPER_WIDTHS
     if case["kind"].startswith("dlsn_"):
-        model = DLSN(scale=2, attention_impl=_attention_impl(case)).to(device)
+        model = DLSN(scale=2, attention_impl=_attention_impl(case), **widths["dlsn"]).to(device)
         if case["impl"] == "published":  # every GLA computed in the published layout
             for layer in gla_layers(model):
                 layer.forward = lambda x, rotations=None, layer=layer: published_layout_forward(layer, x)
@@ -131,9 +137,9 @@ def run_case(case: dict) -> dict:
             F.l1_loss(model(lr), hr).backward()
             optimizer.step()
     else:
-        layer = GLA(256, chunk_size=128, n_hashes=3, attention_impl=_attention_impl(case)).to(device)
+        layer = GLA(**widths["gla"], attention_impl=_attention_impl(case)).to(device)
         forward = (lambda t: published_layout_forward(layer, t)) if case["impl"] == "published" else layer
-        x = torch.randn(case["batch"], 256, case["size"], case["size"], device=device)
+        x = torch.randn(case["batch"], layer.channels, case["size"], case["size"], device=device)
         if case["kind"] == "gla_forward":
             def step():
                 with torch.no_grad():
@@ -264,6 +270,9 @@ def main() -> None:
                         help="implementations to time (default: reference; with --targets all three)")
     parser.add_argument("--baseline", action="store_true", help="also time the published layout")
     parser.add_argument("--targets", action="store_true", help="issue 9's model-level cases instead")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy widths and sizes (C=16, k=8, sides / 16, batch <= 2): checks the script on any "
+                             "device in seconds, measures nothing")
     parser.add_argument("--precision", choices=["32", "bf16"], default="32", help="bf16: under autocast")
     parser.add_argument("--matmul-precision", choices=["highest", "high"], default="highest",
                         help="torch.set_float32_matmul_precision for every case (high: TF32 matrix products, "
@@ -302,6 +311,10 @@ def main() -> None:
             for batch in args.train_batches:
                 cases.append(dict(kind="dlsn_train_step", size=48, batch=batch, impl=impl,
                                   repeats=max(2, args.repeats // 2)))
+    if args.smoke:
+        for case in cases:
+            case.update(smoke=True, paper_size=case["size"], paper_batch=case["batch"],
+                        size=max(4, case["size"] // 16), batch=min(case["batch"], 2))
     for case in cases:
         case.update(device=args.device, warmup=args.warmup, precision=args.precision,
                     matmul_precision=args.matmul_precision,

@@ -6,6 +6,9 @@
 #                                    # the authors' code (laoyangui/DLSN; or DLSN_MIRROR=<a clone>) into
 #                                    # .published/DLSN (git-ignored: carry it, never commit it)
 #   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; about 6 minutes on an H100
+#   OUT=/tmp/rehearsal scripts/gpu_check.sh --rehearse   # the same steps on the CPU at toy sizes (a few
+#                                    # minutes): every command line still matches its script and every
+#                                    # output reaches summary.md; measures nothing (tests/test_gpu_check.py)
 #
 # The GPU machine needs python3 with a CUDA build of torch (with its triton), lightning, torchmetrics,
 # scikit-image, rich and safetensors. Whatever .whl/ holds is installed into /tmp/site first (no
@@ -47,6 +50,23 @@ if [[ "${1:-}" == "--fetch" ]]; then
 fi
 
 OUT="${OUT:?set OUT to the folder for the results}"
+# Toy sizes for --rehearse, appended after the real options (argparse keeps the last value), so that the
+# rehearsal runs the very command lines of the GPU run.
+device=cuda
+toy_check=() toy_train_step=() toy_gla=() toy_precision=()
+if [[ "${1:-}" == "--rehearse" ]]; then
+    device=cpu
+    toy_check=(--small)
+    toy_train_step=(--n-feats 8 --n-resgroups 1 --n-resblocks 1 --chunk-size 16 --n-hashes 1 --batch 2 --patch 12
+                    --warmup 1 --steps 4)
+    toy_gla=(--smoke --repeats 1 --warmup 0)
+    toy_precision=(--model small --batch 2 --patch 16 --warmup 1 --steps 2 --train-steps 4
+                   --run-dir "$OUT/precision_runs")
+elif [[ -n "${1:-}" ]]; then
+    echo "gpu_check.sh: unknown option '$1' (expected --fetch, --rehearse or nothing)" >&2
+    exit 2
+fi
+
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -67,24 +87,25 @@ step() {  # step NAME COMMAND...: run with stdout and stderr to $OUT/NAME.txt, r
     [[ $rc -eq 0 ]] || status=1
 }
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+{ if [[ $device == cuda ]]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  else echo "rehearsal on the CPU: toy sizes, nothing measured"; fi
   python3 -c "import torch, triton, lightning; print('torch', torch.__version__, 'triton', triton.__version__, 'lightning', lightning.__version__)"
 } >"$OUT/gpu.txt" 2>&1
 echo "== $(tr '\n' ' ' <"$OUT/gpu.txt")"
 
-step check python3 scripts/check_fused_gla.py --json "$OUT/check.json"
+step check python3 scripts/check_fused_gla.py --device $device --json "$OUT/check.json" "${toy_check[@]}"
 # The headline: the training step, float32 with TF32 matrix products (as train.py's paper recipes) and bf16.
 published=()
 [[ -f .published/DLSN/src/model/dlsn.py ]] && published=(--published-src .published/DLSN/src)
-step train_step python3 scripts/benchmark_train_step.py --device cuda "${published[@]}" --warmup 4 --steps 12 \
-    --matmul-precision high --json "$OUT/train_step.json"
+step train_step python3 scripts/benchmark_train_step.py --device $device "${published[@]}" --warmup 4 --steps 12 \
+    --matmul-precision high --json "$OUT/train_step.json" "${toy_train_step[@]}"
 # float32 with TF32 matrix products for every implementation (the fused kernel's float32 mode), then bf16
-step gla_targets python3 scripts/benchmark_gla.py --device cuda --targets --repeats 10 --warmup 3 \
-    --matmul-precision high --json "$OUT/gla_targets.json" --markdown
-step gla_targets_bf16 python3 scripts/benchmark_gla.py --device cuda --targets --repeats 10 --warmup 3 \
-    --precision bf16 --json "$OUT/gla_targets_bf16.json" --markdown
-step precision python3 scripts/benchmark_precision.py --device cuda --train-steps 200 \
-    --json "$OUT/precision.json" --run-dir /tmp/precision_runs
+step gla_targets python3 scripts/benchmark_gla.py --device $device --targets --repeats 10 --warmup 3 \
+    --matmul-precision high --json "$OUT/gla_targets.json" --markdown "${toy_gla[@]}"
+step gla_targets_bf16 python3 scripts/benchmark_gla.py --device $device --targets --repeats 10 --warmup 3 \
+    --precision bf16 --json "$OUT/gla_targets_bf16.json" --markdown "${toy_gla[@]}"
+step precision python3 scripts/benchmark_precision.py --device $device --train-steps 200 \
+    --json "$OUT/precision.json" --run-dir /tmp/precision_runs "${toy_precision[@]}"
 
 python3 scripts/gpu_check_summary.py "$OUT" >"$OUT/summary.md" 2>&1 || status=1
 echo

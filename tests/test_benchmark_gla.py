@@ -59,7 +59,7 @@ def test_gpu_check_summary_judges_the_targets_from_the_recorded_numbers(tmp_path
              case("published", "dlsn_forward", 360, 1, 294.9, 6795),
              case("fused", "dlsn_forward", 360, 1, 100.0, 2100),  # 2.95x but memory 0.31x: not met
              dict(impl="fused", kind="dlsn_forward", size=128, batch=1, precision="32", error="OutOfMemoryError: x")]
-    (tmp_path / "gla_targets.json").write_text(json.dumps({"cases": cases}))
+    (tmp_path / "gla_targets.json").write_text(json.dumps({"device": "cuda", "cases": cases}))
     (tmp_path / "check.json").write_text(json.dumps({"results": [
         {"check": "fused kernel self-check", "status": "PASS"},
         {"check": "GLA training step", "status": "FAIL", "error": "RuntimeError: capture"}]}))
@@ -78,3 +78,10 @@ def test_gpu_check_summary_judges_the_targets_from_the_recorded_numbers(tmp_path
     assert rows["GLA fwd+bwd, C=256, batch 1, LR 96x96"].endswith("| NOT MEASURED |")
     assert rows["model-level targets (gla_targets_bf16.json)"].endswith("| MISSING |")
     assert rows["training steps (precision.json)"].endswith("| MISSING |")
+
+    # the same numbers from the CPU (gpu_check.sh --rehearse) judge nothing
+    (tmp_path / "gla_targets.json").write_text(json.dumps({"device": "cpu", "cases": cases}))
+    summary = subprocess.run([sys.executable, str(SCRIPT.parent / "gpu_check_summary.py"), str(tmp_path)],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    assert summary.startswith("Rehearsal:") and "MET |" not in summary
+    assert "| 1.16x time, 0.31x memory | >= 1x | REHEARSAL |" in summary

@@ -44,10 +44,10 @@ def test_training_step_benchmark_prints_one_row_per_case(tmp_path):
 def test_gpu_summary_judges_the_training_step_against_the_published_code(tmp_path):
     import json
 
-    results = [{"case": "published", "precision": "bf16-mixed", "step_s": 0.150, "peak_mb": 12000, "warmup_s": 2},
-               {"case": "project-compiled", "precision": "bf16-mixed", "step_s": 0.059, "peak_mb": 5000, "warmup_s": 200},
-               {"case": "published", "precision": "32-true", "step_s": 0.240, "peak_mb": 19000, "warmup_s": 2},
-               {"case": "project-compiled", "precision": "32-true", "step_s": 0.130, "peak_mb": 9000, "warmup_s": 100}]
+    results = [{"case": "published", "precision": "bf16-mixed", "device": "cuda", "step_s": 0.150, "peak_mb": 12000, "warmup_s": 2},
+               {"case": "project-compiled", "precision": "bf16-mixed", "device": "cuda", "step_s": 0.059, "peak_mb": 5000, "warmup_s": 200},
+               {"case": "published", "precision": "32-true", "device": "cuda", "step_s": 0.240, "peak_mb": 19000, "warmup_s": 2},
+               {"case": "project-compiled", "precision": "32-true", "device": "cuda", "step_s": 0.130, "peak_mb": 9000, "warmup_s": 100}]
     (tmp_path / "train_step.json").write_text(json.dumps(results))
     proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "gpu_check_summary.py"), str(tmp_path)],
                           capture_output=True, text=True, check=True)
