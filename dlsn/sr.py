@@ -548,6 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from rich.console import Console
 
+    from dlsn.utils.vector_math import settle_vector_math
+
     console = Console(stderr=True)
 
     def say(message: str, style: str | None = None) -> None:
@@ -563,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not files:
             raise UsageError("no input images (give image files, folders or glob patterns)")
         device = pick_device(args.device)
+        settle_vector_math()  # the first CPU exp/log on several threads may take a less exact kernel
         loaded = load_network(args.weights, args.scale, overrides, args.trust_checkpoint)
         try:
             upscaler = Upscaler(loaded, device, args.tile, args.tile_overlap, args.self_ensemble)

@@ -84,6 +84,15 @@ def test_rgb_output_is_super_resolve_of_the_network(network, weights, tmp_path, 
     np.testing.assert_array_equal(np.asarray(written), levels(network_output(network, image, **inference)))
 
 
+def test_settles_mkl_vector_math_before_computing(weights, tmp_path, monkeypatch):
+    from dlsn.utils import vector_math
+
+    monkeypatch.setattr(vector_math, "_settled", False)
+    Image.fromarray(rgb_image(12, 12)).save(tmp_path / "photo.png")
+    assert upscale(tmp_path / "photo.png", "-o", tmp_path / "out", "--weights", weights["ckpt"]) == 0
+    assert vector_math._settled or not torch.backends.mkl.is_available()
+
+
 def test_weight_formats_give_the_same_image_and_official_settings_are_overridable(weights, tmp_path):
     Image.fromarray(rgb_image()).save(tmp_path / "photo.png")
 

@@ -77,14 +77,18 @@ def register_resolvers() -> None:
 
 
 def apply_extras(cfg: DictConfig) -> None:
-    """Process-wide settings: ``float32_matmul_precision``, and the ``extras`` group (silence known-harmless
-    warnings, print the config tree)."""
+    """Process-wide settings: MKL's vector math settled (:mod:`dlsn.utils.vector_math`),
+    ``float32_matmul_precision``, and the ``extras`` group (silence known-harmless warnings, print the
+    config tree)."""
     import warnings
 
+    import torch
+
+    from dlsn.utils.vector_math import settle_vector_math
+
+    settle_vector_math()  # before any multithreaded CPU work: bit-exact runs and resumes
     precision = cfg.get("float32_matmul_precision")
     if precision:
-        import torch
-
         torch.set_float32_matmul_precision(precision)
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):

@@ -50,13 +50,10 @@ def subprocess_env(wandb_mode: str = "disabled", **extra: str) -> dict[str, str]
 
 
 def run_script(script: str, run_dir: Path, *overrides: str, expect_success: bool = True, wandb_mode: str = "disabled",
-               timeout: float = 900, threads: int | None = None) -> subprocess.CompletedProcess:
-    """Run train.py / eval.py in a subprocess with Hydra's output in ``run_dir``. ``threads``: torch's
-    intra-op threads (OMP_NUM_THREADS), for bit-exact comparisons between runs."""
+               timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run train.py / eval.py in a subprocess with Hydra's output in ``run_dir``."""
     cmd = [sys.executable, str(PROJECT_ROOT / script), f"hydra.run.dir={run_dir}", *overrides]
     env = subprocess_env(wandb_mode)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_success and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
