@@ -7,12 +7,13 @@ first call runs on several threads at once, one thread can run a lower-accuracy 
 chunk, once (pytorch/pytorch#188792). Here it broke exact resume: in about one restarted run in ten,
 the first training step's ``logsumexp`` (GLA's round confidences) took the ``exp`` of the first
 thread's half of the scores with a different kernel, the loss moved by one ulp, and the weights by
-a few ulps after three steps. Uninterrupted runs were spared only because their first ``exp`` was
-small enough to run on one thread.
+a few ulps after three steps. Uninterrupted runs never showed it (28 of 28 identical), most likely
+because their first ``exp`` ran on a tensor small enough for one thread.
 
 Calling every VML function once, on one element and so on one thread, before any parallel work
-settles the choice for the rest of the process. It costs well under a millisecond; train.py and
-eval.py do it at start. Data-loader workers run one intra-op thread and are not exposed.
+settles the choice for the rest of the process. It costs well under a millisecond; train.py,
+eval.py (through ``apply_extras``) and ``dlsn-sr`` do it at start. Data-loader workers run one
+intra-op thread and are not exposed.
 """
 
 from __future__ import annotations
