@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.runs import PROJECT_ROOT
+
 SCRIPT = PROJECT_ROOT / "scripts" / "gpu_check.sh"
 
 
