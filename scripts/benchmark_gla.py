@@ -334,9 +334,18 @@ def main() -> None:
     breakdown_header = f"{'conv s':>10}{'matmul s':>10}{'other s':>10}" if args.breakdown else ""
     print(f"{'case':<58}{'median s':>10}{memory_label:>14}{breakdown_header}", flush=True)
     results = []
+
+    def write_json() -> None:
+        with open(args.json, "w") as file:
+            json.dump({"torch": torch.__version__, "device": args.device,
+                       "device_name": torch.cuda.get_device_name(args.device) if cuda else "cpu",
+                       "cases": results}, file, indent=1)
+
     for case in cases:
         numbers = run_in_process(case) if cuda else run_in_subprocess(case)
         results.append(dict(case, **numbers))
+        if args.json:  # after every case: a run cut short keeps what it measured
+            write_json()
         if "error" in numbers:
             print(f"{case_label(case):<58} error: {numbers['error']}", flush=True)
             continue
@@ -345,11 +354,6 @@ def main() -> None:
             other = numbers["median_s"] - numbers["convolution_s"] - numbers["matmul_s"]
             row += f"{numbers['convolution_s']:>10.4f}{numbers['matmul_s']:>10.4f}{other:>10.4f}"
         print(row, flush=True)
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"torch": torch.__version__, "device": args.device,
-                       "device_name": torch.cuda.get_device_name(args.device) if cuda else "cpu",
-                       "cases": results}, file, indent=1)
     if args.markdown:
         print()
         print(markdown_table(results, memory_label))

@@ -39,6 +39,12 @@ from dlsn.models.float32_ops import conv2d_float32
 from dlsn.models.gla import draw_rotations_on_device, number_of_buckets
 
 RESULTS: list[dict] = []
+JSON_FILE: dict = {}  # --json: path and header; rewritten after every check, so a run cut short keeps its results
+
+
+def write_json() -> None:
+    if JSON_FILE:
+        JSON_FILE["path"].write_text(json.dumps(JSON_FILE["header"] | {"results": RESULTS}, indent=1))
 
 
 def check(name: str):
@@ -53,6 +59,7 @@ def check(name: str):
             status = "FAIL"
         seconds = time.perf_counter() - start
         RESULTS.append(dict(check=name, status=status, seconds=round(seconds, 1), **details))
+        write_json()
         shown = {k: v for k, v in details.items() if k != "traceback"}
         print(f"[{status}] {name} ({seconds:.1f} s) {json.dumps(shown)}", flush=True)
         if status == "FAIL":
@@ -90,6 +97,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.json:
+        JSON_FILE.update(path=Path(args.json), header={"device": str(device), "torch": torch.__version__})
+        write_json()
     cuda = device.type == "cuda"
     torch.set_float32_matmul_precision("highest")
     channels, chunk_size, sizes = (16, 8, [(2, 6), (1, 9)]) if args.small else (256, 128, [(2, 48), (1, 96)])
@@ -258,9 +268,6 @@ def main() -> None:
             return {"relative_error": error, "first_call_s": round(compile_s, 1)}
 
     failed = [r["check"] for r in RESULTS if r["status"] == "FAIL"]
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": str(device), "torch": torch.__version__,
-                                               "results": RESULTS}, indent=1))
     print(f"{len(RESULTS) - len(failed)} passed, {len(failed)} failed", flush=True)
     sys.exit(1 if failed else 0)
 

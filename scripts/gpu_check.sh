@@ -27,6 +27,12 @@
 #   precision.{txt,json}    scripts/benchmark_precision.py: training step float32 vs bf16-mixed
 #                       (throughput, peak memory) and validation PSNR after a short run
 #   summary.md          the markdown table printed at the end (scripts/gpu_check_summary.py)
+#
+# Lent GPU machines cut a command off at a hard limit, so the whole run keeps to GPU_CHECK_BUDGET_S
+# seconds (default 540): every step runs under `timeout`, with at most its own cap (STEP_CAP_S below)
+# and what is left of the budget, in order of importance; a step with under 20 s left is skipped; the
+# scripts rewrite their JSON after every case, and the summary is always written. --rehearse has no
+# caps, and no budget unless GPU_CHECK_BUDGET_S is set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -76,13 +82,29 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 status=0
+# Seconds each step may take at most on an H100/H200 (compilation included); the budget may leave less.
+declare -A STEP_CAP_S=([check]=150 [train_step]=330 [gla_targets]=90 [gla_targets_bf16]=90 [precision]=300)
+if [[ $device == cuda ]]; then
+    budget=${GPU_CHECK_BUDGET_S:-540}
+else  # the rehearsal's toy sizes on a slow CPU: no caps
+    budget=${GPU_CHECK_BUDGET_S:-100000}
+    for name in "${!STEP_CAP_S[@]}"; do STEP_CAP_S[$name]=100000; done
+fi
 
 step() {  # step NAME COMMAND...: run with stdout and stderr to $OUT/NAME.txt, report its time and status
-    local name="$1" start=$SECONDS rc
+    local name="$1" start=$SECONDS rc limit
     shift
-    echo "== $name: $*"
-    "$@" >"$OUT/$name.txt" 2>&1
+    limit=$((budget - SECONDS - 15))  # 15 s kept for the summary
+    (( limit > STEP_CAP_S[$name] )) && limit=${STEP_CAP_S[$name]}
+    if (( limit < 20 )); then
+        echo "skipped: the budget of $budget s (GPU_CHECK_BUDGET_S) was spent" | tee "$OUT/$name.txt"
+        status=1
+        return
+    fi
+    echo "== $name (at most $limit s): $*"
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.txt" 2>&1
     rc=$?
+    (( rc == 124 )) && echo "cut off after $limit s (gpu_check.sh budget)" >>"$OUT/$name.txt"
     echo "   exit status $rc after $((SECONDS - start)) s (output: $OUT/$name.txt)"
     [[ $rc -eq 0 ]] || status=1
 }
