@@ -294,8 +294,9 @@ def _compile_for_gpu(name: str, value_type: str, arch: int):
     function = {"forward": fused._forward_kernel, "queries": fused._backward_queries_kernel,
                 "keys": fused._backward_keys_kernel}[name]
     kernel = fused._kernel(function, False)
-    rows, num_warps, num_stages = fused.LAUNCH_CONFIGS[name, "half" if value_type == "bf16" else "float32"]
-    constants = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64, BLOCK_C=128 if name == "forward" else 256,
+    rows, num_warps, num_stages = fused.LAUNCH_CONFIGS[arch][name, "half" if value_type == "bf16" else "float32"]
+    constants = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64,
+                     BLOCK_C=fused.FORWARD_CHANNEL_BLOCK[arch] if name == "forward" else 256,
                      PRECISION="tf32", INTERPRETED=False)
     if name == "queries":
         constants["EXACT_DELTA"] = value_type == "bf16"
@@ -347,9 +348,20 @@ def _register_spill_bytes(compiled) -> int | None:
 @pytest.mark.parametrize("name", ["forward", "queries", "keys"])
 def test_kernels_compile_for_gpus_within_their_resources(name, value_type, arch):
     """Catches what only a GPU compile would: Triton type/shape errors, shared memory over an A100's or
-    H100's limit, heavy register spilling (first seen as a fully spilled float32 backward kernel)."""
+    H100's limit, and for the untimed sm_80 choices heavy register spilling (first seen as a fully
+    spilled float32 backward kernel). The sm_90 configurations were timed on an H200, spills included
+    (Triton 3.9's ptxas reports 0-1 KB per thread for them), so only their fit is asserted."""
     pytest.importorskip("triton.backends.nvidia")
     compiled = _compile_for_gpu(name, value_type, arch)
     assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
     spill = _register_spill_bytes(compiled)
-    assert spill is None or spill <= 256, f"{spill} bytes of register spills per thread"
+    assert arch >= 90 or spill is None or spill <= 256, f"{spill} bytes of register spills per thread"
+
+
+@pytest.mark.parametrize(("capability", "generation"), [((8, 0), 80), ((8, 9), 80), ((9, 0), 90), ((10, 0), 90)])
+def test_launch_configurations_follow_the_gpu_generation(monkeypatch, capability, generation):
+    """The H200-timed configurations serve sm_90 and newer; older GPUs keep the A100-safe choices."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert fused._generation(torch.device("cuda", 0)) == generation
+    assert fused._generation(torch.device("cpu")) == 90  # the interpreter runs the configurations GPUs use most
+    assert set(fused.LAUNCH_CONFIGS) == set(fused.FORWARD_CHANNEL_BLOCK) == {80, 90}

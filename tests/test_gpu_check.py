@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,17 +20,25 @@ from tests.helpers.runs import PROJECT_ROOT
 SCRIPT = PROJECT_ROOT / "scripts" / "gpu_check.sh"
 
 
+STEPS = ("check", "train_step", "gla_targets", "gla_targets_bf16", "precision")
+
+
+def rehearse(out: Path, **variables: str) -> subprocess.CompletedProcess:
+    # python3 of this environment first; one OpenMP thread (a 2-core machine shared with other jobs)
+    inherited = {key: value for key, value in os.environ.items() if key != "GPU_CHECK_BUDGET_S"}
+    env = {**inherited, "OUT": str(out), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **variables}
+    return subprocess.run(["bash", str(SCRIPT), "--rehearse"], capture_output=True, text=True, env=env,
+                          timeout=900, check=False)
+
+
 @pytest.mark.slow
 def test_rehearsal_runs_every_step_and_fills_the_summary(tmp_path):
     out = tmp_path / "results"
-    # python3 of this environment first; one OpenMP thread (a 2-core machine shared with other jobs)
-    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(["bash", str(SCRIPT), "--rehearse"], capture_output=True, text=True, env=env,
-                          timeout=900, check=False)
+    proc = rehearse(out)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    for step in ("check", "train_step", "gla_targets", "gla_targets_bf16", "precision"):
-        assert f"== {step}: " in proc.stdout and (out / f"{step}.txt").is_file(), step
+    for step in STEPS:
+        assert f"== {step} (at most " in proc.stdout and (out / f"{step}.txt").is_file(), step
         assert (out / f"{step}.json").is_file(), (out / f"{step}.txt").read_text()[-3000:]
 
     summary = (out / "summary.md").read_text()
@@ -48,3 +57,24 @@ def test_rehearsal_runs_every_step_and_fills_the_summary(tmp_path):
 
     compiled = [r for r in json.loads((out / "train_step.json").read_text()) if r["case"] == "project-compiled"]
     assert {r["precision"] for r in compiled} == {"bf16-mixed", "32-true"}
+
+
+@pytest.mark.slow
+def test_a_spent_budget_cuts_the_step_skips_the_rest_and_still_writes_the_summary(tmp_path):
+    """A lent machine stops the command at a hard limit: gpu_check.sh must end first, with its summary.
+
+    With 40 s, the first step gets what the start-up left minus the 15 s kept for the summary (about
+    20 s: less than the rehearsal's check needs here, so it is cut), and the later steps nothing."""
+    out = tmp_path / "results"
+    proc = rehearse(out, GPU_CHECK_BUDGET_S="40")
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
+    skipped = [step for step in STEPS if (out / f"{step}.txt").read_text().startswith("skipped: the budget of 40 s")]
+    assert skipped and skipped == list(STEPS[len(STEPS) - len(skipped):]), skipped  # the last ones
+    for step in STEPS[:len(STEPS) - len(skipped)]:
+        limit = re.search(rf"== {step} \(at most (\d+) s\): ", proc.stdout)
+        assert limit and int(limit.group(1)) <= 40 - 15, proc.stdout
+        status = re.search(rf"exit status (\d+) after \d+ s \(output: \S+/{step}.txt\)", proc.stdout)
+        cut = (out / f"{step}.txt").read_text().endswith(f"cut off after {limit.group(1)} s (gpu_check.sh budget)\n")
+        assert cut == (status.group(1) == "124"), (step, status.group(0))
+    missing = [row for row in (out / "summary.md").read_text().splitlines() if row.endswith("| MISSING |")]
+    assert [step for step in STEPS if any(f"({step}.json)" in row for row in missing)] == skipped, missing

@@ -409,16 +409,28 @@ def _power_of_two(value: int, at_least: int = 16) -> int:
     return max(at_least, triton.next_power_of_2(value))
 
 
-# Launch configuration per kernel and precision class: (rows per block, warps, pipeline stages).
-# First choices, not timed on a GPU: the kernels compile with them (ptxas, sm_80 and sm_90, at C=256,
-# d=64, k=128) within the shared memory of an A100 and without more than a few register spills. A
-# block that still does not fit is halved until it does (_launch). "half": bfloat16/float16 values;
-# "float32": float32 values (TF32 or true float32 dot products).
+# Launch configurations per GPU generation (``_generation``), kernel and precision class: (rows per
+# block, warps, pipeline stages). "half": bfloat16/float16 values; "float32": float32 values (TF32 or
+# true float32 dot products). A block that does not fit the GPU's shared memory is halved until it
+# does (_launch).
 LAUNCH_CONFIGS = {
-    ("forward", "half"): (64, 8, 2), ("forward", "float32"): (32, 8, 2),
-    ("queries", "half"): (32, 8, 2), ("queries", "float32"): (32, 8, 2),
-    ("keys", "half"): (32, 8, 1), ("keys", "float32"): (16, 8, 2),
+    # sm_90 and newer (H100, H200): the fastest of a sweep on an H200 (Triton 3.6; 2026-11-27,
+    # docs/benchmarks.md; scripts/profile_train_step.py --sections tune) at the paper's training size
+    # (batch 16, 48x48, C=256, d=64, k=128) over rows 16/32/64, 4 or 8 warps, 1 or 2 stages: the bf16
+    # forward took 0.32 ms instead of the sm_80 choices' 0.58 ms, the bf16 backward about 1.7 instead
+    # of 2.8 ms (per layer; the paper network has ten).
+    90: {("forward", "half"): (64, 4, 1), ("forward", "float32"): (32, 4, 2),
+         ("queries", "half"): (64, 4, 1), ("queries", "float32"): (64, 4, 1),
+         ("keys", "half"): (32, 4, 2), ("keys", "float32"): (32, 4, 1)},
+    # Older GPUs (A100): first choices, not timed, that compile within an A100's shared memory with at
+    # most a few register spills (tests/test_chunk_attention.py compiles them for sm_80 without a GPU).
+    80: {("forward", "half"): (64, 8, 2), ("forward", "float32"): (32, 8, 2),
+         ("queries", "half"): (32, 8, 2), ("queries", "float32"): (32, 8, 2),
+         ("keys", "half"): (32, 8, 1), ("keys", "float32"): (16, 8, 2)},
 }
+# Value channels per forward program: a second block of a wider layer recomputes the scores. On the
+# H200 all 256 channels of the paper layer in one block beat blocks of 128 in both precisions.
+FORWARD_CHANNEL_BLOCK = {90: 256, 80: 128}
 _working_rows: dict[tuple, int] = {}
 
 
@@ -431,8 +443,9 @@ def _launch(kernel_function, name: str, grid_of_rows, tensors, sizes, *, channel
     kernel = _kernel(kernel_function, interpreted)
     chunk, qk_dim, v_dim = sizes["chunk"], sizes["qk_dim"], sizes["v_dim"]
     precision_class = "float32" if sizes["value_dtype"] == torch.float32 else "half"
-    rows, num_warps, num_stages = LAUNCH_CONFIGS[name, precision_class]
-    key = (name, sizes["value_dtype"], sizes["precision"], chunk, qk_dim, v_dim)
+    generation = _generation(device)
+    rows, num_warps, num_stages = LAUNCH_CONFIGS[generation][name, precision_class]
+    key = (name, generation, sizes["value_dtype"], sizes["precision"], chunk, qk_dim, v_dim)
     rows = _working_rows.get(key, min(rows, _power_of_two(chunk)))
     while True:
         block_c = channel_block or _power_of_two(v_dim)
@@ -452,6 +465,13 @@ def _launch(kernel_function, name: str, grid_of_rows, tensors, sizes, *, channel
             continue
         _working_rows[key] = rows
         return
+
+
+def _generation(device: torch.device) -> int:
+    """The ``LAUNCH_CONFIGS`` entry for ``device``: 90 for sm_90 and newer (and Triton's interpreter), else 80."""
+    if device.type != "cuda":
+        return 90
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
 def tf32_matmuls_allowed() -> bool:
@@ -485,7 +505,7 @@ def _fused_forward(queries, keys, learned_score, values, order, inverse):
     attended = values.new_empty(batch, rounds, length, v_dim, dtype=torch.float32)
     confidence = values.new_empty(batch, rounds, length, dtype=torch.float32)
     n_chunks, chunk = sizes["n_chunks"], sizes["chunk"]
-    channel_block = min(128, _power_of_two(v_dim))
+    channel_block = min(FORWARD_CHANNEL_BLOCK[_generation(values.device)], _power_of_two(v_dim))
 
     def grid(rows, block_c):
         return (n_chunks * triton.cdiv(chunk, rows), batch * rounds, triton.cdiv(v_dim, block_c))

@@ -1,0 +1,244 @@
+"""Where a DLSN training step spends its GPU time, and which launch configuration suits the fused kernel.
+
+    python scripts/profile_train_step.py > profile.txt            # on a CUDA machine, about 3 minutes
+    python scripts/profile_train_step.py --max-seconds 180        # start nothing new after 3 minutes
+    python scripts/profile_train_step.py --device cpu --small     # a smoke test on the CPU
+
+Sections (``--sections``), each printed as soon as it is done:
+
+* ``step``: the paper training step (x2, batch 16, 48x48 LR, L1, fused Adam; plain loop, eager) in
+  bf16 autocast and in float32 with TF32: median step time, then ``torch.profiler``'s table of the
+  operations and kernels with the most self device time over ``--profile-steps`` steps;
+* ``gla``: one GLA layer (C=256, k=128, 3 hashes) forward+backward at batch 16, 48x48, the same two
+  precisions: median time and profiler table;
+* ``tune``: every launch configuration of ``--rows-options``, ``--warps``, ``--stages`` (and the
+  forward's value-channel block, ``--channel-blocks``) for each of the fused kernel's three kernels at the training size, in bf16
+  and float32 (TF32): median milliseconds per launch, best first; ``--json`` writes them. The
+  numbers feed ``LAUNCH_CONFIGS`` (the GPU's generation) in ``dlsn/models/chunk_attention.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dlsn.models import DLSN, GLA
+from dlsn.models import chunk_attention as fused
+from dlsn.models.gla import sort_into_chunks
+
+SORT_KEY = "self_device_time_total"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(run, device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        run()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def profile_table(run, device: torch.device, steps: int, rows: int) -> str:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            run()
+        synchronize(device)
+    events = profiler.key_averages()
+    device_total = sum(event.self_device_time_total for event in events) / 1e3 / steps
+    header = f"self device time per step: {device_total:.1f} ms (sum over kernels)\n"
+    sort_by = SORT_KEY if device.type == "cuda" else "self_cpu_time_total"
+    return header + events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=90)
+
+
+def precisions(device: torch.device):
+    """(label, autocast context factory) for bf16 autocast and float32 with TF32 matrix products."""
+    yield "bf16-mixed", lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    yield "32-true (TF32)", contextlib.nullcontext
+
+
+def section_step(args, device) -> None:
+    config = dict(scale=2, n_feats=args.channels, n_resgroups=args.groups, n_resblocks=args.blocks,
+                  chunk_size=args.chunk, n_hashes=3, res_scale=0.1)
+    generator = torch.Generator().manual_seed(0)
+    lr = torch.rand(args.batch, 3, args.patch, args.patch, generator=generator).to(device)
+    hr = torch.rand(args.batch, 3, 2 * args.patch, 2 * args.patch, generator=generator).to(device)
+    for label, autocast in precisions(device):
+        torch.manual_seed(0)
+        net = DLSN(**config).to(device)
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+        def step():
+            with autocast():
+                loss = F.l1_loss(net(lr), hr)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        milliseconds = median_ms(step, device, args.warmup, args.repeats)
+        print(f"\n## training step, {label}: {milliseconds:.1f} ms (median of {args.repeats})", flush=True)
+        print(profile_table(step, device, args.profile_steps, args.rows), flush=True)
+        del net, optimizer
+
+
+def section_gla(args, device) -> None:
+    torch.manual_seed(0)
+    layer = GLA(args.channels, chunk_size=args.chunk, n_hashes=3, reduction=4).to(device)
+    layer.to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, args.channels, args.patch, args.patch, device=device)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    for label, autocast in precisions(device):
+        def step():
+            with autocast():
+                out = layer(x)
+            out.float().square().mean().backward()
+
+        milliseconds = median_ms(step, device, args.warmup, args.repeats)
+        print(f"\n## GLA forward+backward, batch {args.batch}, {args.patch}x{args.patch}, {label}: "
+              f"{milliseconds:.2f} ms (median of {args.repeats}; fused kernel failure: {fused.fused_kernel_failure()})",
+              flush=True)
+        print(profile_table(step, device, args.profile_steps, args.rows), flush=True)
+
+
+def kernel_inputs(args, device, dtype):
+    generator = torch.Generator().manual_seed(0)
+    length, qk_dim = args.patch * args.patch, args.channels // 4
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    queries = random(args.batch, length, qk_dim)
+    keys = F.normalize(random(args.batch, length, qk_dim).float(), dim=-1).to(dtype)
+    learned_score = random(args.batch, length, args.chunk)
+    values = random(args.batch, length, args.channels)
+    codes = torch.randint(0, max(1, length // args.chunk), (args.batch, 3, length), generator=generator).to(device)
+    order, inverse = sort_into_chunks(codes, min(args.chunk, length))
+    return queries, keys, learned_score, values, order, inverse
+
+
+def section_tune(args, device) -> list[dict]:
+    results = []
+    for dtype in (torch.bfloat16, torch.float32):
+        inputs = kernel_inputs(args, device, dtype)
+        attended, confidence = fused._fused_forward(*inputs)
+        grad_attended = torch.randn_like(attended)
+        grad_confidence = torch.randn_like(confidence)
+        precision_class = "float32" if dtype == torch.float32 else "half"
+        generation = fused._generation(device)
+        configs = fused.LAUNCH_CONFIGS[generation]
+        original = dict(configs)
+        original_channel_block = fused.FORWARD_CHANNEL_BLOCK[generation]
+        defaults = [original[kernel, precision_class] for kernel in ("forward", "queries", "keys")]
+        print(f"\n## fused kernel launch configurations (LAUNCH_CONFIGS[{generation}]), {dtype}, batch {args.batch}, "
+              f"L={args.patch ** 2}, C={args.channels}, k={args.chunk} (default: {defaults}, forward channel block "
+              f"{original_channel_block})", flush=True)
+        for name in ("forward", "queries", "keys"):
+            channel_blocks = args.channel_blocks if name == "forward" else [None]
+            timings = []
+            for rows, warps, stages, channel_block in itertools.product(args.rows_options, args.warps, args.stages,
+                                                                        channel_blocks):
+                if time.perf_counter() > args.deadline:
+                    print(f"(--max-seconds reached: the rest of the {name} configurations not timed)", flush=True)
+                    break
+                configs[name, precision_class] = (rows, warps, stages)
+                if channel_block:
+                    fused.FORWARD_CHANNEL_BLOCK[generation] = channel_block
+                fused._working_rows.clear()
+                if name == "forward":
+                    def run():
+                        fused._fused_forward(*inputs)
+                else:  # the backward runs both kernels: time it whole, and with the other kernel at its default
+                    def run():
+                        fused._fused_backward(grad_attended, grad_confidence, *inputs, attended, confidence)
+                label = dict(kernel=name, dtype=str(dtype), rows=rows, warps=warps, stages=stages,
+                             channel_block=channel_block)
+                try:
+                    milliseconds = median_ms(run, device, 2, args.tune_repeats)
+                    rows_used = [v for k, v in fused._working_rows.items() if k[0] == name]
+                    label |= dict(ms=round(milliseconds, 4), rows_used=rows_used[0] if rows_used else None)
+                except Exception as error:  # noqa: BLE001 - a configuration that does not compile
+                    label |= dict(ms=None, error=f"{type(error).__name__}: {str(error)[:200]}")
+                timings.append(label)
+                results.append(label)
+                configs.update(original)
+                fused.FORWARD_CHANNEL_BLOCK[generation] = original_channel_block
+            timings.sort(key=lambda r: float("inf") if r["ms"] is None else r["ms"])
+            what = "forward" if name == "forward" else f"backward (both kernels, {name} varied)"
+            print(f"{what}: " + "; ".join(
+                f"{r['rows']}/{r['warps']}/{r['stages']}" + (f"/c{r['channel_block']}" if r["channel_block"] else "")
+                + (f" {r['ms']:.3f} ms" if r["ms"] is not None else " failed")
+                + (f" (rows {r['rows_used']})" if r.get("rows_used") not in (None, r["rows"]) else "")
+                for r in timings), flush=True)
+        fused._working_rows.clear()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sections", nargs="+", default=["gla", "step", "tune"], choices=["step", "gla", "tune"])
+    parser.add_argument("--small", action="store_true", help="toy sizes (a CPU smoke test)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=30, help="rows of each profiler table")
+    parser.add_argument("--rows-options", type=int, nargs="+", default=[32, 64, 16])
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--channel-blocks", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--tune-repeats", type=int, default=10)
+    parser.add_argument("--json", default=None, help="write the tuning results to this file")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="start no section and time no configuration after this many seconds")
+    args = parser.parse_args(argv)
+    args.deadline = time.perf_counter() + (args.max_seconds or float("inf"))
+    device = torch.device(args.device)
+    torch.set_float32_matmul_precision("high")  # as train.py's paper recipes: TF32 matrix products
+    if args.small:
+        args.__dict__.update(channels=16, chunk=8, groups=1, blocks=1, batch=2, patch=6, warmup=1, repeats=2,
+                             profile_steps=1, rows_options=[8, 16], warps=[4], stages=[1], channel_blocks=[16],
+                             tune_repeats=1)
+    else:
+        args.__dict__.update(channels=256, chunk=128, groups=10, blocks=4, batch=16, patch=48)
+    print(f"torch {torch.__version__}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
+    results = []
+    for section in args.sections:
+        started = time.perf_counter()
+        if started > args.deadline:
+            print(f"\n## {section}: skipped (--max-seconds reached)", flush=True)
+            continue
+        if section == "tune":
+            if device.type != "cuda" and not args.small:
+                print("\n## tune: skipped (needs CUDA, or --small for the interpreter)")
+                continue
+            results = section_tune(args, device)
+            if args.json:
+                with open(args.json, "w") as file:
+                    json.dump(results, file, indent=1)
+        else:
+            {"step": section_step, "gla": section_gla}[section](args, device)
+        print(f"({section}: {time.perf_counter() - started:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

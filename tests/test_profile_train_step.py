@@ -1,0 +1,43 @@
+"""`scripts/profile_train_step.py` on the CPU at toy sizes: every section runs, the launch-configuration
+sweep records every configuration it was asked for and leaves the kernel's configurations as it found
+them. Timings are not asserted (they depend on the machine's load)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from dlsn.models import chunk_attention as fused
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "profile_train_step.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("profile_train_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_sections_run_and_the_sweep_restores_the_launch_configurations(tmp_path, capsys):
+    if not fused.triton_available():
+        pytest.skip("triton is not importable")
+    configs, channel_blocks = copy.deepcopy(fused.LAUNCH_CONFIGS), dict(fused.FORWARD_CHANNEL_BLOCK)
+    script = load_script()
+    assert script.main(["--device", "cpu", "--small", "--sections", "gla", "tune",
+                        "--json", str(tmp_path / "tune.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "## GLA forward+backward, batch 2, 6x6, bf16-mixed" in printed
+    assert "## GLA forward+backward, batch 2, 6x6, 32-true (TF32)" in printed
+    swept = json.loads((tmp_path / "tune.json").read_text())
+    # --small: rows 8 and 16, one warp count, one stage count, one channel block; three kernels, two dtypes
+    assert sorted((r["dtype"], r["kernel"], r["rows"]) for r in swept) == sorted(
+        (dtype, kernel, rows) for dtype in ("torch.bfloat16", "torch.float32")
+        for kernel in ("forward", "queries", "keys") for rows in (8, 16))
+    assert all(isinstance(r["ms"], float) and r["rows_used"] == r["rows"] for r in swept)
+    assert fused.LAUNCH_CONFIGS == configs and fused.FORWARD_CHANNEL_BLOCK == channel_blocks
