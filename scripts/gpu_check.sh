@@ -5,7 +5,7 @@
 #                                    # an offline GPU image may lack (Hydra, OmegaConf) into .whl/, and
 #                                    # the authors' code (laoyangui/DLSN; or DLSN_MIRROR=<a clone>) into
 #                                    # .published/DLSN (git-ignored: carry it, never commit it)
-#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; about 6 minutes on an H100
+#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; 6 minutes on an H200 (2026-11-27)
 #   OUT=/tmp/rehearsal scripts/gpu_check.sh --rehearse   # the same steps on the CPU at toy sizes (a few
 #                                    # minutes): every command line still matches its script and every
 #                                    # output reaches summary.md; measures nothing (tests/test_gpu_check.py)
