@@ -49,6 +49,8 @@ SHAPES = {  # batch, rounds, length, chunk, qk_dim, v_dim
     "one chunk": (2, 1, 9, 9, 4, 4),
     "one position": (1, 2, 1, 1, 2, 3),
     "chunk over several blocks": (1, 1, 150, 40, 5, 20),
+    # every kernel's rows (at most 64 in LAUNCH_CONFIGS) split the chunk, the last block half masked
+    "chunk over several 64-row blocks": (1, 2, 200, 80, 6, 20),
 }
 
 
