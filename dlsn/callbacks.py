@@ -10,6 +10,7 @@
 * :class:`TrainingLog`: plain-text progress and validation lines in the run's log file.
 * :class:`CompareWithBicubic`: the quickstart's closing comparison with MATLAB bicubic.
 * :class:`RichProgressBar`: Lightning's, reading the shown metrics from the device every few steps.
+* :class:`CudnnAutotune`: cuDNN's autotuner for the fixed-size training steps only.
 """
 
 from __future__ import annotations
@@ -216,6 +217,50 @@ class GracefulStop(Callback):
         saved = last is not None and last.save(trainer, f"received {name}")
         previous = self._previous.get(signum) if signum == self.requeue_signum else None
         raise RunStopped(signum, str(last.path) if saved else None, previous if callable(previous) else None)
+
+
+# ---------------------------------------------------------------------------------------------- speed
+
+
+class CudnnAutotune(Callback):
+    """Let cuDNN time its convolution algorithms (``torch.backends.cudnn.benchmark``) while training,
+    and keep its heuristics for validation and test.
+
+    Training batches all have one shape (fixed-size patches), so the autotuner times each convolution
+    once and every later step runs the fastest algorithm; on the H200 the heuristics' float32 (TF32)
+    backward convolutions ran at about a third of the GPU's peak (docs/benchmarks.md). Validation and
+    test images differ in size: there every new shape would be timed again, at the cost of time and of
+    the large workspaces some candidates allocate. Lightning's ``Trainer(benchmark=True)`` switches the
+    autotuner on for everything; this callback only around the training batches, and restores the
+    setting it found when training ends or fails. No effect without cuDNN (CPU runs).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._outside_training: bool | None = None  # the setting found when training started
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._outside_training = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._outside_training is not None:  # validation inside fit: heuristics for whole images
+            torch.backends.cudnn.benchmark = self._outside_training
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._outside_training is not None:
+            torch.backends.cudnn.benchmark = True
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._outside_training is not None:
+            torch.backends.cudnn.benchmark = self._outside_training
+            self._outside_training = None
 
 
 # ------------------------------------------------------------------------------------ images and logs

@@ -4,7 +4,8 @@ The step is the paper's (x2, batch 16, 48x48 LR patches, L1 loss, Adam): forward
 optimizer update. Cases:
 
 * ``project``: this project's training step as it runs in ``train.py``: SRModule inside a Lightning
-  Trainer (skip rule decided on the device, fused Adam), on batches already on the device;
+  Trainer (skip rule decided on the device, fused Adam, cuDNN's autotuner for the training steps as in
+  the paper recipes: ``--cudnn-autotune off`` keeps cuDNN's heuristics), on batches already on the device;
 * ``project-compiled``: the same with ``module.compile`` (torch.compile, mode ``--compile-mode``);
 * ``published``: the authors' DLSN (``--published-src``: the ``src/`` folder of a checkout of
   laoyangui/DLSN; CUDA only, it calls ``.cuda()``) in a plain loop with torch's default Adam, as
@@ -74,6 +75,7 @@ def window_times(step_times: list[float], window: int) -> list[float]:
 def time_project(args: argparse.Namespace, device: torch.device, precision: str, compiled: bool) -> dict[str, Any]:
     import lightning as L
 
+    from dlsn.callbacks import CudnnAutotune
     from dlsn.lightning_module import SRModule
     from dlsn.models import DLSN
 
@@ -101,7 +103,8 @@ def time_project(args: argparse.Namespace, device: torch.device, precision: str,
 
     trainer = L.Trainer(accelerator=device.type, devices=1, precision=precision, max_steps=total, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Stamp()])
+                        num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=[Stamp()] + ([CudnnAutotune()] if args.cudnn_autotune == "on" else []))
     reset_peak(device)
     started = time.perf_counter()
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(Loader(), batch_size=None))
@@ -187,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=2, help="steps per timed window")
     parser.add_argument("--matmul-precision", default=None, choices=["highest", "high", "medium"],
                         help="torch.set_float32_matmul_precision for every case (high: TF32 matrix products)")
+    parser.add_argument("--cudnn-autotune", default="on", choices=["on", "off"],
+                        help="this project's cases: cuDNN's autotuner for the training steps (on: as the paper "
+                             "recipes' dlsn.callbacks.CudnnAutotune) or its heuristics; the published code "
+                             "runs as its trainer does (heuristics)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -213,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 continue
             result |= {"case": case, "precision": precision, "device": str(device),
-                       "matmul_precision": torch.get_float32_matmul_precision()}
+                       "matmul_precision": torch.get_float32_matmul_precision(),
+                       "cudnn_autotune": case != "published" and args.cudnn_autotune == "on"}
             results.append(result)
             if args.json:  # after every case: a run cut short keeps what it measured
                 Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

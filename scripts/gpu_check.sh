@@ -24,6 +24,8 @@
 #   gla_targets.{txt,json}  scripts/benchmark_gla.py --targets: issue 9's model-level rows for the
 #                       published layout, the reference and the fused implementation, float32 with
 #                       TF32 matrix products on all three; gla_targets_bf16.*: the same under bf16 autocast
+#   train_step_heuristics.{txt,json}   the eager training step of this project with cuDNN's heuristics
+#                       instead of its autotuner (what dlsn.callbacks.CudnnAutotune gains)
 #   precision.{txt,json}    scripts/benchmark_precision.py: training step float32 vs bf16-mixed
 #                       (throughput, peak memory) and validation PSNR after a short run
 #   summary.md          the markdown table printed at the end (scripts/gpu_check_summary.py)
@@ -83,7 +85,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 status=0
 # Seconds each step may take at most on an H100/H200 (compilation included); the budget may leave less.
-declare -A STEP_CAP_S=([check]=150 [train_step]=330 [gla_targets]=90 [gla_targets_bf16]=90 [precision]=300)
+declare -A STEP_CAP_S=([check]=150 [train_step]=330 [gla_targets]=90 [gla_targets_bf16]=90 [train_step_heuristics]=60
+                        [precision]=300)
 if [[ $device == cuda ]]; then
     budget=${GPU_CHECK_BUDGET_S:-540}
 else  # the rehearsal's toy sizes on a slow CPU: no caps
@@ -126,6 +129,9 @@ step gla_targets python3 scripts/benchmark_gla.py --device $device --targets --r
     --matmul-precision high --json "$OUT/gla_targets.json" --markdown "${toy_gla[@]}"
 step gla_targets_bf16 python3 scripts/benchmark_gla.py --device $device --targets --repeats 10 --warmup 3 \
     --precision bf16 --json "$OUT/gla_targets_bf16.json" --markdown "${toy_gla[@]}"
+# What cuDNN's autotuner (on in train_step, as in the paper recipes) gains over its heuristics: eager steps.
+step train_step_heuristics python3 scripts/benchmark_train_step.py --device $device --cases project --warmup 4 \
+    --steps 12 --matmul-precision high --cudnn-autotune off --json "$OUT/train_step_heuristics.json" "${toy_train_step[@]}"
 step precision python3 scripts/benchmark_precision.py --device $device --train-steps 200 \
     --json "$OUT/precision.json" --run-dir /tmp/precision_runs "${toy_precision[@]}"
 

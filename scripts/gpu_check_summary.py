@@ -3,7 +3,8 @@
     python scripts/gpu_check_summary.py RESULTS_DIR
 
 Reads ``check.json`` (scripts/check_fused_gla.py), ``train_step.json`` (scripts/benchmark_train_step.py:
-the paper training step, eager and compiled, against the published code), ``gla_targets.json`` and ``gla_targets_bf16.json``
+the paper training step, eager and compiled, against the published code; ``train_step_heuristics.json``: the
+eager step with cuDNN's heuristics instead of its autotuner), ``gla_targets.json`` and ``gla_targets_bf16.json``
 (scripts/benchmark_gla.py --targets in float32 and under bf16 autocast) and ``precision.json``
 (scripts/benchmark_precision.py), whichever exist, and prints one table: the correctness checks,
 then issue 9's model-level targets (published layout, reference and fused implementation, the fused
@@ -116,6 +117,21 @@ def train_step_rows(results: list | None) -> list[str]:
     return rows
 
 
+def autotune_rows(autotuned: list | None, heuristics: list | None) -> list[str]:
+    """The eager step with cuDNN's autotuner (train_step.json, as the paper recipes) and with its heuristics."""
+    if heuristics is None:
+        return ["| eager step, cuDNN heuristics (train_step_heuristics.json) | | | | | | MISSING |"]
+    rows = []
+    for without in heuristics:
+        tuned = next((r for r in autotuned or [] if r["case"] == without["case"]
+                      and r["precision"] == without["precision"] and r.get("cudnn_autotune")), None)
+        gain = f"autotuner {without['step_s'] / tuned['step_s']:.2f}x faster" if tuned else "—"
+        tuned_shown = f"{1000 * tuned['step_s']:.1f} ms (autotuned)" if tuned else "—"
+        rows.append(f"| eager step, {without['precision']}: cuDNN heuristics vs autotuner | | "
+                    f"{1000 * without['step_s']:.1f} ms (heuristics) | {tuned_shown} | {gain} | | (information) |")
+    return rows
+
+
 def main(folder: Path) -> None:
     rows = ["| what | published | reference | fused | fused vs published | target | status |",
             "|---|---|---|---|---|---|---|"]
@@ -126,9 +142,12 @@ def main(folder: Path) -> None:
     if check is None:
         rows.append("| checks (check.json) | | | | | correct | MISSING |")
 
-    rows += train_step_rows(load(folder, "train_step.json"))
+    train_step = load(folder, "train_step.json")
+    rows += train_step_rows(train_step)
     for file_name, judging in (("gla_targets.json", True), ("gla_targets_bf16.json", False)):
         rows += target_rows(load(folder, file_name), file_name, judging)
+
+    rows += autotune_rows(train_step, load(folder, "train_step_heuristics.json"))
 
     precision = load(folder, "precision.json")
     for name, numbers in (precision or {}).get("throughput", {}).items():

@@ -77,6 +77,7 @@ def test_experiment_composes_validates_and_instantiates(experiment, tmp_path):
     assert (cfg.data.patch_size, cfg.data.batch_size, cfg.data.iters_per_epoch) == (48, 16, 1000)
     module = hydra.utils.instantiate(cfg.module, net, network_config(cfg.model), _convert_="all")
     assert module.compile_options["enabled"] == "auto"  # compiled on CUDA
+    assert cfg.callbacks.cudnn_autotune._target_ == "dlsn.callbacks.CudnnAutotune"
     if experiment == "dlsn_x2":
         assert cfg.trainer.max_epochs == 1500 and cfg.init_from is None
     else:  # fine-tuned from x2

@@ -20,7 +20,7 @@ from tests.helpers.runs import PROJECT_ROOT
 SCRIPT = PROJECT_ROOT / "scripts" / "gpu_check.sh"
 
 
-STEPS = ("check", "train_step", "gla_targets", "gla_targets_bf16", "precision")
+STEPS = ("check", "train_step", "gla_targets", "gla_targets_bf16", "train_step_heuristics", "precision")
 
 
 def rehearse(out: Path, **variables: str) -> subprocess.CompletedProcess:
@@ -54,9 +54,15 @@ def test_rehearsal_runs_every_step_and_fills_the_summary(tmp_path):
     step_rows = [row for row in rows if row.startswith("| training step x2")]
     assert len(step_rows) == 2 and all("(eager)" in row and "ms (compiled)" in row for row in step_rows)
     assert sum(row.startswith("| val PSNR") for row in rows) == 2
+    # the eager step with cuDNN's heuristics next to the same step autotuned (the paper recipes' setting)
+    autotune = [row for row in rows if row.startswith("| eager step, ") and "heuristics vs autotuner" in row]
+    assert len(autotune) == 2 and all("ms (autotuned)" in row and "x faster" in row for row in autotune), autotune
+    heuristics = json.loads((out / "train_step_heuristics.json").read_text())
+    assert [(r["case"], r["cudnn_autotune"]) for r in heuristics] == [("project", False)] * 2
 
     compiled = [r for r in json.loads((out / "train_step.json").read_text()) if r["case"] == "project-compiled"]
     assert {r["precision"] for r in compiled} == {"bf16-mixed", "32-true"}
+    assert all(r["cudnn_autotune"] for r in compiled)
 
 
 @pytest.mark.slow

@@ -255,6 +255,53 @@ def test_cpu_inference_in_blocks_of_chunks_gives_the_same_output(monkeypatch, ba
     assert block_sizes == [batch * 24] * 2
 
 
+
+def peak_live_bytes(function) -> int:
+    """Largest number of bytes of tensors created by ``function`` alive at once (the profiler's memory
+    timeline on the CPU; what ``torch.cuda.max_memory_allocated`` measures on a GPU)."""
+    import json
+    import tempfile
+    import warnings
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        function()
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a CUDA-only recorder
+        path = Path(folder) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    return max(map(sum, sizes)) - sum(sizes[0])  # the first sample: what existed before
+
+
+def test_inference_frees_the_embeddings_before_mixing_the_rounds(monkeypatch):
+    """The fused path's inference peak (whole images on a GPU: issue 9's 360x360 memory target), on the CPU.
+
+    The kernel is replaced by a stand-in that allocates exactly its outputs (attended values of every
+    round, [N, T, L, C] float32, and confidences): the kernel itself allocates nothing else. In units of
+    the input's size M, here 6.1 M: the embeddings (about 3 M) and the kernel's output (3 M) are alive
+    together. The rounds' mixing (weighted sum and layer output, 2 M) must come after the embeddings
+    are freed: before the fix it came with them, 8.2 M."""
+    def kernel_outputs(queries, keys, learned_score, values, order, inverse, fallback=False):
+        batch, rounds, length = inverse.shape
+        return (values.new_zeros(batch, rounds, length, values.shape[-1], dtype=torch.float32),
+                values.new_zeros(batch, rounds, length, dtype=torch.float32))
+
+    monkeypatch.setattr(gla_module.fused, "chunk_attention", kernel_outputs)
+    monkeypatch.setattr(GLA, "_uses_fused_kernel", lambda self, value: True)
+    torch.manual_seed(0)
+    # The paper layer's proportions at 360x360 (C=256, k=128, 128 buckets): learned scores k/C = 0.5 M,
+    # hash projections 3 x buckets / C = 1.5 M, and a map much larger than the weights.
+    layer = GLA(128, chunk_size=64, n_hashes=3).eval()  # 64x64: 64 chunks, 64 buckets
+    layer.rotation_seed = 0
+    x = torch.randn(1, 128, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        peak = peak_live_bytes(lambda: layer(x))
+    assert peak <= 6.5 * x.numel() * x.element_size(), peak / (x.numel() * x.element_size())
+
+
 # ------------------------------------------------------------------ rotations drawn on the device
 
 @pytest.mark.parametrize("dim, n_buckets", [(8, 8), (64, 18), (16, 46), (64, 128), (4, 1)])

@@ -216,3 +216,36 @@ def test_skipped_steps_are_logged_as_nan_not_as_the_last_loss():
     assert math.isfinite(logged[0]) and math.isnan(logged[1]) and math.isfinite(logged[2])
     # The epoch mean counts the accepted batches only.
     assert float(trainer.callback_metrics["train/loss_epoch"]) == pytest.approx((logged[0] + logged[2]) / 2)
+
+
+class RecordCudnnBenchmark(L.Callback):
+    """``torch.backends.cudnn.benchmark`` as each training and validation batch saw it."""
+
+    def __init__(self, fail_at_step=None):
+        self.seen, self.fail_at_step = [], fail_at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(("train", torch.backends.cudnn.benchmark))
+        if trainer.global_step == self.fail_at_step:
+            raise RuntimeError("stop here")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.seen.append(("val", torch.backends.cudnn.benchmark))
+
+
+@pytest.mark.parametrize("fail_at_step", [None, 3])
+def test_cudnn_autotune_is_on_for_training_batches_only_and_restored(monkeypatch, fail_at_step):
+    from dlsn.callbacks import CudnnAutotune
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    record = RecordCudnnBenchmark(fail_at_step)
+    module = SRModule(ToyNet(), scale=2, optimizer=adam())
+    data = ToyData([batch(0.5)] * 4)
+    if fail_at_step is None:  # two epochs: validation in between, training again after it
+        fit(module, data, max_epochs=2, callbacks=[CudnnAutotune(), record])
+        assert record.seen == ([("train", True)] * 4 + [("val", False)] * 4) * 2
+    else:
+        with pytest.raises(RuntimeError, match="stop here"):
+            fit(module, data, max_epochs=2, callbacks=[CudnnAutotune(), record])
+        assert record.seen[-1] == ("train", True)
+    assert torch.backends.cudnn.benchmark is False  # as it was before fit

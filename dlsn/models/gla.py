@@ -468,8 +468,10 @@ class GLA(nn.Module):
             round_confidences.append(confidence.gather(1, inverse[:, hash_round]))
         return round_outputs, round_confidences
 
-    def forward(self, x: torch.Tensor, rotations: torch.Tensor | None = None) -> torch.Tensor:
-        batch, channels, height, width = x.shape
+    def _attention_rounds(self, x: torch.Tensor, rotations: torch.Tensor | None):
+        """Embeddings, hashing and chunk attention: per round, the attended values ``[N, L, C]`` and the
+        confidences ``[N, L]`` in image order (float32, or the reference's compute precision)."""
+        batch, _, height, width = x.shape
         length = height * width
         chunk = min(self.chunk_size, length)
         rotations = self._rotations(number_of_buckets(length, self.chunk_size), rotations, x.device)
@@ -488,11 +490,14 @@ class GLA(nn.Module):
                 match.to(value.dtype), keys.to(value.dtype), learned_score, value, order, inverse,
                 fallback=self.attention_impl == "auto",
             )
-            round_outputs, round_confidences = attended.unbind(1), confidence.unbind(1)
-        else:
-            round_outputs, round_confidences = self._reference_rounds(
-                match, keys, learned_score, value, order, inverse
-            )
+            return attended.unbind(1), confidence.unbind(1)
+        return self._reference_rounds(match, keys, learned_score, value, order, inverse)
+
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor | None = None) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        # The embeddings (three feature maps' worth) die with _attention_rounds' frame: without
+        # autograd (inference) they are freed before the rounds are mixed, which sets the peak memory.
+        round_outputs, round_confidences = self._attention_rounds(x, rotations)
 
         # Mix rounds per position by the softmax of their log-sum-exp confidences.
         round_weights = torch.softmax(torch.stack(round_confidences), dim=0)
