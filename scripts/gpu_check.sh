@@ -26,6 +26,8 @@
 #                       TF32 matrix products on all three; gla_targets_bf16.*: the same under bf16 autocast
 #   train_step_heuristics.{txt,json}   the eager training step of this project with cuDNN's heuristics
 #                       instead of its autotuner (what dlsn.callbacks.CudnnAutotune gains)
+#   gla_batch1_profile.txt   scripts/profile_train_step.py --sections gla_batch1: where the batch-1 GLA rows
+#                       spend host and device time, this project against the published layout
 #   precision.{txt,json}    scripts/benchmark_precision.py: training step float32 vs bf16-mixed
 #                       (throughput, peak memory) and validation PSNR after a short run
 #   summary.md          the markdown table printed at the end (scripts/gpu_check_summary.py)
@@ -61,13 +63,14 @@ OUT="${OUT:?set OUT to the folder for the results}"
 # Toy sizes for --rehearse, appended after the real options (argparse keeps the last value), so that the
 # rehearsal runs the very command lines of the GPU run.
 device=cuda
-toy_check=() toy_train_step=() toy_gla=() toy_precision=()
+toy_check=() toy_train_step=() toy_gla=() toy_profile=() toy_precision=()
 if [[ "${1:-}" == "--rehearse" ]]; then
     device=cpu
     toy_check=(--small)
     toy_train_step=(--n-feats 8 --n-resgroups 1 --n-resblocks 1 --chunk-size 16 --n-hashes 1 --batch 2 --patch 12
                     --warmup 1 --steps 4)
     toy_gla=(--smoke --repeats 1 --warmup 0)
+    toy_profile=(--device cpu --small)
     toy_precision=(--model small --batch 2 --patch 16 --warmup 1 --steps 2 --train-steps 4
                    --run-dir "$OUT/precision_runs")
 elif [[ -n "${1:-}" ]]; then
@@ -86,7 +89,7 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 status=0
 # Seconds each step may take at most on an H100/H200 (compilation included); the budget may leave less.
 declare -A STEP_CAP_S=([check]=150 [train_step]=330 [gla_targets]=90 [gla_targets_bf16]=90 [train_step_heuristics]=60
-                        [precision]=300)
+                        [gla_batch1_profile]=60 [precision]=300)
 if [[ $device == cuda ]]; then
     budget=${GPU_CHECK_BUDGET_S:-540}
 else  # the rehearsal's toy sizes on a slow CPU: no caps
@@ -132,6 +135,8 @@ step gla_targets_bf16 python3 scripts/benchmark_gla.py --device $device --target
 # What cuDNN's autotuner (on in train_step, as in the paper recipes) gains over its heuristics: eager steps.
 step train_step_heuristics python3 scripts/benchmark_train_step.py --device $device --cases project --warmup 4 \
     --steps 12 --matmul-precision high --cudnn-autotune off --json "$OUT/train_step_heuristics.json" "${toy_train_step[@]}"
+# Why the batch-1 GLA rows are slow: host time, kernel launches and the profiler's tables.
+step gla_batch1_profile python3 scripts/profile_train_step.py --sections gla_batch1 "${toy_profile[@]}"
 step precision python3 scripts/benchmark_precision.py --device $device --train-steps 200 \
     --json "$OUT/precision.json" --run-dir /tmp/precision_runs "${toy_precision[@]}"
 

@@ -11,6 +11,11 @@ Sections (``--sections``), each printed as soon as it is done:
   operations and kernels with the most self device time over ``--profile-steps`` steps;
 * ``gla``: one GLA layer (C=256, k=128, 3 hashes) forward+backward at batch 16, 48x48, the same two
   precisions: median time and profiler table;
+* ``gla_batch1``: GLA forward+backward at batch 1, 48x48 and 96x96, float32 with TF32 (issue 9's
+  launch-bound rows), this project's layer (``attention_impl=auto``: the fused kernel on a GPU; training
+  mode: rotations drawn on the GPU) against the published layout of ``scripts/benchmark_gla.py``: median
+  time, the host's time to issue one step, kernel launches per step, and the profiler's operations with
+  the most host time and with the most device time;
 * ``tune``: every launch configuration of ``--rows-options``, ``--warps``, ``--stages`` (and the
   forward's value-channel block, ``--channel-blocks``) for each of the fused kernel's three kernels at the training size, in bf16
   and float32 (TF32): median milliseconds per launch, best first; ``--json`` writes them. The
@@ -24,7 +29,9 @@ import contextlib
 import itertools
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +127,59 @@ def section_gla(args, device) -> None:
         print(profile_table(step, device, args.profile_steps, args.rows), flush=True)
 
 
+def host_ms(run, device: torch.device, repeats: int) -> float:
+    """Median time to issue one ``run`` (the device idle before each): what a launch-bound step costs."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    synchronize(device)
+    return statistics.median(times) * 1e3
+
+
+def kernels_per_step(run, device: torch.device, steps: int) -> tuple[float, str]:
+    """Kernel launches per ``run`` and the profiler's tables of the operations with the most host time and
+    (on CUDA) the most device time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            run()
+        synchronize(device)
+    events = profiler.events()
+    launches = sum(event.device_type == torch.autograd.DeviceType.CUDA for event in events) / steps
+    averages = profiler.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70)]
+    if device.type == "cuda":
+        tables.append(averages.table(sort_by=SORT_KEY, row_limit=15, max_name_column_width=70))
+    return launches, "\n".join(tables)
+
+
+def section_gla_batch1(args, device) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark_gla import published_layout_forward
+
+    torch.manual_seed(0)
+    layer = GLA(args.channels, chunk_size=args.chunk, n_hashes=3, reduction=4).to(device)
+    for size in args.batch1_sizes:
+        x = torch.randn(1, args.channels, size, size, device=device, requires_grad=True)
+        for name, forward in (("this project", layer),
+                              ("published layout", lambda t: published_layout_forward(layer, t))):
+            def step():
+                forward(x).square().mean().backward()
+
+            milliseconds = median_ms(step, device, args.warmup, args.repeats)
+            issue = host_ms(step, device, args.repeats)
+            launches, table = kernels_per_step(step, device, args.profile_steps)
+            print(f"\n## GLA forward+backward, batch 1, {size}x{size}, float32 (TF32), {name}: {milliseconds:.2f} ms "
+                  f"(median of {args.repeats}); host {issue:.2f} ms to issue a step; {launches:.0f} kernels per step",
+                  flush=True)
+            print(table, flush=True)
+
+
 def kernel_inputs(args, device, dtype):
     generator = torch.Generator().manual_seed(0)
     length, qk_dim = args.patch * args.patch, args.channels // 4
@@ -196,7 +256,8 @@ def section_tune(args, device) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sections", nargs="+", default=["gla", "step", "tune"], choices=["step", "gla", "tune"])
+    parser.add_argument("--sections", nargs="+", default=["gla", "step", "gla_batch1", "tune"],
+                        choices=["step", "gla", "gla_batch1", "tune"])
     parser.add_argument("--small", action="store_true", help="toy sizes (a CPU smoke test)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
@@ -215,11 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.set_float32_matmul_precision("high")  # as train.py's paper recipes: TF32 matrix products
     if args.small:
-        args.__dict__.update(channels=16, chunk=8, groups=1, blocks=1, batch=2, patch=6, warmup=1, repeats=2,
+        args.__dict__.update(channels=16, chunk=8, groups=1, blocks=1, batch=2, patch=6, batch1_sizes=[6], warmup=1, repeats=2,
                              profile_steps=1, rows_options=[8, 16], warps=[4], stages=[1], channel_blocks=[16],
                              tune_repeats=1)
     else:
-        args.__dict__.update(channels=256, chunk=128, groups=10, blocks=4, batch=16, patch=48)
+        args.__dict__.update(channels=256, chunk=128, groups=10, blocks=4, batch=16, patch=48, batch1_sizes=[48, 96])
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
     results = []
@@ -237,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 with open(args.json, "w") as file:
                     json.dump(results, file, indent=1)
         else:
-            {"step": section_step, "gla": section_gla}[section](args, device)
+            {"step": section_step, "gla": section_gla, "gla_batch1": section_gla_batch1}[section](args, device)
         print(f"({section}: {time.perf_counter() - started:.0f} s)", flush=True)
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,14 @@ def test_sections_run_and_the_sweep_restores_the_launch_configurations(tmp_path,
         pytest.skip("triton is not importable")
     configs, channel_blocks = copy.deepcopy(fused.LAUNCH_CONFIGS), dict(fused.FORWARD_CHANNEL_BLOCK)
     script = load_script()
-    assert script.main(["--device", "cpu", "--small", "--sections", "gla", "tune",
+    assert script.main(["--device", "cpu", "--small", "--sections", "gla", "gla_batch1", "tune",
                         "--json", str(tmp_path / "tune.json")]) == 0
     printed = capsys.readouterr().out
     assert "## GLA forward+backward, batch 2, 6x6, bf16-mixed" in printed
     assert "## GLA forward+backward, batch 2, 6x6, 32-true (TF32)" in printed
+    for name in ("this project", "published layout"):  # batch 1: host time and launches per step
+        assert re.search(rf"## GLA forward\+backward, batch 1, 6x6, float32 \(TF32\), {re.escape(name)}: [\d.]+ ms "
+                         r"\(median of 2\); host [\d.]+ ms to issue a step; \d+ kernels per step", printed), name
     swept = json.loads((tmp_path / "tune.json").read_text())
     # --small: rows 8 and 16, one warp count, one stage count, one channel block; three kernels, two dtypes
     assert sorted((r["dtype"], r["kernel"], r["rows"]) for r in swept) == sorted(
