@@ -5,7 +5,8 @@
 #                                    # an offline GPU image may lack (Hydra, OmegaConf) into .whl/, and
 #                                    # the authors' code (laoyangui/DLSN; or DLSN_MIRROR=<a clone>) into
 #                                    # .published/DLSN (git-ignored: carry it, never commit it)
-#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; 6 minutes on an H200 (2026-11-27)
+#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; 6 minutes on an H200 (2026-11-27,
+#                                    # before train_step_heuristics and gla_batch1_profile: ~1 min more)
 #   OUT=/tmp/rehearsal scripts/gpu_check.sh --rehearse   # the same steps on the CPU at toy sizes (a few
 #                                    # minutes): every command line still matches its script and every
 #                                    # output reaches summary.md; measures nothing (tests/test_gpu_check.py)
