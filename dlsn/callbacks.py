@@ -232,7 +232,9 @@ class CudnnAutotune(Callback):
     test images differ in size: there every new shape would be timed again, at the cost of time and of
     the large workspaces some candidates allocate. Lightning's ``Trainer(benchmark=True)`` switches the
     autotuner on for everything; this callback only around the training batches, and restores the
-    setting it found when training ends or fails. No effect without cuDNN (CPU runs).
+    setting it found when training ends or fails. No effect without cuDNN (CPU runs), and none with
+    ``trainer.deterministic=true``: the autotuner's choice can differ between runs, and with it the
+    rounding, so bit-exact reruns keep the heuristics.
     """
 
     def __init__(self) -> None:
@@ -240,6 +242,9 @@ class CudnnAutotune(Callback):
         self._outside_training: bool | None = None  # the setting found when training started
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if torch.are_deterministic_algorithms_enabled():
+            log.info("CudnnAutotune: deterministic algorithms requested, cuDNN keeps its heuristics")
+            return
         self._outside_training = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = True
 

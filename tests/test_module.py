@@ -249,3 +249,18 @@ def test_cudnn_autotune_is_on_for_training_batches_only_and_restored(monkeypatch
             fit(module, data, max_epochs=2, callbacks=[CudnnAutotune(), record])
         assert record.seen[-1] == ("train", True)
     assert torch.backends.cudnn.benchmark is False  # as it was before fit
+
+
+def test_cudnn_autotune_stays_off_for_deterministic_runs(monkeypatch):
+    from dlsn.callbacks import CudnnAutotune
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what Lightning sets: restored afterwards
+    record = RecordCudnnBenchmark()
+    try:
+        fit(SRModule(ToyNet(), scale=2, optimizer=adam()), ToyData([batch(0.5)] * 2), deterministic=True,
+            callbacks=[CudnnAutotune(), record])
+    finally:
+        torch.use_deterministic_algorithms(False)  # Lightning sets it process-wide
+    assert record.seen == [("train", False)] * 2 + [("val", False)] * 4
+    assert torch.backends.cudnn.benchmark is False
