@@ -24,6 +24,12 @@ batch 1 48x48 and 96x96 and batch 16 96x96, and the paper DLSN (x2) forward of o
 implementation (``--impls`` to change).
 ``--baseline`` (implementation ``published``) runs the same computation the way the published code lays
 it out (the MLP on every gathered key copy, adjacent chunks concatenated for every tensor).
+``--published-src DIR`` (the ``src/`` folder of a laoyangui/DLSN checkout, as ``scripts/gpu_check.sh --fetch``
+brings it) adds implementation ``authors``: the authors' own GLA layer and DLSN network, as published
+(random rotations drawn on the CPU and copied to the GPU on every call, as their code does). It is what
+issue 9's targets compare with; their code calls ``.cuda()``, so on the CPU (``--smoke`` rehearsals)
+``.cuda()`` is made a no-op in that case's process. Their weights are their own random initialisation:
+time and memory do not depend on the weights' values.
 ``--breakdown`` profiles the case once more and splits its time into convolutions, matrix products
 (the arithmetic every implementation of the same math must do) and everything else.
 """
@@ -46,7 +52,7 @@ from dlsn.models import DLSN, GLA
 from dlsn.models.allocator import keep_freed_memory
 from dlsn.models.gla import KEY_NORM_EPS, draw_rotations, gla_layers, number_of_buckets
 
-IMPLS = ("published", "reference", "fused")
+IMPLS = ("published", "reference", "fused", "authors")
 TARGET_CASES = [  # issue 9, model-level rows
     dict(kind="gla_forward_backward", size=48, batch=1),
     dict(kind="gla_forward_backward", size=96, batch=1),
@@ -103,7 +109,24 @@ def published_layout_forward(layer: GLA, x: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_impl(case: dict) -> str:
-    return "reference" if case["impl"] == "published" else case["impl"]
+    return "reference" if case["impl"] in ("published", "authors") else case["impl"]
+
+
+def authors_model(case: dict, widths: dict, device: torch.device) -> torch.nn.Module:
+    """The authors' GLA layer (gla_* kinds) or DLSN x2 (dlsn_* kinds) from ``case["published_src"]``."""
+    from benchmark_train_step import import_published, published_network
+
+    if device.type != "cuda":  # their code moves tensors with .cuda(): keep them where they are
+        torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
+    torch.manual_seed(0)
+    if case["kind"].startswith("dlsn_"):
+        paper = dict(n_feats=256, n_resgroups=10, n_resblocks=4, chunk_size=128, n_hashes=3)
+        config = dict(paper | widths["dlsn"], reduction=4, res_scale=0.1)
+        return published_network(case["published_src"], config).to(device)
+    model = import_published(case["published_src"])
+    gla = widths["gla"]
+    return model.attention.GLA(n_hashes=gla["n_hashes"], channels=gla["channels"], reduction=4,
+                               chunk_size=gla["chunk_size"]).to(device)
 
 
 def run_case(case: dict) -> dict:
@@ -114,7 +137,9 @@ def run_case(case: dict) -> dict:
     torch.manual_seed(0)
     # --smoke: a toy network and toy inputs of the same kinds (checks the script, measures nothing).
     widths = SMOKE_WIDTHS if case.get("smoke") else PAPER_WIDTHS
-    if case["kind"].startswith("dlsn_"):
+    if case["kind"].startswith("dlsn_") and case["impl"] == "authors":
+        model = authors_model(case, widths, device)
+    elif case["kind"].startswith("dlsn_"):
         model = DLSN(scale=2, attention_impl=_attention_impl(case), **widths["dlsn"]).to(device)
         if case["impl"] == "published":  # every GLA computed in the published layout
             for layer in gla_layers(model):
@@ -127,7 +152,7 @@ def run_case(case: dict) -> dict:
                 model(lr)
     elif case["kind"] == "dlsn_train_step":
         # Fused Adam as configs/optim/adam.yaml trains; torch's default Adam (as published) for the baseline.
-        published = case["impl"] == "published"
+        published = case["impl"] in ("published", "authors")
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=None if published else True)
         lr = torch.rand(case["batch"], 3, case["size"], case["size"], device=device)
         hr = torch.rand(case["batch"], 3, 2 * case["size"], 2 * case["size"], device=device)
@@ -139,6 +164,8 @@ def run_case(case: dict) -> dict:
     else:
         layer = GLA(**widths["gla"], attention_impl=_attention_impl(case)).to(device)
         forward = (lambda t: published_layout_forward(layer, t)) if case["impl"] == "published" else layer
+        if case["impl"] == "authors":
+            forward = authors_model(case, widths, device)
         x = torch.randn(case["batch"], layer.channels, case["size"], case["size"], device=device)
         if case["kind"] == "gla_forward":
             def step():
@@ -241,8 +268,17 @@ def run_in_process(case: dict) -> dict:
 
 
 def markdown_table(results: list[dict], memory_label: str) -> str:
-    """One row per case and implementation, with the ratio to the published layout's time and memory."""
-    published = {(r["kind"], r["size"], r["batch"], r["precision"]): r for r in results if r["impl"] == "published"}
+    """One row per case and implementation, with the ratios to the published code's time and memory: the
+    authors' own code where it was measured, else the published layout."""
+    def baseline_of(r):
+        key = (r["kind"], r["size"], r["batch"], r["precision"])
+        for impl in ("authors", "published"):
+            base = next((b for b in results if b["impl"] == impl and (b["kind"], b["size"], b["batch"],
+                                                                       b["precision"]) == key), None)
+            if base and "error" not in base:
+                return base
+        return None
+
     lines = [f"| case | implementation | median ms | {memory_label} | speed vs published | memory vs published |",
              "|---|---|---|---|---|---|"]
     for r in results:
@@ -251,10 +287,10 @@ def markdown_table(results: list[dict], memory_label: str) -> str:
         if "error" in r:
             lines.append(f"| {name} | {r['impl']} | error: {r['error']} | | | |")
             continue
-        base = published.get((r["kind"], r["size"], r["batch"], r["precision"]))
+        base = baseline_of(r)
         speed = memory = ""
-        if base and "error" not in base and r["impl"] != "published":
-            speed = f"{base['median_s'] / r['median_s']:.2f}x"
+        if base and base is not r:
+            speed = f"{base['median_s'] / r['median_s']:.2f}x vs {base['impl']}"
             memory = f"{r['peak_mb'] / base['peak_mb']:.2f}x" if base["peak_mb"] > 0 else ""
         lines.append(f"| {name} | {r['impl']} | {1000 * r['median_s']:.1f} | {r['peak_mb']:.0f} | {speed} | {memory} |")
     return "\n".join(lines)
@@ -270,6 +306,8 @@ def main() -> None:
                         help="implementations to time (default: reference; with --targets all three)")
     parser.add_argument("--baseline", action="store_true", help="also time the published layout")
     parser.add_argument("--targets", action="store_true", help="issue 9's model-level cases instead")
+    parser.add_argument("--published-src", default=None,
+                        help="src/ of a laoyangui/DLSN checkout: adds implementation 'authors' (their own code)")
     parser.add_argument("--smoke", action="store_true",
                         help="toy widths and sizes (C=16, k=8, sides / 16, batch <= 2): checks the script on any "
                              "device in seconds, measures nothing")
@@ -294,9 +332,13 @@ def main() -> None:
         print(json.dumps(run_case(json.loads(args.case))))
         return
 
-    impls = args.impls or (list(IMPLS) if args.targets else ["reference"])
+    impls = args.impls or (["published", "reference", "fused"] if args.targets else ["reference"])
     if args.baseline and "published" not in impls:
         impls = ["published", *impls]
+    if args.published_src and "authors" not in impls:
+        impls = ["authors", *impls]
+    if "authors" in impls and not args.published_src:
+        parser.error("implementation 'authors' needs --published-src (the src/ folder of laoyangui/DLSN)")
     cases = []
     for impl in impls:
         if args.targets:
@@ -316,7 +358,7 @@ def main() -> None:
             case.update(smoke=True, paper_size=case["size"], paper_batch=case["batch"],
                         size=max(4, case["size"] // 16), batch=min(case["batch"], 2))
     for case in cases:
-        case.update(device=args.device, warmup=args.warmup, precision=args.precision,
+        case.update(device=args.device, warmup=args.warmup, precision=args.precision, published_src=args.published_src,
                     matmul_precision=args.matmul_precision,
                     keep_freed_memory=args.keep_freed_memory, breakdown=args.breakdown)
     if args.list:

@@ -118,12 +118,13 @@ def time_project(args: argparse.Namespace, device: torch.device, precision: str,
 # -------------------------------------------------------------------------------------- published
 
 
-def published_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    """The authors' DLSN from ``--published-src`` (their argparse options as a namespace)."""
-    source = Path(args.published_src).resolve()
+def import_published(published_src: str | Path) -> types.ModuleType:
+    """The authors' ``model`` package from the ``src/`` folder of a laoyangui/DLSN checkout."""
+    source = Path(published_src).resolve()
     if not (source / "model" / "dlsn.py").is_file():
         raise SystemExit(f"--published-src {source}: expected the src/ folder of laoyangui/DLSN (model/dlsn.py)")
-    sys.path.insert(0, str(source))
+    if str(source) not in sys.path:
+        sys.path.insert(0, str(source))
     if "matplotlib" not in sys.modules:  # their model module imports pyplot only to set a backend
         with contextlib.suppress(ImportError):
             import matplotlib  # noqa: F401
@@ -131,15 +132,26 @@ def published_model(args: argparse.Namespace, device: torch.device) -> torch.nn.
         pyplot = types.SimpleNamespace(switch_backend=lambda *a, **k: None)
         sys.modules["matplotlib"] = types.SimpleNamespace(pyplot=pyplot)
         sys.modules["matplotlib.pyplot"] = pyplot
-    from model.dlsn import DLSN as PublishedDLSN  # noqa: N814
+    import model.attention
+    import model.dlsn
 
-    config = paper_config(args)
+    return model
+
+
+def published_network(published_src: str | Path, config: dict[str, Any]) -> torch.nn.Module:
+    """The authors' DLSN (x2) for ``config`` (keys of :func:`paper_config`), built with their options."""
+    model = import_published(published_src)
     options = argparse.Namespace(n_resgroups=config["n_resgroups"], n_resblocks=config["n_resblocks"],
                                  n_feats=config["n_feats"], reduction=config["reduction"], scale=[2], rgb_range=1,
                                  n_colors=3, res_scale=config["res_scale"], chunk_size=config["chunk_size"],
                                  n_hashes=config["n_hashes"])
+    return model.dlsn.DLSN(options)
+
+
+def published_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The authors' DLSN from ``--published-src`` (their argparse options as a namespace)."""
     torch.manual_seed(0)
-    return PublishedDLSN(options).to(device)
+    return published_network(args.published_src, paper_config(args)).to(device)
 
 
 def time_published(args: argparse.Namespace, device: torch.device, precision: str) -> dict[str, Any]:

@@ -23,8 +23,9 @@
 #                       .published/DLSN/src is there), float32 and bf16-mixed; steps in order of
 #                       importance, so a run cut short keeps the headline numbers
 #   gla_targets.{txt,json}  scripts/benchmark_gla.py --targets: issue 9's model-level rows for the
-#                       published layout, the reference and the fused implementation, float32 with
-#                       TF32 matrix products on all three; gla_targets_bf16.*: the same under bf16 autocast
+#                       authors' code (with .published), the published layout, the reference and the
+#                       fused implementation, float32 with
+#                       TF32 matrix products on all of them; gla_targets_bf16.*: the same under bf16 autocast
 #   train_step_heuristics.{txt,json}   the eager training step of this project with cuDNN's heuristics
 #                       instead of its autotuner (what dlsn.callbacks.CudnnAutotune gains)
 #   gla_batch1_profile.txt   scripts/profile_train_step.py --sections gla_batch1: where the batch-1 GLA rows
@@ -128,11 +129,12 @@ published=()
 [[ -f .published/DLSN/src/model/dlsn.py ]] && published=(--published-src .published/DLSN/src)
 step train_step python3 scripts/benchmark_train_step.py --device $device "${published[@]}" --warmup 4 --steps 12 \
     --matmul-precision high --json "$OUT/train_step.json" "${toy_train_step[@]}"
-# float32 with TF32 matrix products for every implementation (the fused kernel's float32 mode), then bf16
-step gla_targets python3 scripts/benchmark_gla.py --device $device --targets --repeats 10 --warmup 3 \
-    --matmul-precision high --json "$OUT/gla_targets.json" --markdown "${toy_gla[@]}"
-step gla_targets_bf16 python3 scripts/benchmark_gla.py --device $device --targets --repeats 10 --warmup 3 \
-    --precision bf16 --json "$OUT/gla_targets_bf16.json" --markdown "${toy_gla[@]}"
+# float32 with TF32 matrix products for every implementation (the fused kernel's float32 mode), then bf16;
+# the authors' own GLA and DLSN too where .published is there (issue 9's baseline)
+step gla_targets python3 scripts/benchmark_gla.py --device $device --targets "${published[@]}" --repeats 10 \
+    --warmup 3 --matmul-precision high --json "$OUT/gla_targets.json" --markdown "${toy_gla[@]}"
+step gla_targets_bf16 python3 scripts/benchmark_gla.py --device $device --targets "${published[@]}" --repeats 10 \
+    --warmup 3 --precision bf16 --json "$OUT/gla_targets_bf16.json" --markdown "${toy_gla[@]}"
 # What cuDNN's autotuner (on in train_step, as in the paper recipes) gains over its heuristics: eager steps.
 step train_step_heuristics python3 scripts/benchmark_train_step.py --device $device --cases project --warmup 4 \
     --steps 12 --matmul-precision high --cudnn-autotune off --json "$OUT/train_step_heuristics.json" "${toy_train_step[@]}"

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_gla.py"
 
 
@@ -44,6 +46,31 @@ def test_targets_are_the_model_level_rows_of_issue_9():
              "dlsn_forward 1x3x128x128", "dlsn_forward 1x3x360x360"]
     assert result.stdout.splitlines() == [f"{impl} {case}" for impl in ("published", "reference", "fused")
                                           for case in cases]
+    # --published-src adds the authors' own code, issue 9's baseline; without it, asking for it is an error
+    result = subprocess.run([sys.executable, str(SCRIPT), "--targets", "--list", "--published-src", "anywhere"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.splitlines()[:5] == [f"authors {case}" for case in cases]
+    refused = subprocess.run([sys.executable, str(SCRIPT), "--targets", "--list", "--impls", "authors"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "needs --published-src" in refused.stderr
+
+
+PUBLISHED_SRC = Path(__file__).resolve().parents[1] / ".published" / "DLSN" / "src"
+
+
+@pytest.mark.skipif(not (PUBLISHED_SRC / "model" / "dlsn.py").is_file(),
+                    reason="the authors' code is not in .published/DLSN/src (scripts/gpu_check.sh --fetch brings it)")
+def test_the_authors_code_runs_every_target_case_at_toy_sizes(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--targets", "--smoke", "--impls", "authors", "--repeats", "1",
+                             "--warmup", "0", "--published-src", str(PUBLISHED_SRC), "--json", str(tmp_path / "t.json")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    recorded = json.loads((tmp_path / "t.json").read_text())["cases"]
+    assert [(c["impl"], c["kind"], c["paper_size"], c["paper_batch"]) for c in recorded] == [
+        ("authors", "gla_forward_backward", 48, 1), ("authors", "gla_forward_backward", 96, 1),
+        ("authors", "gla_forward_backward", 96, 16), ("authors", "dlsn_forward", 128, 1),
+        ("authors", "dlsn_forward", 360, 1)]
+    assert all(math.isfinite(c["median_s"]) and "error" not in c for c in recorded)
 
 
 def test_gpu_check_summary_judges_the_targets_from_the_recorded_numbers(tmp_path):
@@ -53,6 +80,9 @@ def test_gpu_check_summary_judges_the_targets_from_the_recorded_numbers(tmp_path
                     median_s=milliseconds / 1000, peak_mb=megabytes)
 
     cases = [case("published", "gla_forward_backward", 48, 1, 5.8, 130),
+             case("authors", "gla_forward_backward", 96, 1, 8.0, 500),  # the authors' code, where it ran
+             case("published", "gla_forward_backward", 96, 1, 5.3, 490),
+             case("fused", "gla_forward_backward", 96, 1, 6.9, 212),  # 1.16x the authors', 0.77x the layout: met
              case("fused", "gla_forward_backward", 48, 1, 5.0, 40),  # 1.16x: met
              case("published", "gla_forward_backward", 96, 16, 55.1, 8270),
              case("fused", "gla_forward_backward", 96, 16, 20.0, 900),  # 2.76x < 3x: not met
@@ -75,7 +105,11 @@ def test_gpu_check_summary_judges_the_targets_from_the_recorded_numbers(tmp_path
     assert rows["whole-image forward, paper DLSN x2, batch 1, LR 360x360"].endswith(
         "| 2.95x time, 0.31x memory | >= 2.5x, memory <= 0.3x | NOT MET |")
     assert "error: OutOfMemoryError" in rows["whole-image forward, paper DLSN x2, batch 1, LR 128x128"]
-    assert rows["GLA fwd+bwd, C=256, batch 1, LR 96x96"].endswith("| NOT MEASURED |")
+    judged_against_authors = rows["GLA fwd+bwd, C=256, batch 1, LR 96x96"]
+    assert "| authors' code 8.0 ms, 500 MB; layout 5.3 ms, 490 MB |" in judged_against_authors
+    assert judged_against_authors.endswith("| 1.16x time, 0.42x memory | >= 1x | MET |")
+    # neither the authors' code nor the layout measured: no baseline, and no mention of the authors
+    assert "| — | — | error: OutOfMemoryError" in rows["whole-image forward, paper DLSN x2, batch 1, LR 128x128"]
     assert rows["model-level targets (gla_targets_bf16.json)"].endswith("| MISSING |")
     assert rows["training steps (precision.json)"].endswith("| MISSING |")
 
