@@ -18,8 +18,10 @@ Sections (``--sections``), each printed as soon as it is done:
   the most host time and with the most device time;
 * ``tune``: every launch configuration of ``--rows-options``, ``--warps``, ``--stages`` (and the
   forward's value-channel block, ``--channel-blocks``) for each of the fused kernel's three kernels at the training size, in bf16
-  and float32 (TF32): median milliseconds per launch, best first; ``--json`` writes them. The
-  numbers feed ``LAUNCH_CONFIGS`` (the GPU's generation) in ``dlsn/models/chunk_attention.py``.
+  and float32 (TF32), the backward's for each way of computing dQ (``--backward-modes``: two kernels,
+  or atomic additions from the key kernel): median milliseconds, best first; ``--json`` writes them.
+  The numbers feed ``LAUNCH_CONFIGS`` and ``BACKWARD_MODE`` (the GPU's generation) in
+  ``dlsn/models/chunk_attention.py``.
 """
 
 from __future__ import annotations
@@ -208,12 +210,18 @@ def section_tune(args, device) -> list[dict]:
         configs = fused.LAUNCH_CONFIGS[generation]
         original = dict(configs)
         original_channel_block = fused.FORWARD_CHANNEL_BLOCK[generation]
+        original_mode = fused.BACKWARD_MODE[generation]
         defaults = [original[kernel, precision_class] for kernel in ("forward", "queries", "keys")]
         print(f"\n## fused kernel launch configurations (LAUNCH_CONFIGS[{generation}]), {dtype}, batch {args.batch}, "
               f"L={args.patch ** 2}, C={args.channels}, k={args.chunk} (default: {defaults}, forward channel block "
-              f"{original_channel_block})", flush=True)
-        for name in ("forward", "queries", "keys"):
+              f"{original_channel_block}, backward {original_mode})", flush=True)
+        sweeps = [("forward", None)] + [(name, mode) for mode in args.backward_modes for name in ("queries", "keys")
+                                         # float32's atomic backward runs no query kernel
+                                         if not (name == "queries" and mode == "atomic" and dtype == torch.float32)]
+        for name, mode in sweeps:
             channel_blocks = args.channel_blocks if name == "forward" else [None]
+            if mode:
+                fused.BACKWARD_MODE[generation] = mode
             timings = []
             for rows, warps, stages, channel_block in itertools.product(args.rows_options, args.warps, args.stages,
                                                                         channel_blocks):
@@ -231,7 +239,7 @@ def section_tune(args, device) -> list[dict]:
                     def run():
                         fused._fused_backward(grad_attended, grad_confidence, *inputs, attended, confidence)
                 label = dict(kernel=name, dtype=str(dtype), rows=rows, warps=warps, stages=stages,
-                             channel_block=channel_block)
+                             channel_block=channel_block, backward_mode=mode)
                 try:
                     milliseconds = median_ms(run, device, 2, args.tune_repeats)
                     rows_used = [v for k, v in fused._working_rows.items() if k[0] == name]
@@ -242,8 +250,10 @@ def section_tune(args, device) -> list[dict]:
                 results.append(label)
                 configs.update(original)
                 fused.FORWARD_CHANNEL_BLOCK[generation] = original_channel_block
+            fused.BACKWARD_MODE[generation] = original_mode
             timings.sort(key=lambda r: float("inf") if r["ms"] is None else r["ms"])
-            what = "forward" if name == "forward" else f"backward (both kernels, {name} varied)"
+            kernels = "both kernels" if mode == "two_kernels" else "atomic dQ"
+            what = "forward" if name == "forward" else f"backward ({kernels}, {name} varied)"
             print(f"{what}: " + "; ".join(
                 f"{r['rows']}/{r['warps']}/{r['stages']}" + (f"/c{r['channel_block']}" if r["channel_block"] else "")
                 + (f" {r['ms']:.3f} ms" if r["ms"] is not None else " failed")
@@ -267,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--channel-blocks", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--backward-modes", nargs="+", choices=fused.BACKWARD_MODES, default=list(fused.BACKWARD_MODES),
+                        help="ways of computing dQ to sweep (dlsn/models/chunk_attention.py BACKWARD_MODE)")
     parser.add_argument("--tune-repeats", type=int, default=10)
     parser.add_argument("--json", default=None, help="write the tuning results to this file")
     parser.add_argument("--max-seconds", type=float, default=None,

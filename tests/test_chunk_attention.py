@@ -66,9 +66,16 @@ def test_reference_backward_is_the_gradient_of_the_reference():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.fixture(params=fused.BACKWARD_MODES)
+def backward_mode(request, monkeypatch):
+    """Each way of computing dQ, on every GPU generation (the interpreter runs generation 90's)."""
+    monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, request.param))
+    return request.param
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_fused_op_matches_reference_in_float32(shape, device):
+def test_fused_op_matches_reference_in_float32(shape, device, backward_mode):
     inputs, order, inverse = random_problem(*shape, device=device)
     fused_inputs = [t.detach().requires_grad_(True) for t in inputs]
     exact_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
@@ -86,7 +93,7 @@ def test_fused_op_matches_reference_in_float32(shape, device):
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_fused_op_in_bfloat16_is_close_to_float32():
+def test_fused_op_in_bfloat16_is_close_to_float32(backward_mode):
     inputs, order, inverse = random_problem(2, 2, 37, 16, 8, 12)
     low = [t.detach().bfloat16().requires_grad_(True) for t in inputs]
     exact = [t.detach().double().requires_grad_(True) for t in inputs]
@@ -101,6 +108,31 @@ def test_fused_op_in_bfloat16_is_close_to_float32():
     for name, got, want in zip(("queries", "keys", "learned_score", "values"), low, exact):
         scale = want.grad.abs().max().item()
         assert (got.grad.double() - want.grad).abs().max() < 0.03 * scale, name
+
+
+def test_atomic_backward_gives_way_to_deterministic_algorithms(monkeypatch):
+    """Atomic additions sum in a varying order: a run asking for deterministic algorithms gets the two kernels."""
+    monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "atomic"))
+    launched = []
+    original = fused._launch
+    monkeypatch.setattr(fused, "_launch", lambda function, name, *args, **kwargs:
+                        launched.append((name, kwargs.get("ATOMIC_GRAD_Q", kwargs.get("DELTA_ONLY"))))
+                        or original(function, name, *args, **kwargs))
+    inputs, order, inverse = random_problem(1, 2, 20, 10, 4, 6)
+    outputs = fused._fused_forward(*inputs, order, inverse)
+    grads = [torch.randn_like(outputs[0]), torch.randn_like(outputs[1])]
+    launched.clear()
+    atomic = fused._fused_backward(*grads, *inputs, order, inverse, *outputs)
+    assert launched == [("keys", True)]  # float32: delta needs no kernel, dQ comes from the key kernel
+    launched.clear()
+    torch.use_deterministic_algorithms(True)
+    try:
+        deterministic = fused._fused_backward(*grads, *inputs, order, inverse, *outputs)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert launched == [("queries", False), ("keys", False)]
+    for got, want in zip(atomic, deterministic):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_custom_op_registration():
@@ -287,7 +319,7 @@ _DIVISIBLE_BY_16 = {"q_stride_n", "q_stride_l", "k_stride_n", "k_stride_l", "v_s
 _SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes per block: A100, H100
 
 
-def _compile_for_gpu(name: str, value_type: str, arch: int):
+def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False):
     """Ahead-of-time compile of one kernel for sm_``arch`` at the paper configuration (C=256, d=64,
     k=128) with its LAUNCH_CONFIGS entry: Triton's front end, LLVM and ptxas, no GPU needed."""
     from triton.backends.compiler import GPUTarget
@@ -301,7 +333,9 @@ def _compile_for_gpu(name: str, value_type: str, arch: int):
                      BLOCK_C=fused.FORWARD_CHANNEL_BLOCK[arch] if name == "forward" else 256,
                      PRECISION="tf32", INTERPRETED=False)
     if name == "queries":
-        constants["EXACT_DELTA"] = value_type == "bf16"
+        constants.update(EXACT_DELTA=value_type == "bf16", DELTA_ONLY=False)
+    if name == "keys":
+        constants["ATOMIC_GRAD_Q"] = atomic
     float32_outputs = {"OUT", "LSE", "DELTA", "GRAD_Q", "GRAD_K", "GRAD_V", "GRAD_LS"}
     signature, attributes = {}, {}
     for index, argument in enumerate(kernel.arg_names):
@@ -347,14 +381,14 @@ def _register_spill_bytes(compiled) -> int | None:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("value_type", ["bf16", "fp32"])
-@pytest.mark.parametrize("name", ["forward", "queries", "keys"])
+@pytest.mark.parametrize("name", ["forward", "queries", "keys", "keys with atomic dQ"])
 def test_kernels_compile_for_gpus_within_their_resources(name, value_type, arch):
     """Catches what only a GPU compile would: Triton type/shape errors, shared memory over an A100's or
     H100's limit, and for the untimed sm_80 choices heavy register spilling (first seen as a fully
     spilled float32 backward kernel). The sm_90 configurations were timed on an H200, spills included
     (Triton 3.9's ptxas reports 0-1 KB per thread for them), so only their fit is asserted."""
     pytest.importorskip("triton.backends.nvidia")
-    compiled = _compile_for_gpu(name, value_type, arch)
+    compiled = _compile_for_gpu(name.split()[0], value_type, arch, atomic=name.endswith("atomic dQ"))
     assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
     spill = _register_spill_bytes(compiled)
     assert arch >= 90 or spill is None or spill <= 256, f"{spill} bytes of register spills per thread"

@@ -29,6 +29,7 @@ def test_sections_run_and_the_sweep_restores_the_launch_configurations(tmp_path,
     if not fused.triton_available():
         pytest.skip("triton is not importable")
     configs, channel_blocks = copy.deepcopy(fused.LAUNCH_CONFIGS), dict(fused.FORWARD_CHANNEL_BLOCK)
+    modes = dict(fused.BACKWARD_MODE)
     script = load_script()
     assert script.main(["--device", "cpu", "--small", "--sections", "gla", "gla_batch1", "tune",
                         "--json", str(tmp_path / "tune.json")]) == 0
@@ -39,9 +40,12 @@ def test_sections_run_and_the_sweep_restores_the_launch_configurations(tmp_path,
         assert re.search(rf"## GLA forward\+backward, batch 1, 6x6, float32 \(TF32\), {re.escape(name)}: [\d.]+ ms "
                          r"\(median of 2\); host [\d.]+ ms to issue a step; \d+ kernels per step", printed), name
     swept = json.loads((tmp_path / "tune.json").read_text())
-    # --small: rows 8 and 16, one warp count, one stage count, one channel block; three kernels, two dtypes
-    assert sorted((r["dtype"], r["kernel"], r["rows"]) for r in swept) == sorted(
-        (dtype, kernel, rows) for dtype in ("torch.bfloat16", "torch.float32")
-        for kernel in ("forward", "queries", "keys") for rows in (8, 16))
+    # --small: rows 8 and 16, one warp count, one stage count, one channel block; three kernels, two dtypes,
+    # the backward's kernels in both modes (float32's atomic backward has no query kernel)
+    kernels = [("forward", None)] + [(kernel, mode) for mode in ("two_kernels", "atomic") for kernel in ("queries", "keys")]
+    assert sorted((r["dtype"], r["kernel"], r["backward_mode"] or "", r["rows"]) for r in swept) == sorted(
+        (dtype, kernel, mode or "", rows) for dtype in ("torch.bfloat16", "torch.float32") for kernel, mode in kernels
+        for rows in (8, 16) if not (dtype == "torch.float32" and (kernel, mode) == ("queries", "atomic")))
     assert all(isinstance(r["ms"], float) and r["rows_used"] == r["rows"] for r in swept)
     assert fused.LAUNCH_CONFIGS == configs and fused.FORWARD_CHANNEL_BLOCK == channel_blocks
+    assert fused.BACKWARD_MODE == modes

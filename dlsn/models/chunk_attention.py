@@ -34,7 +34,11 @@ score's gradient sums them over every query): the query kernel computes the sum 
 pass over its keys and hands ``delta`` to the key kernel. Both kernels write float32 rows in sorted
 order. A padded duplicate row (sorted index ``L + i``) is the same position as sorted row
 ``L - pad + i``: a contiguous slice addition folds it back, then one gather per round returns to
-image order and the rounds are summed.
+image order and the rounds are summed. Alternatively (``BACKWARD_MODE = "atomic"``) the key kernel
+also adds each key block's share ``dS K`` into a zeroed dQ with atomic additions and the query
+kernel is left out (in half precision it still runs its first pass, for ``delta``): ``P`` and ``dP``
+are then recomputed twice instead of three times, at the price of a summation order that varies
+from run to run (never used where deterministic algorithms are required).
 
 Everything accumulates in float32; inputs may be float32, bfloat16 or float16 (query and key of
 one dtype, the softmax weights are cast to the value dtype for the ``P V`` product, as the reference
@@ -253,13 +257,17 @@ if triton is not None:
             tl.store(LSE + item_round * length + query_pos, running_max + tl.log(running_sum), mask=stored)
 
     def _backward_keys_kernel(
-        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, GRAD_K, GRAD_V, GRAD_LS,
+        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, GRAD_K, GRAD_V, GRAD_LS, GRAD_Q,
         q_stride_n, q_stride_l, k_stride_n, k_stride_l, v_stride_n, v_stride_l, ls_stride_n, ls_stride_l,
         length, padded_length, n_chunks, chunk, n_rounds, qk_dim, v_dim,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-        PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+        PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, ATOMIC_GRAD_Q: tl.constexpr,
     ):
-        """dK, dV and dls of one key block, summed over the queries of the 3 chunks that see it."""
+        """dK, dV and dls of one key block, summed over the queries of the 3 chunks that see it.
+
+        With ``ATOMIC_GRAD_Q`` it also adds this key block's share ``dS K`` of every query's dQ to
+        ``GRAD_Q`` (zeroed by the caller) with atomic additions, and the query kernel is not run.
+        """
         item_round = tl.program_id(1).to(tl.int64)
         item = item_round // n_rounds
         key_chunk, key_slots, key_valid = _block_of_chunk(chunk, BLOCK_N)
@@ -298,6 +306,11 @@ if triton is not None:
                 grad_scores = weights * (grad_weights - delta[:, None])
                 grad_k += _dot(tl.trans(grad_scores).to(q.dtype), q, PRECISION, INTERPRETED)
                 grad_learned += grad_scores
+                if ATOMIC_GRAD_Q:
+                    grad_q = _dot(grad_scores.to(k.dtype), k, PRECISION, INTERPRETED)
+                    sorted_query_row = item_round * padded_length + sorted_queries
+                    tl.atomic_add(GRAD_Q + sorted_query_row[:, None] * qk_dim + dims[None, :], grad_q,
+                                  mask=has_output[:, None] & dim_valid[None, :])
             tl.store(GRAD_LS + (item_round * padded_length + sorted_keys[None, :]) * chunk + slots[:, None],
                      grad_learned, mask=slot_valid[:, None] & key_valid[None, :])
         sorted_row = item_round * padded_length + sorted_keys
@@ -312,12 +325,14 @@ if triton is not None:
         length, padded_length, n_chunks, chunk, n_rounds, qk_dim, v_dim,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
         PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, EXACT_DELTA: tl.constexpr,
+        DELTA_ONLY: tl.constexpr,
     ):
         """dQ of one query block, summed over the keys of its 3 neighbour chunks.
 
         With ``EXACT_DELTA`` (half-precision values), ``DELTA`` holds ``-dlse`` on entry and this
         kernel first adds ``sum_j P_ij dP_ij`` to it (one more pass over the keys) and stores it for
         the key kernel: ``y`` came from rounded weights, so ``dy . y`` would not match that sum.
+        ``DELTA_ONLY`` stops there (the key kernel computes dQ with atomic additions).
         """
         item_round = tl.program_id(1).to(tl.int64)
         item = item_round // n_rounds
@@ -339,7 +354,7 @@ if triton is not None:
         delta = tl.load(DELTA + image_row, mask=has_output, other=0.0)
         grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         # Pass 0 (EXACT_DELTA only) completes delta, pass 1 accumulates dQ; both recompute P and dP.
-        for pass_index in tl.static_range(0 if EXACT_DELTA else 1, 2):
+        for pass_index in tl.static_range(0 if EXACT_DELTA else 1, 1 if DELTA_ONLY else 2):
             for offset in tl.static_range(3):
                 key_chunk = (query_chunk + offset - 1 + n_chunks) % n_chunks
                 for key_start in range(0, chunk, BLOCK_N):
@@ -360,9 +375,10 @@ if triton is not None:
                         grad_q += _dot(grad_scores.to(k.dtype), k, PRECISION, INTERPRETED)
             if pass_index == 0:
                 tl.store(DELTA + image_row, delta, mask=has_output)
-        sorted_row = item_round * padded_length + sorted_queries
-        tl.store(GRAD_Q + sorted_row[:, None] * qk_dim + dims[None, :], grad_q,
-                 mask=slot_valid[:, None] & dim_valid[None, :])
+        if not DELTA_ONLY:
+            sorted_row = item_round * padded_length + sorted_queries
+            tl.store(GRAD_Q + sorted_row[:, None] * qk_dim + dims[None, :], grad_q,
+                     mask=slot_valid[:, None] & dim_valid[None, :])
 
 @functools.cache
 def _kernel(function, interpreted: bool):
@@ -431,6 +447,14 @@ LAUNCH_CONFIGS = {
 # Value channels per forward program: a second block of a wider layer recomputes the scores. On the
 # H200 all 256 channels of the paper layer in one block beat blocks of 128 in both precisions.
 FORWARD_CHANNEL_BLOCK = {90: 256, 80: 128}
+# How the backward gets dQ, per GPU generation: "two_kernels" (a query kernel, then the key kernel:
+# no atomics, deterministic) or "atomic" (the key kernel adds dS K into dQ with atomic additions; the
+# query kernel only runs to complete delta for half precision): P and dP are recomputed twice instead
+# of three times, about 30% fewer operations, but float32 atomics sum in a varying order. Not yet
+# timed on a GPU (scripts/profile_train_step.py --sections tune times both), so "two_kernels" stays the
+# default; runs that ask for deterministic algorithms always get it.
+BACKWARD_MODE = {90: "two_kernels", 80: "two_kernels"}
+BACKWARD_MODES = ("two_kernels", "atomic")
 _working_rows: dict[tuple, int] = {}
 
 
@@ -445,7 +469,8 @@ def _launch(kernel_function, name: str, grid_of_rows, tensors, sizes, *, channel
     precision_class = "float32" if sizes["value_dtype"] == torch.float32 else "half"
     generation = _generation(device)
     rows, num_warps, num_stages = LAUNCH_CONFIGS[generation][name, precision_class]
-    key = (name, generation, sizes["value_dtype"], sizes["precision"], chunk, qk_dim, v_dim)
+    key = (name, generation, sizes["value_dtype"], sizes["precision"], chunk, qk_dim, v_dim,
+           tuple(sorted(constants.items())))
     rows = _working_rows.get(key, min(rows, _power_of_two(chunk)))
     while True:
         block_c = channel_block or _power_of_two(v_dim)
@@ -472,6 +497,13 @@ def _generation(device: torch.device) -> int:
     if device.type != "cuda":
         return 90
     return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
+def _backward_mode(device: torch.device) -> str:
+    """``BACKWARD_MODE`` of the device's generation; "two_kernels" where deterministic algorithms are required."""
+    if torch.are_deterministic_algorithms_enabled():
+        return "two_kernels"
+    return BACKWARD_MODE[_generation(device)]
 
 
 def tf32_matmuls_allowed() -> bool:
@@ -533,8 +565,10 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     if not exact_delta:
         delta = delta + (grad_attended * attended).sum(-1)
     delta = delta.contiguous()
+    atomic = _backward_mode(values.device) == "atomic"
     sorted_grad = dict(
-        queries=queries.new_empty(batch, rounds, padded, qk_dim, dtype=torch.float32),
+        queries=(queries.new_zeros if atomic else queries.new_empty)(batch, rounds, padded, qk_dim,
+                                                                     dtype=torch.float32),
         keys=queries.new_empty(batch, rounds, padded, qk_dim, dtype=torch.float32),
         values=queries.new_empty(batch, rounds, padded, v_dim, dtype=torch.float32),
         learned=queries.new_empty(batch, rounds, padded, chunk, dtype=torch.float32),
@@ -545,11 +579,12 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
 
     inputs = (queries, keys, values, learned_score, order32, grad_attended, confidence, delta)
     with _on_device(values.device):  # queries first: with exact_delta it completes delta
-        _launch(_backward_queries_kernel, "queries", grid, (*inputs, sorted_grad["queries"]), sizes,
-                channel_block=None, EXACT_DELTA=exact_delta)
+        if exact_delta or not atomic:
+            _launch(_backward_queries_kernel, "queries", grid, (*inputs, sorted_grad["queries"]), sizes,
+                    channel_block=None, EXACT_DELTA=exact_delta, DELTA_ONLY=atomic)
         _launch(_backward_keys_kernel, "keys", grid,
-                (*inputs, sorted_grad["keys"], sorted_grad["values"], sorted_grad["learned"]), sizes,
-                channel_block=None)
+                (*inputs, sorted_grad["keys"], sorted_grad["values"], sorted_grad["learned"],
+                 sorted_grad["queries"]), sizes, channel_block=None, ATOMIC_GRAD_Q=atomic)
 
     length = sizes["length"]
     padding = padded - length
