@@ -28,8 +28,9 @@
 #                       TF32 matrix products on all of them; gla_targets_bf16.*: the same under bf16 autocast
 #   train_step_heuristics.{txt,json}   the eager training step of this project with cuDNN's heuristics
 #                       instead of its autotuner (what dlsn.callbacks.CudnnAutotune gains)
-#   gla_batch1_profile.txt   scripts/profile_train_step.py --sections gla_batch1: where the batch-1 GLA rows
-#                       spend host and device time, this project against the published layout
+#   gla_batch1_profile.txt   scripts/profile_train_step.py --sections gla_batch1 backward_modes: where the
+#                       batch-1 GLA rows spend host and device time, this project against the published
+#                       layout; the fused backward's time with each BACKWARD_MODE
 #   precision.{txt,json}    scripts/benchmark_precision.py: training step float32 vs bf16-mixed
 #                       (throughput, peak memory) and validation PSNR after a short run
 #   summary.md          the markdown table printed at the end (scripts/gpu_check_summary.py)
@@ -138,8 +139,9 @@ step gla_targets_bf16 python3 scripts/benchmark_gla.py --device $device --target
 # What cuDNN's autotuner (on in train_step, as in the paper recipes) gains over its heuristics: eager steps.
 step train_step_heuristics python3 scripts/benchmark_train_step.py --device $device --cases project --warmup 4 \
     --steps 12 --matmul-precision high --cudnn-autotune off --json "$OUT/train_step_heuristics.json" "${toy_train_step[@]}"
-# Why the batch-1 GLA rows are slow: host time, kernel launches and the profiler's tables.
-step gla_batch1_profile python3 scripts/profile_train_step.py --sections gla_batch1 "${toy_profile[@]}"
+# Why the batch-1 GLA rows are slow (host time, kernel launches, profiler tables), and the fused kernel's
+# backward in each way of computing dQ (BACKWARD_MODE: two kernels or atomic additions).
+step gla_batch1_profile python3 scripts/profile_train_step.py --sections gla_batch1 backward_modes "${toy_profile[@]}"
 step precision python3 scripts/benchmark_precision.py --device $device --train-steps 200 \
     --json "$OUT/precision.json" --run-dir /tmp/precision_runs "${toy_precision[@]}"
 

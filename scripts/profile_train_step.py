@@ -16,6 +16,9 @@ Sections (``--sections``), each printed as soon as it is done:
   mode: rotations drawn on the GPU) against the published layout of ``scripts/benchmark_gla.py``: median
   time, the host's time to issue one step, kernel launches per step, and the profiler's operations with
   the most host time and with the most device time;
+* ``backward_modes``: the fused kernel's backward at the training size with its current launch
+  configurations, in each way of computing dQ (``BACKWARD_MODE``: two kernels, or atomic additions from
+  the key kernel), bf16 and float32 (TF32): median milliseconds;
 * ``tune``: every launch configuration of ``--rows-options``, ``--warps``, ``--stages`` (and the
   forward's value-channel block, ``--channel-blocks``) for each of the fused kernel's three kernels at the training size, in bf16
   and float32 (TF32), the backward's for each way of computing dQ (``--backward-modes``: two kernels,
@@ -198,6 +201,29 @@ def kernel_inputs(args, device, dtype):
     return queries, keys, learned_score, values, order, inverse
 
 
+def section_backward_modes(args, device) -> None:
+    generation = fused._generation(device)
+    original_mode = fused.BACKWARD_MODE[generation]
+    print(f"\n## fused kernel backward per way of computing dQ (BACKWARD_MODE[{generation}] = {original_mode!r}), "
+          f"batch {args.batch}, L={args.patch ** 2}, C={args.channels}, k={args.chunk}", flush=True)
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            inputs = kernel_inputs(args, device, dtype)
+            attended, confidence = fused._fused_forward(*inputs)
+            grads = (torch.randn_like(attended), torch.randn_like(confidence))
+            timings = []
+            for mode in fused.BACKWARD_MODES:
+                fused.BACKWARD_MODE[generation] = mode
+
+                def run():
+                    fused._fused_backward(*grads, *inputs, attended, confidence)
+
+                timings.append(f"{mode} {median_ms(run, device, args.warmup, args.repeats):.3f} ms")
+            print(f"{dtype}: " + "; ".join(timings), flush=True)
+    finally:
+        fused.BACKWARD_MODE[generation] = original_mode
+
+
 def section_tune(args, device) -> list[dict]:
     results = []
     for dtype in (torch.bfloat16, torch.float32):
@@ -266,8 +292,8 @@ def section_tune(args, device) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sections", nargs="+", default=["gla", "step", "gla_batch1", "tune"],
-                        choices=["step", "gla", "gla_batch1", "tune"])
+    parser.add_argument("--sections", nargs="+", default=["gla", "step", "gla_batch1", "backward_modes", "tune"],
+                        choices=["step", "gla", "gla_batch1", "backward_modes", "tune"])
     parser.add_argument("--small", action="store_true", help="toy sizes (a CPU smoke test)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
@@ -310,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
                 with open(args.json, "w") as file:
                     json.dump(results, file, indent=1)
         else:
-            {"step": section_step, "gla": section_gla, "gla_batch1": section_gla_batch1}[section](args, device)
+            if section == "backward_modes" and device.type != "cuda" and not args.small:
+                print("\n## backward_modes: skipped (needs CUDA, or --small for the interpreter)")
+                continue
+            {"step": section_step, "gla": section_gla, "gla_batch1": section_gla_batch1,
+             "backward_modes": section_backward_modes}[section](args, device)
         print(f"({section}: {time.perf_counter() - started:.0f} s)", flush=True)
     return 0
 

@@ -45,6 +45,7 @@ def test_rehearsal_runs_every_step_and_fills_the_summary(tmp_path):
             assert (out / f"{step}.json").is_file(), (out / f"{step}.txt").read_text()[-3000:]
     profile = (out / "gla_batch1_profile.txt").read_text()
     assert profile.count("## GLA forward+backward, batch 1,") == 2 and "kernels per step" in profile, profile[-3000:]
+    assert re.search(r"torch.float32: two_kernels [\d.]+ ms; atomic [\d.]+ ms", profile), profile[-3000:]
 
     summary = (out / "summary.md").read_text()
     assert summary.startswith("Rehearsal:")

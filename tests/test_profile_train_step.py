@@ -31,7 +31,7 @@ def test_sections_run_and_the_sweep_restores_the_launch_configurations(tmp_path,
     configs, channel_blocks = copy.deepcopy(fused.LAUNCH_CONFIGS), dict(fused.FORWARD_CHANNEL_BLOCK)
     modes = dict(fused.BACKWARD_MODE)
     script = load_script()
-    assert script.main(["--device", "cpu", "--small", "--sections", "gla", "gla_batch1", "tune",
+    assert script.main(["--device", "cpu", "--small", "--sections", "gla", "gla_batch1", "backward_modes", "tune",
                         "--json", str(tmp_path / "tune.json")]) == 0
     printed = capsys.readouterr().out
     assert "## GLA forward+backward, batch 2, 6x6, bf16-mixed" in printed
@@ -39,6 +39,8 @@ def test_sections_run_and_the_sweep_restores_the_launch_configurations(tmp_path,
     for name in ("this project", "published layout"):  # batch 1: host time and launches per step
         assert re.search(rf"## GLA forward\+backward, batch 1, 6x6, float32 \(TF32\), {re.escape(name)}: [\d.]+ ms "
                          r"\(median of 2\); host [\d.]+ ms to issue a step; \d+ kernels per step", printed), name
+    for dtype in ("bfloat16", "float32"):  # the backward in each BACKWARD_MODE, at the current configurations
+        assert re.search(rf"torch.{dtype}: two_kernels [\d.]+ ms; atomic [\d.]+ ms", printed), dtype
     swept = json.loads((tmp_path / "tune.json").read_text())
     # --small: rows 8 and 16, one warp count, one stage count, one channel block; three kernels, two dtypes,
     # the backward's kernels in both modes (float32's atomic backward has no query kernel)
