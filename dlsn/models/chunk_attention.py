@@ -451,8 +451,9 @@ FORWARD_CHANNEL_BLOCK = {90: 256, 80: 128}
 # no atomics, deterministic) or "atomic" (the key kernel adds dS K into dQ with atomic additions; the
 # query kernel only runs to complete delta for half precision): P and dP are recomputed twice instead
 # of three times, about 30% fewer operations, but float32 atomics sum in a varying order. Not yet
-# timed on a GPU (scripts/profile_train_step.py --sections tune times both), so "two_kernels" stays the
-# default; runs that ask for deterministic algorithms always get it.
+# timed on a GPU (scripts/profile_train_step.py --sections backward_modes, which gpu_check.sh runs, and
+# --sections tune time both), so "two_kernels" stays the default; runs that ask for deterministic
+# algorithms always get it.
 BACKWARD_MODE = {90: "two_kernels", 80: "two_kernels"}
 BACKWARD_MODES = ("two_kernels", "atomic")
 _working_rows: dict[tuple, int] = {}
