@@ -66,7 +66,8 @@ def median_ms(run, device: torch.device, warmup: int, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def profile_table(run, device: torch.device, steps: int, rows: int) -> str:
+def profiled(run, device: torch.device, steps: int) -> torch.profiler.profile:
+    """``torch.profiler`` (host, and the device on CUDA) over ``steps`` calls of ``run``."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -74,7 +75,11 @@ def profile_table(run, device: torch.device, steps: int, rows: int) -> str:
         for _ in range(steps):
             run()
         synchronize(device)
-    events = profiler.key_averages()
+    return profiler
+
+
+def profile_table(run, device: torch.device, steps: int, rows: int) -> str:
+    events = profiled(run, device, steps).key_averages()
     # Kernels only: an operator's row repeats the time of the kernels it launched.
     kernel_ms = sum(event.self_device_time_total for event in events
                     if event.device_type == torch.autograd.DeviceType.CUDA) / 1e3 / steps
@@ -147,13 +152,7 @@ def host_ms(run, device: torch.device, repeats: int) -> float:
 def kernels_per_step(run, device: torch.device, steps: int) -> tuple[float, str]:
     """Kernel launches per ``run`` and the profiler's tables of the operations with the most host time and
     (on CUDA) the most device time."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
-        for _ in range(steps):
-            run()
-        synchronize(device)
+    profiler = profiled(run, device, steps)
     events = profiler.events()
     launches = sum(event.device_type == torch.autograd.DeviceType.CUDA for event in events) / steps
     averages = profiler.key_averages()
