@@ -303,7 +303,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     parser.add_argument("--sizes", type=int, nargs="+", default=[48, 96, 192])
     parser.add_argument("--impls", nargs="+", choices=IMPLS,
-                        help="implementations to time (default: reference; with --targets all three)")
+                        help="implementations to time (default: reference; with --targets published, reference and "
+                             "fused, and authors with --published-src)")
     parser.add_argument("--baseline", action="store_true", help="also time the published layout")
     parser.add_argument("--targets", action="store_true", help="issue 9's model-level cases instead")
     parser.add_argument("--published-src", default=None,
