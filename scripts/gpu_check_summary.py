@@ -127,14 +127,18 @@ def autotune_rows(autotuned: list | None, heuristics: list | None) -> list[str]:
     """The eager step with cuDNN's autotuner (train_step.json, as the paper recipes) and with its heuristics."""
     if heuristics is None:
         return ["| eager step, cuDNN heuristics (train_step_heuristics.json) | | | | | | MISSING |"]
+    def shown(step: dict, how: str) -> str:
+        memory = "" if step.get("peak_mb") is None else f", {step['peak_mb']:.0f} MB"
+        return f"{1000 * step['step_s']:.1f} ms{memory} ({how})"
+
     rows = []
     for without in heuristics:
         tuned = next((r for r in autotuned or [] if r["case"] == without["case"]
                       and r["precision"] == without["precision"] and r.get("cudnn_autotune")), None)
         gain = f"autotuner {without['step_s'] / tuned['step_s']:.2f}x faster" if tuned else "—"
-        tuned_shown = f"{1000 * tuned['step_s']:.1f} ms (autotuned)" if tuned else "—"
         rows.append(f"| eager step, {without['precision']}: cuDNN heuristics vs autotuner | | "
-                    f"{1000 * without['step_s']:.1f} ms (heuristics) | {tuned_shown} | {gain} | | (information) |")
+                    f"{shown(without, 'heuristics')} | {shown(tuned, 'autotuned') if tuned else '—'} | {gain} | | "
+                    f"(information) |")
     return rows
 
 
