@@ -162,11 +162,12 @@ def run_case(case: dict) -> dict:
             F.l1_loss(model(lr), hr).backward()
             optimizer.step()
     else:
-        layer = GLA(**widths["gla"], attention_impl=_attention_impl(case)).to(device)
-        forward = (lambda t: published_layout_forward(layer, t)) if case["impl"] == "published" else layer
         if case["impl"] == "authors":
             forward = authors_model(case, widths, device)
-        x = torch.randn(case["batch"], layer.channels, case["size"], case["size"], device=device)
+        else:
+            layer = GLA(**widths["gla"], attention_impl=_attention_impl(case)).to(device)
+            forward = (lambda t: published_layout_forward(layer, t)) if case["impl"] == "published" else layer
+        x = torch.randn(case["batch"], widths["gla"]["channels"], case["size"], case["size"], device=device)
         if case["kind"] == "gla_forward":
             def step():
                 with torch.no_grad():
