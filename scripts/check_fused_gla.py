@@ -12,7 +12,9 @@ Checks, each printed as PASS/FAIL with its numbers:
    parameter gradients, float32 with TF32 matrix products on both sides (to 2e-2 of each tensor's
    largest entry) and under bfloat16 autocast (error against float32 at most 1.25x the reference's
    own bfloat16 error + 0.01);
-3. the match embedding in true float32 with cuDNN TF32 on (against a float64 convolution);
+3. the match embedding in true float32 with cuDNN TF32 on (against a float64 convolution); the
+   hashing kernel (``bucket_codes``): every bucket it picks attains the float64 maximum to float32
+   rounding, at the paper layer's sizes, and its time against the einsum and argmax it replaces (CUDA);
 4. training-time rotations drawn on the GPU: no host synchronisation, capturable in a CUDA graph;
 5. a GLA training forward+backward (fused, rotations drawn inside) without host synchronisation
    (``torch.cuda.set_sync_debug_mode("error")``), and captured and replayed as a CUDA graph;
@@ -35,8 +37,8 @@ import torch.nn.functional as F
 
 from dlsn.models import GLA
 from dlsn.models import chunk_attention
-from dlsn.models.float32_ops import conv2d_float32
-from dlsn.models.gla import draw_rotations_on_device, number_of_buckets
+from dlsn.models.float32_ops import conv2d_float32, projections_float32
+from dlsn.models.gla import draw_rotations, draw_rotations_on_device, number_of_buckets
 
 RESULTS: list[dict] = []
 JSON_FILE: dict = {}  # --json: path and header; rewritten after every check, so a run cut short keeps its results
@@ -181,6 +183,37 @@ def main() -> None:
         assert op_error < 1e-4, f"float32 op differs from float64 by {op_error:.3g}"
         assert still_on, "the op did not restore cudnn.allow_tf32"
         return {"op_error": op_error, "tf32_conv2d_error": plain_error}
+
+    @check(f"hashing kernel against float64 projections, d={channels // 4}, 3 rounds")
+    def _():
+        torch.manual_seed(0)
+        details = {}
+        # The training batch (16) at the training patch, and one 96x96 image; ReLU'd like GLA's match.
+        for batch, size in ((2, sizes[0][1]), (1, sizes[1][1])) if args.small else ((16, 48), (1, 96)):
+            length = size * size
+            match = torch.relu(torch.randn(batch, length, channels // 4, device=device))
+            rotations = draw_rotations(3, channels // 4, number_of_buckets(length, chunk_size)).to(device)
+            codes = chunk_attention.bucket_codes_fused(match, rotations)
+            exact = torch.einsum("nld,tdb->ntlb", match.double(), rotations.double())
+            shortfall = (exact.amax(-1) - exact.gather(-1, codes.unsqueeze(-1)).squeeze(-1)).max().item()
+            plain = projections_float32(match, rotations).argmax(-1)
+            entry = {"largest_shortfall": shortfall,
+                     "fraction_unlike_einsum_argmax": (codes != plain).float().mean().item()}
+            if cuda:  # information: the kernel against the einsum and argmax it replaces
+                for name, function in (("kernel_ms", chunk_attention.bucket_codes_fused),
+                                       ("einsum_argmax_ms", lambda m, r: projections_float32(m, r).argmax(-1))):
+                    times = []
+                    for _ in range(23):
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        function(match, rotations)
+                        end.record()
+                        torch.cuda.synchronize()
+                        times.append(start.elapsed_time(end))
+                    entry[name] = round(sorted(times[3:])[len(times[3:]) // 2], 4)
+            details[f"{batch}x{size}x{size}"] = entry
+            assert shortfall <= 1e-5 * exact.abs().max().item(), f"a picked bucket is {shortfall:.3g} below the largest"
+        return details
 
     if cuda:
         @check("rotations drawn on the GPU: no host synchronisation, CUDA-graph capture")

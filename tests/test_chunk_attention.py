@@ -401,3 +401,97 @@ def test_launch_configurations_follow_the_gpu_generation(monkeypatch, capability
     assert fused._generation(torch.device("cuda", 0)) == generation
     assert fused._generation(torch.device("cpu")) == 90  # the interpreter runs the configurations GPUs use most
     assert set(fused.LAUNCH_CONFIGS) == set(fused.FORWARD_CHANNEL_BLOCK) == {80, 90}
+
+
+# ------------------------------------------------------------------------------------------------
+# The hashing kernel (bucket codes).
+# ------------------------------------------------------------------------------------------------
+
+HASH_SHAPES = {  # batch, length, dim, rounds, buckets
+    "paper layer at 48x48": (1, 2304, 64, 3, 54),
+    "partial block, odd sizes": (2, 150, 12, 3, 7),
+    "fewer positions than a block, tiny dims": (1, 5, 2, 2, 3),
+    "buckets a power of two": (2, 64, 16, 1, 16),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", HASH_SHAPES.values(), ids=HASH_SHAPES.keys())
+def test_bucket_codes_kernel_is_the_argmax_of_the_float32_projections(shape, device):
+    batch, length, dim, rounds, buckets = shape
+    generator = torch.Generator().manual_seed(0)
+    match = torch.randn(batch, length, dim + 3, generator=generator)[..., 3:]  # a strided view, like GLA's
+    rotations = torch.randn(rounds, dim, buckets, generator=generator)
+    codes = fused.bucket_codes_fused(match.to(device), rotations.to(device)).cpu()
+    assert codes.dtype == torch.int64 and codes.shape == (batch, rounds, length)
+    projections = torch.einsum("nld,tdb->ntlb", match.double(), rotations.double())
+    top2 = projections.topk(min(2, buckets), dim=-1).values
+    clear = (top2[..., 0] - top2[..., -1] > 1e-5) if buckets > 1 else torch.ones_like(codes, dtype=torch.bool)
+    assert clear.float().mean() > 0.99  # float32 rounding may only decide near-ties
+    assert torch.equal(codes[clear], projections.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bucket_codes_kernel_breaks_ties_like_torch_argmax(device):
+    """Equal projections (a repeated rotation column): the first bucket wins, as in ``torch.argmax``.
+    (Triton's interpreter breaks ties to the left whatever the kernel asks: compiled, on CUDA, this also
+    checks the kernel's ``tie_break_left``.)"""
+    generator = torch.Generator().manual_seed(1)
+    match = torch.randn(1, 70, 8, generator=generator)
+    column = torch.randn(8, 1, generator=generator)
+    rotations = torch.cat([-column, column, torch.randn(8, 2, generator=generator), column, column], 1)[None]
+    codes = fused.bucket_codes_fused(match.to(device), rotations.to(device)).cpu()
+    expected = torch.einsum("nld,tdb->ntlb", match, rotations).argmax(-1)
+    assert torch.equal(codes, expected)
+    assert set(codes.unique().tolist()) <= {0, 1, 2, 3}  # the repeats at 4 and 5 never win
+
+
+def test_bucket_codes_op_on_the_cpu_is_the_plain_argmax():
+    torch.manual_seed(0)
+    match, rotations = torch.randn(2, 40, 8), torch.randn(3, 8, 5)
+    codes = fused.bucket_codes(match, rotations)
+    assert torch.equal(codes, torch.einsum("nld,tdb->ntlb", match, rotations).argmax(-1))
+    torch.library.opcheck(fused.bucket_codes, (match, rotations))
+
+
+def test_hash_self_check_catches_a_wrong_kernel(monkeypatch):
+    fused.hash_self_check(torch.device("cpu"))  # the real kernel passes
+    monkeypatch.setattr(fused, "bucket_codes_fused", lambda match, rotations: torch.zeros(
+        match.shape[0], rotations.shape[0], match.shape[1], dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="hash self-check: a picked bucket is"):
+        fused.hash_self_check(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gla_hashes_with_the_kernel_on_cuda(monkeypatch):
+    from dlsn.models.gla import hash_codes
+
+    calls = []
+    original = fused.bucket_codes_fused
+    monkeypatch.setattr(fused, "bucket_codes_fused", lambda *args: calls.append(1) or original(*args))
+    match, rotations = torch.randn(2, 500, 64, device="cuda"), torch.randn(3, 64, 8, device="cuda")
+    codes = hash_codes(match, rotations)
+    assert calls and fused.fused_kernel_failure() is None
+    exact = torch.einsum("nld,tdb->ntlb", match.double(), rotations.double())
+    shortfall = exact.amax(-1) - exact.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+    assert shortfall.max() <= 1e-5 * exact.abs().max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_hash_kernel_compiles_for_gpus(arch):
+    """The hashing kernel at the paper layer's sizes (d=64, up to 128 buckets) for sm_80 and sm_90."""
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = fused._kernel(fused._hash_codes_kernel, False)
+    constants = dict(BLOCK_L=fused.HASH_BLOCK_POSITIONS, BLOCK_D=64, BLOCK_B=128, INTERPRETED=False)
+    pointers = {"MATCH": "*fp32", "ROTATIONS": "*fp32", "CODES": "*i64"}
+    signature = {name: "constexpr" if name in constants else pointers.get(name, "i32") for name in kernel.arg_names}
+    attributes = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names) if name in pointers}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes)
+    compiled = triton_compile(source, GPUTarget("cuda", arch, 32), fused.HASH_WARPS, 1)
+    assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
+    spill = _register_spill_bytes(compiled)
+    assert spill is None or spill == 0, f"{spill} bytes of register spills per thread"

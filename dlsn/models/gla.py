@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlsn.models import chunk_attention as fused
-from dlsn.models.float32_ops import conv2d_float32, projections_float32
+from dlsn.models.float32_ops import conv2d_float32
 
 ATTENTION_IMPLS = ("auto", "reference", "fused")
 MAX_BUCKETS = 128
@@ -143,10 +143,12 @@ def hash_codes(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """SB-LSH bucket of every position in every round: ``argmax(m_p R_t)``, ``[N, T, L]``.
 
     Always computed in true float32 (autocast off, no TF32): an argmax flips on tiny rounding
-    differences, and buckets should not depend on the compute precision.
+    differences, and buckets should not depend on the compute precision. On CUDA one fused kernel
+    (:func:`dlsn.models.chunk_attention.bucket_codes`) whatever ``attention_impl`` is, so that the fused
+    and the reference attention always see the same buckets.
     """
     with torch.autocast(match.device.type, enabled=False):
-        return projections_float32(match.detach(), rotations).argmax(dim=-1)
+        return fused.bucket_codes(match.detach(), rotations)
 
 
 def sort_into_chunks(codes: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
