@@ -23,6 +23,9 @@ Sections (``--sections``), each printed as soon as it is done:
   forward's value-channel block, ``--channel-blocks``) for each of the fused kernel's three kernels at the training size, in bf16
   and float32 (TF32), the backward's for each way of computing dQ (``--backward-modes``: two kernels,
   or atomic additions from the key kernel): median milliseconds, best first; ``--json`` writes them.
+  ``--dtypes`` and ``--kernels`` narrow the sweep, e.g. to the float32 key kernel, the largest share of
+  the float32 step's attention whose configurations a cut-short sweep never reached:
+  ``--sections tune --dtypes float32 --kernels keys``.
   The numbers feed ``LAUNCH_CONFIGS`` and ``BACKWARD_MODE`` (the GPU's generation) in
   ``dlsn/models/chunk_attention.py``.
 """
@@ -225,7 +228,7 @@ def section_backward_modes(args, device) -> None:
 
 def section_tune(args, device) -> list[dict]:
     results = []
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in [{"bf16": torch.bfloat16, "float32": torch.float32}[name] for name in args.dtypes]:
         inputs = kernel_inputs(args, device, dtype)
         attended, confidence = fused._fused_forward(*inputs)
         grad_attended = torch.randn_like(attended)
@@ -243,6 +246,7 @@ def section_tune(args, device) -> list[dict]:
         sweeps = [("forward", None)] + [(name, mode) for mode in args.backward_modes for name in ("queries", "keys")
                                          # float32's atomic backward runs no query kernel
                                          if not (name == "queries" and mode == "atomic" and dtype == torch.float32)]
+        sweeps = [(name, mode) for name, mode in sweeps if name in args.kernels]
         for name, mode in sweeps:
             channel_blocks = args.channel_blocks if name == "forward" else [None]
             if mode:
@@ -304,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channel-blocks", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--backward-modes", nargs="+", choices=fused.BACKWARD_MODES, default=list(fused.BACKWARD_MODES),
                         help="ways of computing dQ to sweep (dlsn/models/chunk_attention.py BACKWARD_MODE)")
+    parser.add_argument("--dtypes", nargs="+", choices=["bf16", "float32"], default=["bf16", "float32"],
+                        help="value precisions to tune (float32: TF32 dot products)")
+    parser.add_argument("--kernels", nargs="+", choices=["forward", "queries", "keys"],
+                        default=["forward", "queries", "keys"], help="kernels to tune")
     parser.add_argument("--tune-repeats", type=int, default=10)
     parser.add_argument("--json", default=None, help="write the tuning results to this file")
     parser.add_argument("--max-seconds", type=float, default=None,

@@ -51,3 +51,15 @@ def test_sections_run_and_the_sweep_restores_the_launch_configurations(tmp_path,
     assert all(isinstance(r["ms"], float) and r["rows_used"] == r["rows"] for r in swept)
     assert fused.LAUNCH_CONFIGS == configs and fused.FORWARD_CHANNEL_BLOCK == channel_blocks
     assert fused.BACKWARD_MODE == modes
+
+
+def test_the_sweep_can_be_narrowed_to_one_precision_and_kernel(tmp_path):
+    """``--dtypes float32 --kernels keys``: the float32 key kernel's configurations only, in each mode."""
+    if not fused.triton_available():
+        pytest.skip("triton is not importable")
+    script = load_script()
+    assert script.main(["--device", "cpu", "--small", "--sections", "tune", "--dtypes", "float32",
+                        "--kernels", "keys", "--json", str(tmp_path / "tune.json")]) == 0
+    swept = json.loads((tmp_path / "tune.json").read_text())
+    assert sorted((r["dtype"], r["kernel"], r["backward_mode"], r["rows"]) for r in swept) == [
+        ("torch.float32", "keys", mode, rows) for mode in ("atomic", "two_kernels") for rows in (8, 16)]
