@@ -808,6 +808,9 @@ def _backward(ctx, grad_attended, grad_confidence):
         grad_attended = torch.zeros_like(attended)
     if grad_confidence is None:
         grad_confidence = torch.zeros_like(confidence)
+    # dy enters the kernels in the values' precision. Cast here, outside the opaque op, torch.compile
+    # writes it in that precision straight from the round mixing's backward (half the bytes, one pass less).
+    grad_attended = grad_attended.to(values.dtype)
     grads = _chunk_attention_backward_op(grad_attended, grad_confidence, queries, keys, learned_score,
                                          values, order, inverse, attended, confidence, ctx.fallback)
     return (*grads, None, None, None)
