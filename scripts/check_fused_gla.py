@@ -12,7 +12,9 @@ Checks, each printed as PASS/FAIL with its numbers:
    parameter gradients, float32 with TF32 matrix products on both sides (to 2e-2 of each tensor's
    largest entry) and under bfloat16 autocast (error against float32 at most 1.25x the reference's
    own bfloat16 error + 0.01);
-3. the match embedding in true float32 with cuDNN TF32 on (against a float64 convolution); the
+3. the match embedding in true float32 with cuDNN TF32 on (against a float64 convolution), by each
+   ``FLOAT32_CONV_METHOD`` (cuDNN with TF32 off, split products on TF32 tensor cores) and its time at
+   the training size (CUDA); the
    hashing kernel (``bucket_codes``): every bucket it picks attains the float64 maximum to float32
    rounding, at the paper layer's sizes, and its time against the einsum and argmax it replaces (CUDA);
 4. training-time rotations drawn on the GPU: no host synchronisation, capturable in a CUDA graph;
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from dlsn.models import GLA
-from dlsn.models import chunk_attention
+from dlsn.models import chunk_attention, float32_ops
 from dlsn.models.float32_ops import conv2d_float32, projections_float32
 from dlsn.models.gla import draw_rotations, draw_rotations_on_device, number_of_buckets
 
@@ -68,6 +70,21 @@ def check(name: str):
             print(details["traceback"], flush=True)
         return function
     return run
+
+
+def median_cuda_ms(run, warmup: int = 3, repeats: int = 20) -> float:
+    """Median milliseconds of ``run()`` on the current CUDA stream (CUDA events)."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def gla_pair(channels, chunk_size, n_hashes, device):
@@ -164,7 +181,7 @@ def main() -> None:
                     worst_ratio, worst = fused_error / (reference_error + 1e-12), (n, fused_error, reference_error)
             return {"largest_error_ratio_to_reference": worst_ratio, "where": worst}
 
-    @check("match embedding in true float32 with cuDNN TF32 on")
+    @check("match embedding in true float32 with cuDNN TF32 on, each method")
     def _():
         torch.manual_seed(0)
         x = torch.randn(2, channels, 24, 24, device=device, dtype=torch.float64)
@@ -172,17 +189,35 @@ def main() -> None:
         bias = torch.zeros(channels // 4, device=device, dtype=torch.float64)
         exact = F.conv2d(x, weight, bias, padding=1)
         previous = torch.backends.cudnn.allow_tf32
+        previous_method = float32_ops.FLOAT32_CONV_METHOD
         torch.backends.cudnn.allow_tf32 = True
+        details = {}
+        # The training size's match convolution (batch 16, 48x48): information, each method's time.
+        timed_input = torch.relu(torch.randn(16, channels, 48, 48, device=device)).contiguous(
+            memory_format=torch.channels_last) if cuda else None
         try:
-            op_error = (conv2d_float32(x.float(), weight.float(), bias.float(), 1).double() - exact).abs().max().item()
+            for method in float32_ops.FLOAT32_CONV_METHODS:
+                float32_ops.FLOAT32_CONV_METHOD = method
+                got = conv2d_float32(x.float(), weight.float(), bias.float(), 1)
+                details[f"{method}_error"] = (got.double() - exact).abs().max().item()
+                for autotune in (False, True) if cuda else ():  # heuristics (evaluation), autotuner (training)
+                    benchmark = torch.backends.cudnn.benchmark
+                    torch.backends.cudnn.benchmark = autotune
+                    try:
+                        details[f"{method}_ms_at_16x{channels}x48x48" + ("_autotuned" if autotune else "")] = round(
+                            median_cuda_ms(lambda: conv2d_float32(timed_input, weight.float(), bias.float(), 1)), 4)
+                    finally:
+                        torch.backends.cudnn.benchmark = benchmark
             plain = F.conv2d(x.float(), weight.float(), bias.float(), padding=1)
-            plain_error = (plain.double() - exact).abs().max().item()
+            details["tf32_conv2d_error"] = (plain.double() - exact).abs().max().item()
             still_on = torch.backends.cudnn.allow_tf32
         finally:
             torch.backends.cudnn.allow_tf32 = previous
-        assert op_error < 1e-4, f"float32 op differs from float64 by {op_error:.3g}"
+            float32_ops.FLOAT32_CONV_METHOD = previous_method
+        for method in float32_ops.FLOAT32_CONV_METHODS:
+            assert details[f"{method}_error"] < 1e-4, f"{method}: differs from float64 by {details[f'{method}_error']:.3g}"
         assert still_on, "the op did not restore cudnn.allow_tf32"
-        return {"op_error": op_error, "tf32_conv2d_error": plain_error}
+        return details
 
     @check(f"hashing kernel against float64 projections, d={channels // 4}, 3 rounds")
     def _():
@@ -200,17 +235,9 @@ def main() -> None:
             entry = {"largest_shortfall": shortfall,
                      "fraction_unlike_einsum_argmax": (codes != plain).float().mean().item()}
             if cuda:  # information: the kernel against the einsum and argmax it replaces
-                for name, function in (("kernel_ms", chunk_attention.bucket_codes_fused),
-                                       ("einsum_argmax_ms", lambda m, r: projections_float32(m, r).argmax(-1))):
-                    times = []
-                    for _ in range(23):
-                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        start.record()
-                        function(match, rotations)
-                        end.record()
-                        torch.cuda.synchronize()
-                        times.append(start.elapsed_time(end))
-                    entry[name] = round(sorted(times[3:])[len(times[3:]) // 2], 4)
+                entry["kernel_ms"] = round(median_cuda_ms(lambda: chunk_attention.bucket_codes_fused(match, rotations)), 4)
+                entry["einsum_argmax_ms"] = round(median_cuda_ms(
+                    lambda: projections_float32(match, rotations).argmax(-1)), 4)
             details[f"{batch}x{size}x{size}"] = entry
             assert shortfall <= 1e-5 * exact.abs().max().item(), f"a picked bucket is {shortfall:.3g} below the largest"
         return details

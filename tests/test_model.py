@@ -448,10 +448,48 @@ def test_hash_projections_ignore_tf32_matmuls_on_cuda():
     assert error < 1e-4 and (tf32_error > 1e-3 or torch.cuda.get_device_capability() < (8, 0))
 
 
+def test_tf32_split_is_exact_with_a_tf32_representable_high_part():
+    from dlsn.models.float32_ops import tf32_split
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 8, 5, 7) * torch.logspace(-6, 6, 7)).contiguous(memory_format=torch.channels_last)
+    high, low = tf32_split(x)
+    assert torch.equal(high + low, x)  # the remainder is exact in float32
+    assert (high.view(torch.int32) & 0x1FFF).eq(0).all()  # 10 mantissa bits: what TF32 keeps
+    assert (low.abs() <= x.abs() * 2.0 ** -11).all()  # rounded to nearest, not truncated
+    assert high.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_split_tf32_convolution_is_as_accurate_as_float32():
+    """With every convolution's operands rounded to TF32 (what tensor cores do), the split products
+    stay at float32's own error against float64, where one TF32 convolution is ~200x worse."""
+    from dlsn.models.float32_ops import split_tf32_conv2d, tf32_split
+
+    def tf32_conv2d(input, weight, bias, padding):
+        return F.conv2d(tf32_split(input)[0], tf32_split(weight)[0], bias, padding=padding)
+
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(2, 256, 16, 16)).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(64, 256, 3, 3) / 48, torch.randn(64) / 10
+    exact = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    output = split_tf32_conv2d(x, weight, bias, 1, conv2d=tf32_conv2d)
+    assert output.is_contiguous(memory_format=torch.channels_last)
+
+    def error(tensor):
+        return (tensor.double() - exact).abs().max().item()
+
+    float32_error = error(F.conv2d(x, weight, bias, padding=1))
+    assert error(output) <= 2 * float32_error
+    assert error(tf32_conv2d(x, weight, bias, 1)) > 50 * float32_error  # the test can tell TF32 apart
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_float32_convolution_ignores_tf32_on_cuda():
+@pytest.mark.parametrize("method", ["ieee", "split_tf32"])
+def test_float32_convolution_ignores_tf32_on_cuda(monkeypatch, method):
+    from dlsn.models import float32_ops
     from dlsn.models.float32_ops import conv2d_float32
 
+    monkeypatch.setattr(float32_ops, "FLOAT32_CONV_METHOD", method)
     torch.manual_seed(0)
     x = torch.randn(2, 64, 24, 24, device="cuda", dtype=torch.float64)
     weight = torch.randn(16, 64, 3, 3, device="cuda", dtype=torch.float64) / 24

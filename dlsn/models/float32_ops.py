@@ -7,7 +7,14 @@ buckets (on an H200 the layer's output differed from the published one by up to 
 
 * ``conv2d_float32`` (custom op ``dlsn::conv2d_float32``, with autograd): the match embedding's
   convolution with cuDNN TF32 switched off just for it (its backward keeps the TF32 setting in force:
-  gradients do not move buckets).
+  gradients do not move buckets). ``FLOAT32_CONV_METHOD = "split_tf32"`` computes it instead on
+  TF32 tensor cores to float32 accuracy: with ``x = x_hi + x_lo`` and ``w = w_hi + w_lo``, where the
+  ``_hi`` parts are exactly representable in TF32 (10 mantissa bits) and the ``_lo`` parts are the
+  exact float32 remainders, ``x * w = x_hi w_hi + x_lo w_hi + x_hi w_lo`` up to ``x_lo w_lo``
+  (about ``2^-22`` of each product): two TF32 convolutions (the ``x_hi`` products share one, with the
+  weights stacked) instead of a float32 one, which GPUs run without tensor cores (an H200 took
+  0.45 ms per GLA layer at the training size). Off until timed on a GPU (``check_fused_gla.py``
+  measures both methods' error and time).
 * ``projections_float32`` (``dlsn::projections_float32``, no autograd): the hash projections
   ``einsum("nld,tdb->ntlb")`` with TF32 matrix products switched off just for it.
 
@@ -39,6 +46,28 @@ def _tf32_off(device: torch.device):
     else:
         previous = torch.backends.cudnn.allow_tf32
         torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = previous
+
+
+@contextlib.contextmanager
+def _tf32_on(device: torch.device):
+    """cuDNN convolutions in TF32 whatever the user's setting (for the split products below)."""
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
+    if device.type != "cuda":
+        yield
+    elif cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):
+        previous = cudnn_conv.fp32_precision
+        cudnn_conv.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            cudnn_conv.fp32_precision = previous
+    else:
+        previous = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = True
         try:
             yield
         finally:
@@ -87,12 +116,44 @@ def _in_layout(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(like.shape, like.stride(), dtype=tensor.dtype, device=tensor.device).copy_(tensor)
 
 
+# How conv2d_float32 computes on CUDA: "ieee" (cuDNN with TF32 off) or "split_tf32" (see the module
+# docstring). Both are float32-accurate; the CPU always computes plain float32.
+FLOAT32_CONV_METHODS = ("ieee", "split_tf32")
+FLOAT32_CONV_METHOD = "ieee"
+
+
+def tf32_split(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tensor = high + low`` (float32): ``high`` rounded to nearest at TF32's 10 mantissa bits (the low
+    13 bits of its float32 pattern cleared), ``low`` the exact remainder (``|low| <= 2^-11 |tensor|``)."""
+    bits = tensor.float().contiguous(memory_format=_memory_format(tensor)).view(torch.int32)
+    high = ((bits + 0x1000) & -0x2000).view(torch.float32)
+    return high, tensor - high
+
+
+def split_tf32_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int,
+                      conv2d=F.conv2d) -> torch.Tensor:
+    """``conv2d(input, weight) + bias`` from two convolutions of TF32-exact halves (module docstring);
+    ``conv2d`` computes each (tests pass one that rounds its operands to TF32, as tensor cores do)."""
+    input_high, input_low = tf32_split(input)
+    weight_high, weight_low = tf32_split(weight)
+    out_channels = weight.shape[0]
+    high_products = conv2d(input_high, torch.cat([weight_high, weight_low]), None, padding=padding)
+    # The small terms first: x_lo w_hi + x_hi w_lo, then x_hi w_hi and the bias.
+    small = conv2d(input_low, weight_high, None, padding=padding) + high_products[:, out_channels:]
+    return (small + high_products[:, :out_channels]) + bias.view(1, -1, 1, 1)
+
+
 @torch.library.custom_op("dlsn::conv2d_float32", mutates_args=())
 def conv2d_float32(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
-    """``F.conv2d(input, weight, bias, padding=padding)`` in true float32 (TF32 off); float32 output in
-    the input's memory format (channels-last stays channels-last)."""
-    with _tf32_off(input.device):
-        output = F.conv2d(input.float(), weight.float(), bias.float(), padding=padding)
+    """``F.conv2d(input, weight, bias, padding=padding)`` to float32 accuracy (TF32 off, or on CUDA with
+    ``FLOAT32_CONV_METHOD = "split_tf32"`` split products on TF32 tensor cores); float32 output in the
+    input's memory format (channels-last stays channels-last)."""
+    if input.is_cuda and FLOAT32_CONV_METHOD == "split_tf32":
+        with _tf32_on(input.device):
+            output = split_tf32_conv2d(input.float(), weight.float(), bias.float(), padding)
+    else:
+        with _tf32_off(input.device):
+            output = F.conv2d(input.float(), weight.float(), bias.float(), padding=padding)
     return _in_layout(output, _empty_output(input, weight, padding, device="meta"))
 
 
