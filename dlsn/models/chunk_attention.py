@@ -35,11 +35,12 @@ pass over its keys and hands ``delta`` to the key kernel. Both kernels write flo
 straight to their positions' rows in image order, per round, so only the sum over rounds follows (a
 gather per tensor back from sorted order took 2.7 ms of an H200's bf16 training step). A padded
 duplicate key (sorted index ``L + i``, the same position as sorted index ``L - pad + i``) writes to
-the spare row ``L + i``, and one small indexed addition folds it back. Alternatively (``BACKWARD_MODE = "atomic"``) the key kernel
-also adds each key block's share ``dS K`` into a zeroed dQ with atomic additions and the query
-kernel is left out (in half precision it still runs its first pass, for ``delta``): ``P`` and ``dP``
-are then recomputed twice instead of three times, at the price of a summation order that varies
-from run to run (never used where deterministic algorithms are required).
+the spare row ``L + i``, and one small indexed addition folds it back. Alternatively
+(``BACKWARD_MODE = "atomic"``) the key kernel also adds each key block's share ``dS K`` into a zeroed
+dQ with atomic additions and the query kernel is left out (in half precision it still runs its first
+pass, for ``delta``): ``P`` and ``dP`` are then recomputed twice instead of three times, at the price
+of a summation order that varies from run to run (never used where deterministic algorithms are
+required).
 
 Everything accumulates in float32; inputs may be float32, bfloat16 or float16 (query and key of
 one dtype, the softmax weights are cast to the value dtype for the ``P V`` product, as the reference
