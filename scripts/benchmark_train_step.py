@@ -17,6 +17,8 @@ markdown table with the project/published ratios; ``--json FILE`` writes the raw
 
     python scripts/benchmark_train_step.py --device cuda --published-src .published/DLSN/src --json step.json
     python scripts/benchmark_train_step.py --device cpu --n-feats 16 --n-resgroups 1 --batch 2 --patch 16 --steps 4   # a smoke test
+    python scripts/benchmark_train_step.py --device cuda --cases project-compiled --precisions 32-true \
+        --matmul-precision high --float32-conv split_tf32 --backward-mode atomic   # levers not on by default
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from dlsn.models import chunk_attention as fused
+from dlsn.models import float32_ops
 
 
 def paper_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -206,9 +211,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="this project's cases: cuDNN's autotuner for the training steps (on: as the paper "
                              "recipes' dlsn.callbacks.CudnnAutotune) or its heuristics; the published code "
                              "runs as its trainer does (heuristics)")
+    parser.add_argument("--float32-conv", choices=float32_ops.FLOAT32_CONV_METHODS, default=float32_ops.FLOAT32_CONV_METHOD,
+                        help="this project's match convolution on CUDA (dlsn/models/float32_ops.py FLOAT32_CONV_METHOD)")
+    parser.add_argument("--backward-mode", choices=fused.BACKWARD_MODES, default=None,
+                        help="this project's fused attention backward (dlsn/models/chunk_attention.py "
+                             "BACKWARD_MODE; default: the GPU generation's)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    # Levers not yet on by default, to time the whole step with them (they change this project only).
+    float32_ops.FLOAT32_CONV_METHOD = args.float32_conv
+    if args.backward_mode:
+        for generation in fused.BACKWARD_MODE:
+            fused.BACKWARD_MODE[generation] = args.backward_mode
     if args.matmul_precision:
         torch.set_float32_matmul_precision(args.matmul_precision)
     cases = [c for c in args.cases if c != "published" or args.published_src]
@@ -233,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             result |= {"case": case, "precision": precision, "device": str(device),
                        "matmul_precision": torch.get_float32_matmul_precision(),
-                       "cudnn_autotune": case != "published" and args.cudnn_autotune == "on"}
+                       "cudnn_autotune": case != "published" and args.cudnn_autotune == "on",
+                       "float32_conv": None if case == "published" else float32_ops.FLOAT32_CONV_METHOD,
+                       "backward_mode": None if case == "published" else fused._backward_mode(device)}
             results.append(result)
             if args.json:  # after every case: a run cut short keeps what it measured
                 Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
