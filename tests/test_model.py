@@ -448,6 +448,26 @@ def test_hash_projections_ignore_tf32_matmuls_on_cuda():
     assert error < 1e-4 and (tf32_error > 1e-3 or torch.cuda.get_device_capability() < (8, 0))
 
 
+def test_cudnn_tf32_setting_is_forced_and_restored_per_operation():
+    """The match convolution's TF32 switch (no GPU needed: it sets cuDNN's per-operation flag)."""
+    from dlsn.models.float32_ops import _cudnn_tf32
+
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    try:
+        conv.fp32_precision = "tf32"
+        with _cudnn_tf32(torch.device("cuda"), enabled=False):
+            assert conv.fp32_precision == "ieee"
+            with _cudnn_tf32(torch.device("cuda"), enabled=True):
+                assert conv.fp32_precision == "tf32"
+            assert conv.fp32_precision == "ieee"
+        assert conv.fp32_precision == "tf32"
+        with _cudnn_tf32(torch.device("cpu"), enabled=False):  # nothing to switch on the CPU
+            assert conv.fp32_precision == "tf32"
+    finally:
+        conv.fp32_precision = before
+
+
 def test_tf32_split_is_exact_with_a_tf32_representable_high_part():
     from dlsn.models.float32_ops import tf32_split
 

@@ -32,46 +32,22 @@ import torch.nn.functional as F
 
 
 @contextlib.contextmanager
-def _tf32_off(device: torch.device):
+def _cudnn_tf32(device: torch.device, enabled: bool):
+    """cuDNN float32 convolutions with TF32 ``enabled`` or not, whatever the user's setting, restored after."""
     cudnn_conv = getattr(torch.backends.cudnn, "conv", None)  # per-operation setting, torch >= 2.9
     if device.type != "cuda":
         yield
-    elif cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):
-        previous = cudnn_conv.fp32_precision
-        cudnn_conv.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            cudnn_conv.fp32_precision = previous
+        return
+    if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):
+        owner, name, value = cudnn_conv, "fp32_precision", "tf32" if enabled else "ieee"
     else:
-        previous = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = previous
-
-
-@contextlib.contextmanager
-def _tf32_on(device: torch.device):
-    """cuDNN convolutions in TF32 whatever the user's setting (for the split products below)."""
-    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
-    if device.type != "cuda":
+        owner, name, value = torch.backends.cudnn, "allow_tf32", enabled
+    previous = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
         yield
-    elif cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):
-        previous = cudnn_conv.fp32_precision
-        cudnn_conv.fp32_precision = "tf32"
-        try:
-            yield
-        finally:
-            cudnn_conv.fp32_precision = previous
-    else:
-        previous = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = True
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = previous
+    finally:
+        setattr(owner, name, previous)
 
 
 @contextlib.contextmanager
@@ -149,10 +125,10 @@ def conv2d_float32(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     ``FLOAT32_CONV_METHOD = "split_tf32"`` split products on TF32 tensor cores); float32 output in the
     input's memory format (channels-last stays channels-last)."""
     if input.is_cuda and FLOAT32_CONV_METHOD == "split_tf32":
-        with _tf32_on(input.device):
+        with _cudnn_tf32(input.device, enabled=True):
             output = split_tf32_conv2d(input.float(), weight.float(), bias.float(), padding)
     else:
-        with _tf32_off(input.device):
+        with _cudnn_tf32(input.device, enabled=False):
             output = F.conv2d(input.float(), weight.float(), bias.float(), padding=padding)
     return _in_layout(output, _empty_output(input, weight, padding, device="meta"))
 
