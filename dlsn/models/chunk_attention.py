@@ -859,17 +859,24 @@ def bucket_codes_fused(match: torch.Tensor, rotations: torch.Tensor) -> torch.Te
     return codes
 
 
+def bucket_shortfall(codes: torch.Tensor, match: torch.Tensor, rotations: torch.Tensor) -> float:
+    """How far below the largest float64 projection the picked buckets ``codes`` fall at worst, relative
+    to the largest projection's magnitude: float32 rounding only (about 1e-7) for a correct argmax."""
+    exact = torch.einsum("nld,tdb->ntlb", match.double(), rotations.double())
+    shortfall = exact.amax(-1) - exact.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+    return (shortfall.max() / exact.abs().max().clamp_min(1e-300)).item()
+
+
 def hash_self_check(device: torch.device) -> None:
     """Raises unless every bucket :func:`bucket_codes_fused` picks attains the float64 maximum to float32
     rounding (a wrong index or mask picks buckets far below it), on a small problem with a partial block."""
     generator = torch.Generator().manual_seed(0)
     match = torch.randn(2, 150, 12, generator=generator).to(device)
     rotations = torch.randn(3, 12, 7, generator=generator).to(device)
-    codes = bucket_codes_fused(match, rotations)
-    exact = torch.einsum("nld,tdb->ntlb", match.double(), rotations.double())
-    shortfall = (exact.amax(-1) - exact.gather(-1, codes.unsqueeze(-1)).squeeze(-1)).max().item()
-    if not shortfall <= 1e-5 * exact.abs().max().item():
-        raise RuntimeError(f"hash self-check: a picked bucket is {shortfall:.3g} below the largest projection")
+    shortfall = bucket_shortfall(bucket_codes_fused(match, rotations), match, rotations)
+    if not shortfall <= 1e-5:
+        raise RuntimeError(f"hash self-check: a picked bucket is {shortfall:.3g} (relative) below the largest "
+                           f"projection")
 
 
 @torch.library.custom_op("dlsn::bucket_codes", mutates_args=())
