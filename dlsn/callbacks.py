@@ -234,7 +234,8 @@ class CudnnAutotune(Callback):
     autotuner on for everything; this callback only around the training batches, and restores the
     setting it found when training ends or fails. No effect without cuDNN (CPU runs), and none with
     ``trainer.deterministic=true``: the autotuner's choice can differ between runs, and with it the
-    rounding, so bit-exact reruns keep the heuristics.
+    rounding, so bit-exact reruns keep the heuristics. GLA's timed choices (:mod:`dlsn.models.timed_choice`:
+    the fused attention's backward mode, the match convolution's float32 method) follow the same switch.
     """
 
     def __init__(self) -> None:

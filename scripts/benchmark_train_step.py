@@ -18,7 +18,7 @@ markdown table with the project/published ratios; ``--json FILE`` writes the raw
     python scripts/benchmark_train_step.py --device cuda --published-src .published/DLSN/src --json step.json
     python scripts/benchmark_train_step.py --device cpu --n-feats 16 --n-resgroups 1 --batch 2 --patch 16 --steps 4   # a smoke test
     python scripts/benchmark_train_step.py --device cuda --cases project-compiled --precisions 32-true \
-        --matmul-precision high --float32-conv split_tf32 --backward-mode atomic   # levers not on by default
+        --matmul-precision high --float32-conv ieee --backward-mode two_kernels   # without the timed choices
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from dlsn.models import chunk_attention as fused
-from dlsn.models import float32_ops
+from dlsn.models import float32_ops, timed_choice
 
 
 def paper_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -211,15 +211,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="this project's cases: cuDNN's autotuner for the training steps (on: as the paper "
                              "recipes' dlsn.callbacks.CudnnAutotune) or its heuristics; the published code "
                              "runs as its trainer does (heuristics)")
-    parser.add_argument("--float32-conv", choices=float32_ops.FLOAT32_CONV_METHODS, default=float32_ops.FLOAT32_CONV_METHOD,
+    parser.add_argument("--float32-conv", choices=float32_ops.FLOAT32_CONV_METHOD_CHOICES,
+                        default=float32_ops.FLOAT32_CONV_METHOD,
                         help="this project's match convolution on CUDA (dlsn/models/float32_ops.py FLOAT32_CONV_METHOD)")
-    parser.add_argument("--backward-mode", choices=fused.BACKWARD_MODES, default=None,
+    parser.add_argument("--backward-mode", choices=fused.BACKWARD_MODE_CHOICES, default=None,
                         help="this project's fused attention backward (dlsn/models/chunk_attention.py "
                              "BACKWARD_MODE; default: the GPU generation's)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    # Levers not yet on by default, to time the whole step with them (they change this project only).
+    # How this project computes the match convolution and the attention backward ("timed": the faster,
+    # timed on first use in the training steps): to time the step with one way forced.
     float32_ops.FLOAT32_CONV_METHOD = args.float32_conv
     if args.backward_mode:
         for generation in fused.BACKWARD_MODE:
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print("published: skipped (the authors' code runs on CUDA only)")
         cases.remove("published")
 
-    results = []
+    results, printed_choices = [], set()
     for precision in args.precisions:
         for case in cases:
             try:
@@ -250,13 +252,21 @@ def main(argv: list[str] | None = None) -> int:
                        "matmul_precision": torch.get_float32_matmul_precision(),
                        "cudnn_autotune": case != "published" and args.cudnn_autotune == "on",
                        "float32_conv": None if case == "published" else float32_ops.FLOAT32_CONV_METHOD,
-                       "backward_mode": None if case == "published" else fused._backward_mode(device)}
+                       "backward_mode": None if case == "published" else fused._backward_mode(device),
+                       # what "timed" picked so far in this process, with each candidate's time
+                       "timed_choices": None if case == "published" else timed_choice.choices()}
             results.append(result)
             if args.json:  # after every case: a run cut short keeps what it measured
                 Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
             memory = "-" if result["peak_mb"] is None else f"{result['peak_mb']:.0f} MB"
             print(f"train_step {case:17s} {precision:10s} {result['step_s'] * 1e3:9.1f} ms/step  peak {memory:>9s}  "
                   f"warm-up {result['warmup_s']:.1f} s", flush=True)
+            for what, entry in (result["timed_choices"] or {}).items():
+                if what in printed_choices:
+                    continue
+                printed_choices.add(what)
+                print(f"  timed choice: {what}: {entry['choice']} ("
+                      + ", ".join(f"{name} {ms:.3f} ms" for name, ms in entry["ms"].items()) + ")", flush=True)
 
     print("\n| precision | case | ms/step | peak memory | warm-up | vs published |\n|---|---|---|---|---|---|")
     for result in results:

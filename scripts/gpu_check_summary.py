@@ -142,6 +142,16 @@ def autotune_rows(autotuned: list | None, heuristics: list | None) -> list[str]:
     return rows
 
 
+def timed_choice_rows(train_step: list | None) -> list[str]:
+    """What the training steps' timed choices picked (dlsn/models/timed_choice.py), with each candidate's time."""
+    choices: dict[str, dict] = {}
+    for result in train_step or []:
+        choices |= result.get("timed_choices") or {}
+    return [f"| timed choice: {what} | | | {entry['choice']} | "
+            + ", ".join(f"{name} {ms:.3f} ms" for name, ms in entry["ms"].items()) + " | | (information) |"
+            for what, entry in choices.items()]
+
+
 def main(folder: Path) -> None:
     rows = ["| what | published | reference | fused | fused vs published | target | status |",
             "|---|---|---|---|---|---|---|"]
@@ -158,6 +168,7 @@ def main(folder: Path) -> None:
         rows += target_rows(load(folder, file_name), file_name, judging)
 
     rows += autotune_rows(train_step, load(folder, "train_step_heuristics.json"))
+    rows += timed_choice_rows(train_step)
 
     precision = load(folder, "precision.json")
     for name, numbers in (precision or {}).get("throughput", {}).items():

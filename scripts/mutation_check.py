@@ -259,6 +259,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         (Patch("eval.py", 'n, r["psnr"], r["ssim"], r["n"]]', 'n, r["ssim"], r["psnr"], r["n"]]'),),
         (f"{RUN_OUTPUTS}::test_eval_logs_its_results_table_to_wandb",),
     ),
+    # ---- the timed choices and the kernels they pick (dlsn/models/timed_choice.py) --------------------
+    Mutation(
+        "timed-backward-choice-ignored",
+        "the fused backward times both modes, then runs the configured default instead of the faster",
+        (Patch("dlsn/models/chunk_attention.py", '    atomic = mode == "atomic"\n',
+               '    atomic = _backward_mode(values.device) == "atomic"\n'),),
+        ("tests/test_timed_choice.py::test_timed_backward_runs_the_faster_mode_and_is_exact",),
+    ),
+    Mutation(
+        "self-check-skips-a-timed-mode",
+        "the fused kernel's self-check covers only the two-kernel backward, though timing may pick atomic",
+        (Patch("dlsn/models/chunk_attention.py", 'for mode in BACKWARD_MODES if configured == "timed" else (configured,)',
+               'for mode in ("two_kernels" if configured == "timed" else configured,)'),),
+        ("tests/test_timed_choice.py::test_self_check_runs_every_backward_mode_a_timed_choice_may_pick",),
+    ),
 )
 
 

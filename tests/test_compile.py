@@ -39,8 +39,8 @@ def test_training_step_benchmark_prints_one_row_per_case(tmp_path):
 
     (result,) = json.loads(json_path.read_text())
     assert result["case"] == "project" and result["steps"] == 4 and result["step_s"] > 0
-    # the levers the run used are recorded with its numbers
-    assert (result["float32_conv"], result["backward_mode"]) == ("ieee", "atomic")
+    # the ways the run computed were recorded with its numbers; nothing is timed on the CPU
+    assert (result["float32_conv"], result["backward_mode"], result["timed_choices"]) == ("timed", "atomic", {})
 
 
 def test_gpu_summary_judges_the_training_step_against_the_published_code(tmp_path):
@@ -49,7 +49,9 @@ def test_gpu_summary_judges_the_training_step_against_the_published_code(tmp_pat
     results = [{"case": "published", "precision": "bf16-mixed", "device": "cuda", "step_s": 0.150, "peak_mb": 12000, "warmup_s": 2},
                {"case": "project-compiled", "precision": "bf16-mixed", "device": "cuda", "step_s": 0.059, "peak_mb": 5000, "warmup_s": 200},
                {"case": "published", "precision": "32-true", "device": "cuda", "step_s": 0.240, "peak_mb": 19000, "warmup_s": 2},
-               {"case": "project-compiled", "precision": "32-true", "device": "cuda", "step_s": 0.130, "peak_mb": 9000, "warmup_s": 100}]
+               {"case": "project-compiled", "precision": "32-true", "device": "cuda", "step_s": 0.130, "peak_mb": 9000, "warmup_s": 100,
+                "timed_choices": {"fused attention backward cuda:0 torch.float32 tf32": {
+                    "choice": "atomic", "ms": {"two_kernels": 3.4, "atomic": 2.5}}}}]
     (tmp_path / "train_step.json").write_text(json.dumps(results))
     proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "gpu_check_summary.py"), str(tmp_path)],
                           capture_output=True, text=True, check=True)
@@ -58,3 +60,6 @@ def test_gpu_summary_judges_the_training_step_against_the_published_code(tmp_pat
     assert "NOT MET" not in rows["training step x2, batch 16, 48x48, bf16-mixed"]
     assert "NOT MET" in rows["training step x2, batch 16, 48x48, 32-true"]  # 1.85x < 2x
     assert "NOT MET" in rows["compile warm-up, bf16-mixed"] and "NOT MET" not in rows["compile warm-up, 32-true"]
+    # what the timed choices picked, with each way's time
+    choice = rows["timed choice: fused attention backward cuda:0 torch.float32 tf32"]
+    assert "| atomic | two_kernels 3.400 ms, atomic 2.500 ms |" in choice, choice

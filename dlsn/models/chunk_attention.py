@@ -40,7 +40,8 @@ the spare row ``L + i``, and one small indexed addition folds it back. Alternati
 dQ with atomic additions and the query kernel is left out (in half precision it still runs its first
 pass, for ``delta``): ``P`` and ``dP`` are then recomputed twice instead of three times, at the price
 of a summation order that varies from run to run (never used where deterministic algorithms are
-required).
+required). By default (``"timed"``) the training steps time both ways on first use and keep the
+faster (:mod:`dlsn.models.timed_choice`); elsewhere the two kernels run.
 
 Everything accumulates in float32; inputs may be float32, bfloat16 or float16 (query and key of
 one dtype, the softmax weights are cast to the value dtype for the ``P V`` product, as the reference
@@ -71,6 +72,7 @@ import warnings
 
 import torch
 
+from dlsn.models import timed_choice
 from dlsn.models.float32_ops import projections_float32
 
 try:
@@ -491,12 +493,13 @@ FORWARD_CHANNEL_BLOCK = {90: 256, 80: 128}
 # How the backward gets dQ, per GPU generation: "two_kernels" (a query kernel, then the key kernel:
 # no atomics, deterministic) or "atomic" (the key kernel adds dS K into dQ with atomic additions; the
 # query kernel only runs to complete delta for half precision): P and dP are recomputed twice instead
-# of three times, about 30% fewer operations, but float32 atomics sum in a varying order. Not yet
-# timed on a GPU (scripts/profile_train_step.py --sections backward_modes, which gpu_check.sh runs, and
-# --sections tune time both), so "two_kernels" stays the default; runs that ask for deterministic
-# algorithms always get it.
-BACKWARD_MODE = {90: "two_kernels", 80: "two_kernels"}
+# of three times, about 30% fewer operations, but float32 atomics sum in a varying order. "timed":
+# both are timed on first use at each size where cuDNN's autotuner is on (the training steps; see
+# dlsn.models.timed_choice) and the faster kept; "two_kernels" elsewhere. Runs that ask for
+# deterministic algorithms always get "two_kernels".
+BACKWARD_MODE = {90: "timed", 80: "timed"}
 BACKWARD_MODES = ("two_kernels", "atomic")
+BACKWARD_MODE_CHOICES = (*BACKWARD_MODES, "timed")
 _working_rows: dict[tuple, int] = {}
 
 
@@ -542,7 +545,8 @@ def _generation(device: torch.device) -> int:
 
 
 def _backward_mode(device: torch.device) -> str:
-    """``BACKWARD_MODE`` of the device's generation; "two_kernels" where deterministic algorithms are required."""
+    """``BACKWARD_MODE`` of the device's generation (perhaps "timed"); "two_kernels" where deterministic
+    algorithms are required."""
     if torch.are_deterministic_algorithms_enabled():
         return "two_kernels"
     return BACKWARD_MODE[_generation(device)]
@@ -592,7 +596,18 @@ def _fused_forward(queries, keys, learned_score, values, order, inverse):
 
 
 def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
-                    attended, confidence):
+                    attended, confidence, mode: str | None = None):
+    """Gradients of queries, keys, learned score and values; ``mode`` one of ``BACKWARD_MODE_CHOICES``
+    (default: the device's ``BACKWARD_MODE``)."""
+    mode = mode or _backward_mode(values.device)
+    if mode == "timed":
+        arguments = (grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
+                     attended, confidence)
+        key = ("fused attention backward", values.device, values.dtype, _sizes(*arguments[2:8])["precision"],
+               tuple(order.shape), queries.shape[-1], values.shape[-1], learned_score.shape[-1])
+        mode = timed_choice.fastest(
+            key, {name: functools.partial(_fused_backward, *arguments, mode=name) for name in BACKWARD_MODES},
+            device=values.device, default="two_kernels")
     queries, keys, learned_score, values = map(_unit_column_stride, (queries, keys, learned_score, values))
     order32 = order.to(torch.int32).contiguous()
     sizes = _sizes(queries, keys, learned_score, values, order32, inverse)
@@ -607,7 +622,7 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     if not exact_delta:
         delta = delta + (grad_attended * attended).sum(-1)
     delta = delta.contiguous()
-    atomic = _backward_mode(values.device) == "atomic"
+    atomic = mode == "atomic"
     # Per round, rows 0 .. L-1 are the positions in image order; rows L .. P-1 the padded duplicate keys.
     grad = dict(
         queries=(queries.new_zeros if atomic else queries.new_empty)(batch, rounds, padded, qk_dim,
@@ -674,8 +689,8 @@ SELF_CHECK_TOLERANCE = {"ieee": 1e-4, "tf32": 1e-2, torch.bfloat16: 5e-2, torch.
 
 
 def self_check(device: torch.device, dtype: torch.dtype = torch.float32) -> None:
-    """Fused forward and backward in ``dtype`` against the float64 reference on a small problem; raises
-    if they differ (tolerance: ``SELF_CHECK_TOLERANCE``). Float32 uses the dot-product precision in
+    """Fused forward and backward (each ``BACKWARD_MODES`` entry it may run) in ``dtype`` against the
+    float64 reference on a small problem; raises if they differ (tolerance: ``SELF_CHECK_TOLERANCE``). Float32 uses the dot-product precision in
     force (TF32 or true float32). Covers padding, several chunks, a chunk split over blocks and
     strided (view) inputs."""
     generator = torch.Generator().manual_seed(0)
@@ -698,18 +713,25 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.float32) -> None
     inputs = tuple(t.to(dtype) for t in (queries, keys, learned_score, values))
 
     fused = _fused_forward(*inputs, order, inverse)
-    fused_grads = _fused_backward(grad_attended, grad_confidence, *inputs, order, inverse, *fused)
     exact = tuple(t.double() for t in inputs)
     expected = chunk_attention_reference(*exact, order, inverse)
     expected_grads = chunk_attention_reference_backward(grad_attended.double(), grad_confidence.double(),
                                                         *exact, order, inverse)
     tolerance = SELF_CHECK_TOLERANCE[_sizes(*inputs, order, inverse)["precision"] if dtype == torch.float32
                                      else dtype]
-    names = ("attended", "confidence", "grad queries", "grad keys", "grad learned score", "grad values")
-    for name, got, want in zip(names, (*fused, *fused_grads), (*expected, *expected_grads)):
-        error = (got.double() - want).abs().max().item()
-        if not error <= tolerance * max(1.0, want.abs().max().item()):
-            raise RuntimeError(f"self-check ({dtype}): {name} differs from the reference by {error:.3g}")
+
+    def compare(names, got_tensors, wanted_tensors, what):
+        for name, got, want in zip(names, got_tensors, wanted_tensors):
+            error = (got.double() - want).abs().max().item()
+            if not error <= tolerance * max(1.0, want.abs().max().item()):
+                raise RuntimeError(f"self-check ({what}): {name} differs from the reference by {error:.3g}")
+
+    compare(("attended", "confidence"), fused, expected, dtype)
+    configured = _backward_mode(device)
+    for mode in BACKWARD_MODES if configured == "timed" else (configured,):  # every way the backward may run
+        fused_grads = _fused_backward(grad_attended, grad_confidence, *inputs, order, inverse, *fused, mode=mode)
+        compare(("grad queries", "grad keys", "grad learned score", "grad values"), fused_grads, expected_grads,
+                f"{dtype}, backward {mode}")
 
 
 def _fused_allowed(values: torch.Tensor, fallback: bool) -> bool:

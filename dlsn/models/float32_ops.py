@@ -13,8 +13,9 @@ buckets (on an H200 the layer's output differed from the published one by up to 
   exact float32 remainders, ``x * w = x_hi w_hi + x_lo w_hi + x_hi w_lo`` up to ``x_lo w_lo``
   (about ``2^-22`` of each product): two TF32 convolutions (the ``x_hi`` products share one, with the
   weights stacked) instead of a float32 one, which GPUs run without tensor cores (an H200 took
-  0.45 ms per GLA layer at the training size). Off until timed on a GPU (``check_fused_gla.py``
-  measures both methods' error and time).
+  0.45 ms per GLA layer at the training size). By default (``"timed"``) the training steps time both
+  methods on first use and keep the faster (:mod:`dlsn.models.timed_choice`); elsewhere (evaluation)
+  cuDNN without TF32 runs. ``check_fused_gla.py`` measures both methods' error and time.
 * ``projections_float32`` (``dlsn::projections_float32``, no autograd): the hash projections
   ``einsum("nld,tdb->ntlb")`` with TF32 matrix products switched off just for it.
 
@@ -26,9 +27,12 @@ float32 operations.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
+
+from dlsn.models import timed_choice
 
 
 @contextlib.contextmanager
@@ -93,9 +97,12 @@ def _in_layout(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 # How conv2d_float32 computes on CUDA: "ieee" (cuDNN with TF32 off) or "split_tf32" (see the module
-# docstring). Both are float32-accurate; the CPU always computes plain float32.
+# docstring); both are float32-accurate. "timed": the faster of the two, timed on first use at each
+# size where cuDNN's autotuner is on (the training steps; dlsn.models.timed_choice), "ieee" elsewhere.
+# The CPU always computes plain float32.
 FLOAT32_CONV_METHODS = ("ieee", "split_tf32")
-FLOAT32_CONV_METHOD = "ieee"
+FLOAT32_CONV_METHOD_CHOICES = (*FLOAT32_CONV_METHODS, "timed")
+FLOAT32_CONV_METHOD = "timed"
 
 
 def tf32_split(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,17 +126,32 @@ def split_tf32_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return (small + high_products[:, :out_channels]) + bias.view(1, -1, 1, 1)
 
 
+def _conv2d_float32_by(method: str, input, weight, bias, padding: int) -> torch.Tensor:
+    if method == "split_tf32":
+        with _cudnn_tf32(input.device, enabled=True):
+            return split_tf32_conv2d(input.float(), weight.float(), bias.float(), padding)
+    with _cudnn_tf32(input.device, enabled=False):
+        return F.conv2d(input.float(), weight.float(), bias.float(), padding=padding)
+
+
+def float32_conv_method(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> str:
+    """The method ``conv2d_float32`` uses for these CUDA operands: ``FLOAT32_CONV_METHOD``, "timed" resolved."""
+    if FLOAT32_CONV_METHOD != "timed":
+        return FLOAT32_CONV_METHOD
+    key = ("float32 convolution", input.device, input.dtype, tuple(input.shape), tuple(weight.shape),
+           _memory_format(input))
+    candidates = {method: functools.partial(_conv2d_float32_by, method, input, weight, bias, padding)
+                  for method in FLOAT32_CONV_METHODS}
+    return timed_choice.fastest(key, candidates, device=input.device, default="ieee")
+
+
 @torch.library.custom_op("dlsn::conv2d_float32", mutates_args=())
 def conv2d_float32(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
-    """``F.conv2d(input, weight, bias, padding=padding)`` to float32 accuracy (TF32 off, or on CUDA with
-    ``FLOAT32_CONV_METHOD = "split_tf32"`` split products on TF32 tensor cores); float32 output in the
-    input's memory format (channels-last stays channels-last)."""
-    if input.is_cuda and FLOAT32_CONV_METHOD == "split_tf32":
-        with _cudnn_tf32(input.device, enabled=True):
-            output = split_tf32_conv2d(input.float(), weight.float(), bias.float(), padding)
-    else:
-        with _cudnn_tf32(input.device, enabled=False):
-            output = F.conv2d(input.float(), weight.float(), bias.float(), padding=padding)
+    """``F.conv2d(input, weight, bias, padding=padding)`` to float32 accuracy (TF32 off, or on CUDA split
+    products on TF32 tensor cores: ``FLOAT32_CONV_METHOD``); float32 output in the input's memory
+    format (channels-last stays channels-last)."""
+    method = float32_conv_method(input, weight, bias, padding) if input.is_cuda else "ieee"
+    output = _conv2d_float32_by(method, input, weight, bias, padding)
     return _in_layout(output, _empty_output(input, weight, padding, device="meta"))
 
 

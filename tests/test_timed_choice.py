@@ -1,0 +1,170 @@
+"""The timed choices between interchangeable implementations (dlsn.models.timed_choice).
+
+Timing runs on CUDA only; here the GPU's clock is replaced by a fake one, and the real functions
+around it (when to time, what is kept, what each op then runs) are tested on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlsn.models import chunk_attention as fused
+from dlsn.models import float32_ops, timed_choice
+from tests.test_chunk_attention import random_problem
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    timed_choice.forget()
+    yield
+    timed_choice.forget()
+
+
+@pytest.fixture
+def timing_on_the_cpu(monkeypatch):
+    """Timing allowed on the CPU, with a fake clock: a run costs what ``costs`` says for what it did."""
+    monkeypatch.setattr(timed_choice, "timing_allowed", lambda device: True)
+    runs: list[str] = []  # what the candidates did (each appends names)
+    costs: dict[str, float] = {}  # milliseconds per name appended; 1 for others
+
+    def fake_milliseconds(run, device):
+        before = len(runs)
+        run()
+        return float(sum(costs.get(name, 1.0) for name in runs[before:]))
+
+    monkeypatch.setattr(timed_choice, "milliseconds", fake_milliseconds)
+    return runs, costs
+
+
+def test_the_faster_candidate_is_kept_for_its_key(timing_on_the_cpu):
+    runs, costs = timing_on_the_cpu
+    costs.update(slow=5.0, fast=2.0)
+    candidates = {"slow": lambda: runs.append("slow"), "fast": lambda: runs.append("fast")}
+    assert timed_choice.fastest(("layer", 1), candidates, device=CPU, default="slow") == "fast"
+    # One untimed run each, then REPEATS timed runs each, interleaved.
+    assert runs == ["slow", "fast"] * (1 + timed_choice.REPEATS)
+    runs.clear()
+    assert timed_choice.fastest(("layer", 1), candidates, device=CPU, default="slow") == "fast"
+    assert runs == [], "a kept choice is not timed again"
+    assert timed_choice.choices() == {"layer 1": {"choice": "fast", "ms": {"slow": 5.0, "fast": 2.0}}}
+    costs.update(slow=1.0)
+    assert timed_choice.fastest(("layer", 2), candidates, device=CPU, default="fast") == "slow"
+
+
+def test_nothing_is_timed_where_timing_is_not_allowed(monkeypatch):
+    ran = []
+    candidates = {"a": lambda: ran.append("a"), "b": lambda: ran.append("b")}
+    # The CPU, and CUDA with cuDNN's heuristics or with deterministic algorithms: the default.
+    assert timed_choice.fastest("key", candidates, device=CPU, default="b") == "b"
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert not timed_choice.timing_allowed(cuda)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    assert timed_choice.timing_allowed(cuda)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not timed_choice.timing_allowed(cuda)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert ran == [] and timed_choice.choices() == {}
+
+
+def test_capture_keeps_an_earlier_choice_and_times_nothing(timing_on_the_cpu, monkeypatch):
+    runs, costs = timing_on_the_cpu
+    costs.update(a=3.0, b=1.0)
+    candidates = {"a": lambda: runs.append("a"), "b": lambda: runs.append("b")}
+    monkeypatch.setattr(timed_choice, "capturing", lambda device: True)
+    assert timed_choice.fastest("first", candidates, device=CPU, default="a") == "a"
+    assert runs == [] and timed_choice.choices() == {}
+    monkeypatch.setattr(timed_choice, "capturing", lambda device: False)
+    assert timed_choice.fastest("first", candidates, device=CPU, default="a") == "b"
+    monkeypatch.setattr(timed_choice, "capturing", lambda device: True)
+    runs.clear()
+    assert timed_choice.fastest("first", candidates, device=CPU, default="a") == "b"
+    assert runs == []
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The fused kernels launched, by name and atomic flag: the fake clock's unit of cost."""
+    launched: list[str] = []
+    original = fused._launch
+
+    def counting_launch(function, name, *args, **kwargs):
+        launched.append(f"{name}{'-atomic' if kwargs.get('ATOMIC_GRAD_Q') else ''}")
+        return original(function, name, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "_launch", counting_launch)
+    return launched
+
+
+def test_timed_backward_runs_the_faster_mode_and_is_exact(timing_on_the_cpu, launches, monkeypatch):
+    """float32: the atomic mode launches one kernel, the two kernels two. With the fake clock charging per
+    launch, "timed" keeps "atomic" and the gradients it returns are the reference's."""
+    runs, _ = timing_on_the_cpu
+    monkeypatch.setattr(fused, "_launch", lambda *args, _launch=fused._launch, **kwargs:
+                        runs.append("launch") or _launch(*args, **kwargs))
+    monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
+    inputs, order, inverse = random_problem(2, 2, 37, 16, 8, 12)
+    outputs = fused._fused_forward(*inputs, order, inverse)
+    grads = [torch.randn_like(outputs[0]), torch.randn_like(outputs[1])]
+    launches.clear()
+    got = fused._fused_backward(*grads, *inputs, order, inverse, *outputs)
+    [(what, entry)] = timed_choice.choices().items()
+    assert what.startswith("fused attention backward cpu torch.float32 ieee (2, 2, 48) 8 12 16"), what
+    assert entry["choice"] == "atomic" and entry["ms"] == {"two_kernels": 2.0, "atomic": 1.0}
+    assert launches[-1] == "keys-atomic", "the gradients returned are the chosen mode's"
+    launches.clear()
+    fused._fused_backward(*grads, *inputs, order, inverse, *outputs)
+    assert launches == ["keys-atomic"], "the kept choice runs alone"
+    want = fused.chunk_attention_reference_backward(*[g.double() for g in grads],
+                                                    *[t.double() for t in inputs], order, inverse)
+    for name, got_grad, want_grad in zip(("queries", "keys", "learned", "values"), got, want):
+        torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_backward_without_timing_runs_the_two_kernels(launches, monkeypatch):
+    monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
+    inputs, order, inverse = random_problem(1, 2, 20, 10, 4, 6)
+    outputs = fused._fused_forward(*inputs, order, inverse)
+    launches.clear()
+    fused._fused_backward(torch.randn_like(outputs[0]), torch.randn_like(outputs[1]), *inputs, order, inverse,
+                          *outputs)
+    assert launches == ["queries", "keys"] and timed_choice.choices() == {}
+
+
+def test_self_check_runs_every_backward_mode_a_timed_choice_may_pick(launches, monkeypatch):
+    monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
+    fused.self_check(CPU)
+    assert launches == ["forward", "queries", "keys", "keys-atomic"]
+    launches.clear()
+    monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "two_kernels"))
+    fused.self_check(CPU)
+    assert launches == ["forward", "queries", "keys"]
+
+
+def test_timed_float32_convolution_keeps_the_faster_method(timing_on_the_cpu, monkeypatch):
+    """Timing is CUDA's: on the CPU the method is resolved directly, with the split products charged less."""
+    runs, costs = timing_on_the_cpu
+    costs.update(split_tf32=1.0, ieee=4.0)
+    convolve = float32_ops._conv2d_float32_by
+    monkeypatch.setattr(float32_ops, "_conv2d_float32_by",
+                        lambda method, *args: runs.append(method) or convolve(method, *args))
+    monkeypatch.setattr(float32_ops, "FLOAT32_CONV_METHOD", "timed")
+    x, weight, bias = torch.randn(2, 8, 6, 6), torch.randn(4, 8, 3, 3), torch.randn(4)
+    assert float32_ops.float32_conv_method(x, weight, bias, 1) == "split_tf32"
+    assert timed_choice.choices() == {"float32 convolution cpu torch.float32 (2, 8, 6, 6) (4, 8, 3, 3) torch.contiguous_format":
+                                      {"choice": "split_tf32", "ms": {"ieee": 4.0, "split_tf32": 1.0}}}
+    costs.update(split_tf32=5.0)
+    x = x.contiguous(memory_format=torch.channels_last)  # another key: timed again
+    assert float32_ops.float32_conv_method(x, weight, bias, 1) == "ieee"
+    monkeypatch.setattr(float32_ops, "FLOAT32_CONV_METHOD", "split_tf32")
+    assert float32_ops.float32_conv_method(x, weight, bias, 1) == "split_tf32"
+    # The CPU op itself always computes plain float32, whatever the setting.
+    runs.clear()
+    torch.testing.assert_close(float32_ops.conv2d_float32(x, weight, bias, 1),
+                               torch.nn.functional.conv2d(x, weight, bias, padding=1))
+    assert runs == ["ieee"]
