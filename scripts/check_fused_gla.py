@@ -7,11 +7,12 @@ Checks, each printed as PASS/FAIL with its numbers:
 
 1. the fused kernel's self-check (float64 reference, padding, blocks, strided inputs) in float32
    (true float32 and TF32 dot products) and bfloat16;
-2. GLA with the fused kernel (its backward in each of ``BACKWARD_MODES``) against the reference
-   implementation, paper layer (C=256, k=128, 3 hashes) at 48x48 batch 2 and 96x96 batch 1, same
-   weights and rotations: output, input and parameter gradients, float32 with TF32 matrix products on
-   both sides (to 2e-2 of each tensor's largest entry) and under bfloat16 autocast (error against
-   float32 at most 1.25x the reference's own bfloat16 error + 0.01);
+2. GLA with the fused kernel (its backward as each variant the training steps may time and pick:
+   ``chunk_attention.backward_variants``) against the reference implementation, paper layer (C=256,
+   k=128, 3 hashes) at 48x48 batch 2 and 96x96 batch 1, same weights and rotations: output, input
+   and parameter gradients, float32 with TF32 matrix products on both sides (to 2e-2 of each
+   tensor's largest entry) and under bfloat16 autocast (error against float32 at most 1.25x the
+   reference's own bfloat16 error + 0.01);
 3. the match embedding in true float32 with cuDNN TF32 on (against a float64 convolution), by each
    ``FLOAT32_CONV_METHOD`` (cuDNN with TF32 off, split products on TF32 tensor cores), and its time at
    the training size (CUDA); the hashing kernel (``bucket_codes``): every bucket it picks attains the
@@ -112,14 +113,21 @@ def outputs_and_gradients(layer, x, rotations, bf16=False):
 
 
 @contextlib.contextmanager
-def backward_mode(mode: str):
-    """The fused backward in ``mode`` on every GPU generation, restored after."""
-    saved = dict(chunk_attention.BACKWARD_MODE)
-    chunk_attention.BACKWARD_MODE.update(dict.fromkeys(saved, mode))
+def backward_variant(device: torch.device, dtype: torch.dtype, name: str):
+    """The fused backward as the variant ``name`` of ``chunk_attention.backward_variants`` (its mode, and
+    its key kernel's launch configuration for ``dtype``), restored after."""
+    mode, keys_config = chunk_attention.backward_variants(device, dtype)[name]
+    saved_modes = dict(chunk_attention.BACKWARD_MODE)
+    configs = chunk_attention.LAUNCH_CONFIGS[chunk_attention._generation(device)]
+    saved_configs = dict(configs)
+    chunk_attention.BACKWARD_MODE.update(dict.fromkeys(saved_modes, mode))
+    if keys_config:
+        configs["keys", "float32" if dtype == torch.float32 else "half"] = keys_config
     try:
         yield
     finally:
-        chunk_attention.BACKWARD_MODE.update(saved)
+        chunk_attention.BACKWARD_MODE.update(saved_modes)
+        configs.update(saved_configs)
 
 
 def names(layer):
@@ -155,8 +163,9 @@ def main() -> None:
                 torch.set_float32_matmul_precision("highest")
 
     for batch, size in sizes:
-        for mode in chunk_attention.BACKWARD_MODES:  # the training steps time both and may run either
-            @check(f"fused (backward {mode}) vs reference GLA C={channels} k={chunk_size} {batch}x{size}x{size}, "
+        # Every backward the training steps' timed choice may pick (mode, key kernel configuration).
+        for variant in chunk_attention.backward_variants(device, torch.float32):
+            @check(f"fused (backward {variant}) vs reference GLA C={channels} k={chunk_size} {batch}x{size}x{size}, "
                    f"float32, matmul precision high")
             def _():
                 # TF32 dot products (what auto uses in float32): true float32 is checked strictly, at 1e-4, by
@@ -164,7 +173,7 @@ def main() -> None:
                 fused, reference, x, rotations = gla_problem(channels, chunk_size, batch, size, device)
                 torch.set_float32_matmul_precision("high")  # both sides: TF32
                 try:
-                    with backward_mode(mode):
+                    with backward_variant(device, torch.float32, variant):
                         got = outputs_and_gradients(fused, x, rotations)
                     want = outputs_and_gradients(reference, x, rotations)
                 finally:
@@ -175,12 +184,13 @@ def main() -> None:
                 assert errors[worst] <= 2e-2, f"{worst} differs by {errors[worst]:.3g} of its largest entry"
                 return {"worst": worst, "relative_error": errors[worst]}
 
-            @check(f"fused (backward {mode}) vs reference GLA C={channels} k={chunk_size} {batch}x{size}x{size}, "
+        for variant in chunk_attention.backward_variants(device, torch.bfloat16):
+            @check(f"fused (backward {variant}) vs reference GLA C={channels} k={chunk_size} {batch}x{size}x{size}, "
                    f"bf16 autocast")
             def _():
                 fused, reference, x, rotations = gla_problem(channels, chunk_size, batch, size, device)
                 exact = outputs_and_gradients(reference, x, rotations)
-                with backward_mode(mode):
+                with backward_variant(device, torch.bfloat16, variant):
                     fused_low = outputs_and_gradients(fused, x, rotations, bf16=True)
                 reference_low = outputs_and_gradients(reference, x, rotations, bf16=True)
 

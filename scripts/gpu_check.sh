@@ -5,8 +5,8 @@
 #                                    # an offline GPU image may lack (Hydra, OmegaConf) into .whl/, and
 #                                    # the authors' code (laoyangui/DLSN; or DLSN_MIRROR=<a clone>) into
 #                                    # .published/DLSN (git-ignored: carry it, never commit it)
-#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; 6 minutes on an H200 (2026-11-27,
-#                                    # before train_step_heuristics and gla_batch1_profile: ~1 min more)
+#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; every target in about 6 minutes on
+#                                    # an H200 (2026-11-27), then two information steps (about 2 minutes)
 #   OUT=/tmp/rehearsal scripts/gpu_check.sh --rehearse   # the same steps on the CPU at toy sizes (a few
 #                                    # minutes): every command line still matches its script and every
 #                                    # output reaches summary.md; measures nothing (tests/test_gpu_check.py)
@@ -26,13 +26,13 @@
 #                       authors' code (with .published), the published layout, the reference and the
 #                       fused implementation, float32 with
 #                       TF32 matrix products on all of them; gla_targets_bf16.*: the same under bf16 autocast
-#   train_step_heuristics.{txt,json}   the eager training step of this project with cuDNN's heuristics
-#                       instead of its autotuner (what dlsn.callbacks.CudnnAutotune gains)
-#   gla_batch1_profile.txt   scripts/profile_train_step.py --sections gla_batch1 backward_modes: where the
-#                       batch-1 GLA rows spend host and device time, this project against the published
-#                       layout; the fused backward's time with each BACKWARD_MODE
 #   precision.{txt,json}    scripts/benchmark_precision.py: training step float32 vs bf16-mixed
 #                       (throughput, peak memory) and validation PSNR after a short run
+#   train_step_heuristics.{txt,json}   the eager training step of this project with cuDNN's heuristics
+#                       instead of its autotuner (what dlsn.callbacks.CudnnAutotune gains; information)
+#   gla_batch1_profile.txt   scripts/profile_train_step.py --sections gla_batch1 backward_modes: where the
+#                       batch-1 GLA rows spend host and device time, this project against the published
+#                       layout; the fused backward's time as each variant the timed choice tries (information)
 #   summary.md          the markdown table printed at the end (scripts/gpu_check_summary.py)
 #
 # Lent GPU machines cut a command off at a hard limit, so the whole run keeps to GPU_CHECK_BUDGET_S
@@ -136,14 +136,16 @@ step gla_targets python3 scripts/benchmark_gla.py --device $device --targets "${
     --warmup 3 --matmul-precision high --json "$OUT/gla_targets.json" --markdown "${toy_gla[@]}"
 step gla_targets_bf16 python3 scripts/benchmark_gla.py --device $device --targets "${published[@]}" --repeats 10 \
     --warmup 3 --precision bf16 --json "$OUT/gla_targets_bf16.json" --markdown "${toy_gla[@]}"
+# The last target (bf16 against float32 validation PSNR), before the two steps that only inform.
+step precision python3 scripts/benchmark_precision.py --device $device --train-steps 200 \
+    --json "$OUT/precision.json" --run-dir /tmp/precision_runs "${toy_precision[@]}"
 # What cuDNN's autotuner (on in train_step, as in the paper recipes) gains over its heuristics: eager steps.
 step train_step_heuristics python3 scripts/benchmark_train_step.py --device $device --cases project --warmup 4 \
     --steps 12 --matmul-precision high --cudnn-autotune off --json "$OUT/train_step_heuristics.json" "${toy_train_step[@]}"
 # Why the batch-1 GLA rows are slow (host time, kernel launches, profiler tables), and the fused kernel's
-# backward in each way of computing dQ (BACKWARD_MODE: two kernels or atomic additions).
+# backward as each variant the training steps' timed choice tries (dQ by two kernels or atomic additions;
+# key kernel configurations).
 step gla_batch1_profile python3 scripts/profile_train_step.py --sections gla_batch1 backward_modes "${toy_profile[@]}"
-step precision python3 scripts/benchmark_precision.py --device $device --train-steps 200 \
-    --json "$OUT/precision.json" --run-dir /tmp/precision_runs "${toy_precision[@]}"
 
 python3 scripts/gpu_check_summary.py "$OUT" >"$OUT/summary.md" 2>&1 || status=1
 echo

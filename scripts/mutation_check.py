@@ -265,14 +265,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the fused backward times both modes, then runs the configured default instead of the faster",
         (Patch("dlsn/models/chunk_attention.py", '    atomic = mode == "atomic"\n',
                '    atomic = _backward_mode(values.device) == "atomic"\n'),),
-        ("tests/test_timed_choice.py::test_timed_backward_runs_the_faster_mode_and_is_exact",),
+        ("tests/test_timed_choice.py::test_timed_backward_runs_the_fastest_variant_and_is_exact",),
     ),
     Mutation(
-        "self-check-skips-a-timed-mode",
-        "the fused kernel's self-check covers only the two-kernel backward, though timing may pick atomic",
-        (Patch("dlsn/models/chunk_attention.py", 'for mode in BACKWARD_MODES if configured == "timed" else (configured,)',
-               'for mode in ("two_kernels" if configured == "timed" else configured,)'),),
-        ("tests/test_timed_choice.py::test_self_check_runs_every_backward_mode_a_timed_choice_may_pick",),
+        "self-check-skips-timed-variants",
+        "the fused kernel's self-check covers only the default backward, though timing may pick another",
+        (Patch("dlsn/models/chunk_attention.py", 'variants = (backward_variants(device, dtype) if configured == "timed"',
+               'variants = ({"two_kernels": ("two_kernels", None)} if configured == "timed"'),),
+        ("tests/test_timed_choice.py::test_self_check_runs_every_backward_variant_a_timed_choice_may_pick",),
+    ),
+    Mutation(
+        "timed-key-configuration-ignored",
+        "the timed backward picks a key-kernel launch configuration but launches LAUNCH_CONFIGS' instead",
+        (Patch("dlsn/models/chunk_attention.py", "channel_block=None, config=keys_config, ATOMIC_GRAD_Q=atomic)",
+               "channel_block=None, ATOMIC_GRAD_Q=atomic)"),),
+        ("tests/test_timed_choice.py::test_timed_backward_runs_the_fastest_variant_and_is_exact",),
     ),
 )
 

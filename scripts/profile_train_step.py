@@ -16,9 +16,10 @@ Sections (``--sections``), each printed as soon as it is done:
   mode: rotations drawn on the GPU) against the published layout of ``scripts/benchmark_gla.py``: median
   time, the host's time to issue one step, kernel launches per step, and the profiler's operations with
   the most host time and with the most device time;
-* ``backward_modes``: the fused kernel's backward at the training size with its current launch
-  configurations, in each way of computing dQ (``BACKWARD_MODE``: two kernels, or atomic additions from
-  the key kernel), bf16 and float32 (TF32): median milliseconds;
+* ``backward_modes``: the fused kernel's backward at the training size as each variant the training
+  steps' timed choice tries (``chunk_attention.backward_variants``: two kernels or atomic additions
+  from the key kernel for dQ, and in float32 a few key-kernel configurations), bf16 and float32
+  (TF32): median milliseconds;
 * ``tune``: every launch configuration of ``--rows-options``, ``--warps``, ``--stages`` (and the
   forward's value-channel block, ``--channel-blocks``) for each of the fused kernel's three kernels at the training size, in bf16
   and float32 (TF32), the backward's for each way of computing dQ (``--backward-modes``: two kernels,
@@ -204,26 +205,20 @@ def kernel_inputs(args, device, dtype):
 
 
 def section_backward_modes(args, device) -> None:
-    generation = fused._generation(device)
-    original_mode = fused.BACKWARD_MODE[generation]
-    print(f"\n## fused kernel backward per way of computing dQ (BACKWARD_MODE[{generation}] = {original_mode!r}), "
-          f"batch {args.batch}, L={args.patch ** 2}, C={args.channels}, k={args.chunk}", flush=True)
-    try:
-        for dtype in (torch.bfloat16, torch.float32):
-            inputs = kernel_inputs(args, device, dtype)
-            attended, confidence = fused._fused_forward(*inputs)
-            grads = (torch.randn_like(attended), torch.randn_like(confidence))
-            timings = []
-            for mode in fused.BACKWARD_MODES:
-                fused.BACKWARD_MODE[generation] = mode
+    print(f"\n## fused kernel backward, each variant the timed choice tries (mode, key kernel configuration; "
+          f"chunk_attention.backward_variants), batch {args.batch}, L={args.patch ** 2}, C={args.channels}, "
+          f"k={args.chunk}", flush=True)
+    for dtype in (torch.bfloat16, torch.float32):
+        inputs = kernel_inputs(args, device, dtype)
+        attended, confidence = fused._fused_forward(*inputs)
+        grads = (torch.randn_like(attended), torch.randn_like(confidence))
+        timings = []
+        for name, (mode, keys_config) in fused.backward_variants(device, dtype).items():
+            def run():
+                fused._fused_backward(*grads, *inputs, attended, confidence, mode=mode, keys_config=keys_config)
 
-                def run():
-                    fused._fused_backward(*grads, *inputs, attended, confidence)
-
-                timings.append(f"{mode} {median_ms(run, device, args.warmup, args.repeats):.3f} ms")
-            print(f"{dtype}: " + "; ".join(timings), flush=True)
-    finally:
-        fused.BACKWARD_MODE[generation] = original_mode
+            timings.append(f"{name} {median_ms(run, device, args.warmup, args.repeats):.3f} ms")
+        print(f"{dtype}: " + "; ".join(timings), flush=True)
 
 
 def section_tune(args, device) -> list[dict]:

@@ -319,16 +319,18 @@ _DIVISIBLE_BY_16 = {"q_stride_n", "q_stride_l", "k_stride_n", "k_stride_l", "v_s
 _SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes per block: A100, H100
 
 
-def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False):
+def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False, config=None):
     """Ahead-of-time compile of one kernel for sm_``arch`` at the paper configuration (C=256, d=64,
-    k=128) with its LAUNCH_CONFIGS entry: Triton's front end, LLVM and ptxas, no GPU needed."""
+    k=128) with ``config`` (rows, warps, stages; default its LAUNCH_CONFIGS entry): Triton's front end,
+    LLVM and ptxas, no GPU needed."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     function = {"forward": fused._forward_kernel, "queries": fused._backward_queries_kernel,
                 "keys": fused._backward_keys_kernel}[name]
     kernel = fused._kernel(function, False)
-    rows, num_warps, num_stages = fused.LAUNCH_CONFIGS[arch][name, "half" if value_type == "bf16" else "float32"]
+    rows, num_warps, num_stages = config or fused.LAUNCH_CONFIGS[arch][name, "half" if value_type == "bf16"
+                                                                       else "float32"]
     constants = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64,
                      BLOCK_C=fused.FORWARD_CHANNEL_BLOCK[arch] if name == "forward" else 256,
                      PRECISION="tf32", INTERPRETED=False)
@@ -392,6 +394,22 @@ def test_kernels_compile_for_gpus_within_their_resources(name, value_type, arch)
     assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
     spill = _register_spill_bytes(compiled)
     assert arch >= 90 or spill is None or spill <= 256, f"{spill} bytes of register spills per thread"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("atomic", [False, True], ids=["two kernels", "atomic dQ"])
+@pytest.mark.parametrize(("arch", "value_type", "config"), [
+    (arch, {"float32": "fp32", "half": "bf16"}[precision], config)
+    for arch, by_precision in fused.TIMED_KEY_CONFIGS.items() for precision, configs in by_precision.items()
+    for config in configs])
+def test_timed_key_configurations_compile_within_the_gpus_resources(arch, value_type, config, atomic):
+    """The key-kernel configurations the timed backward tries (TIMED_KEY_CONFIGS) fit the GPU's shared
+    memory and spill little: they were picked for that (cuobjdump, Triton 3.9)."""
+    pytest.importorskip("triton.backends.nvidia")
+    compiled = _compile_for_gpu("keys", value_type, arch, atomic=atomic, config=config)
+    assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
+    spill = _register_spill_bytes(compiled)
+    assert spill is None or spill <= 256, f"{spill} bytes of register spills per thread"
 
 
 @pytest.mark.parametrize(("capability", "generation"), [((8, 0), 80), ((8, 9), 80), ((9, 0), 90), ((10, 0), 90)])

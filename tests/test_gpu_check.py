@@ -20,8 +20,8 @@ from tests.helpers.runs import PROJECT_ROOT
 SCRIPT = PROJECT_ROOT / "scripts" / "gpu_check.sh"
 
 
-STEPS = ("check", "train_step", "gla_targets", "gla_targets_bf16", "train_step_heuristics", "gla_batch1_profile",
-         "precision")
+STEPS = ("check", "train_step", "gla_targets", "gla_targets_bf16", "precision", "train_step_heuristics",
+         "gla_batch1_profile")  # in the order they run: the targets first
 TEXT_ONLY = ("gla_batch1_profile",)  # steps that print a profile and write no JSON
 
 

@@ -54,6 +54,23 @@ def test_the_faster_candidate_is_kept_for_its_key(timing_on_the_cpu):
     assert timed_choice.fastest(("layer", 2), candidates, device=CPU, default="fast") == "slow"
 
 
+def test_a_candidate_that_fails_is_left_out(timing_on_the_cpu, caplog):
+    runs, costs = timing_on_the_cpu
+    costs.update(broken=0.1, slow=3.0)
+
+    def broken():
+        runs.append("broken")
+        raise RuntimeError("out of resources")
+
+    candidates = {"broken": broken, "slow": lambda: runs.append("slow")}
+    assert timed_choice.fastest("key", candidates, device=CPU, default="broken") == "slow"
+    assert timed_choice.choices()["key"]["ms"] == {"slow": 3.0}
+    assert "broken failed, left out (RuntimeError: out of resources)" in caplog.text
+    with pytest.raises(RuntimeError, match="out of resources"):  # nothing works: the error, not a choice
+        timed_choice.fastest("other", {"broken": broken}, device=CPU, default="broken")
+    assert "other" not in timed_choice.choices()
+
+
 def test_nothing_is_timed_where_timing_is_not_allowed(monkeypatch):
     ran = []
     candidates = {"a": lambda: ran.append("a"), "b": lambda: ran.append("b")}
@@ -89,41 +106,63 @@ def test_capture_keeps_an_earlier_choice_and_times_nothing(timing_on_the_cpu, mo
 
 @pytest.fixture
 def launches(monkeypatch):
-    """The fused kernels launched, by name and atomic flag: the fake clock's unit of cost."""
+    """The fused kernels launched: name, "-atomic" for the key kernel's atomic dQ, "@rows/warps/stages"
+    for a configuration other than LAUNCH_CONFIGS'."""
     launched: list[str] = []
     original = fused._launch
 
-    def counting_launch(function, name, *args, **kwargs):
-        launched.append(f"{name}{'-atomic' if kwargs.get('ATOMIC_GRAD_Q') else ''}")
+    def recording_launch(function, name, *args, **kwargs):
+        config = kwargs.get("config")
+        launched.append(name + ("-atomic" if kwargs.get("ATOMIC_GRAD_Q") else "")
+                        + (f"@{'/'.join(map(str, config))}" if config else ""))
         return original(function, name, *args, **kwargs)
 
-    monkeypatch.setattr(fused, "_launch", counting_launch)
+    monkeypatch.setattr(fused, "_launch", recording_launch)
     return launched
 
 
-def test_timed_backward_runs_the_faster_mode_and_is_exact(timing_on_the_cpu, launches, monkeypatch):
-    """float32: the atomic mode launches one kernel, the two kernels two. With the fake clock charging per
-    launch, "timed" keeps "atomic" and the gradients it returns are the reference's."""
-    runs, _ = timing_on_the_cpu
-    monkeypatch.setattr(fused, "_launch", lambda *args, _launch=fused._launch, **kwargs:
-                        runs.append("launch") or _launch(*args, **kwargs))
+def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu, launches, monkeypatch):
+    """float32 on generation 90 (the interpreter's): both modes, each with LAUNCH_CONFIGS' key kernel and
+    TIMED_KEY_CONFIGS'. The fake clock charges a launch 1 ms, the atomic key kernel with 16 rows 0.5 ms:
+    "timed" keeps that variant, and the gradients it returns are the reference's."""
+    runs, costs = timing_on_the_cpu
+    recording_launch = fused._launch
+
+    def charged_launch(*args, **kwargs):
+        recording_launch(*args, **kwargs)
+        runs.append(launches[-1])  # what the fake clock charges
+
+    monkeypatch.setattr(fused, "_launch", charged_launch)
+    costs["keys-atomic@16/8/1"] = 0.5
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
-    inputs, order, inverse = random_problem(2, 2, 37, 16, 8, 12)
+    monkeypatch.setitem(fused.TIMED_KEY_CONFIGS, 90, {"float32": ((32, 8, 1), (16, 8, 1))})
+    inputs, order, inverse = random_problem(2, 2, 70, 32, 8, 12)  # 32-row chunks: the 16-row blocks differ
     outputs = fused._fused_forward(*inputs, order, inverse)
     grads = [torch.randn_like(outputs[0]), torch.randn_like(outputs[1])]
     launches.clear()
     got = fused._fused_backward(*grads, *inputs, order, inverse, *outputs)
     [(what, entry)] = timed_choice.choices().items()
-    assert what.startswith("fused attention backward cpu torch.float32 ieee (2, 2, 48) 8 12 16"), what
-    assert entry["choice"] == "atomic" and entry["ms"] == {"two_kernels": 2.0, "atomic": 1.0}
-    assert launches[-1] == "keys-atomic", "the gradients returned are the chosen mode's"
+    assert what.startswith("fused attention backward cpu torch.float32 ieee (2, 2, 96) 8 12 32"), what
+    assert entry == {"choice": "atomic, keys 16/8/1", "ms": {
+        "two_kernels": 2.0, "atomic": 1.0, "two_kernels, keys 32/8/1": 2.0, "atomic, keys 32/8/1": 1.0,
+        "two_kernels, keys 16/8/1": 2.0, "atomic, keys 16/8/1": 0.5}}
+    assert launches[-1] == "keys-atomic@16/8/1", "the gradients returned are the chosen variant's"
     launches.clear()
     fused._fused_backward(*grads, *inputs, order, inverse, *outputs)
-    assert launches == ["keys-atomic"], "the kept choice runs alone"
+    assert launches == ["keys-atomic@16/8/1"], "the kept choice runs alone"
     want = fused.chunk_attention_reference_backward(*[g.double() for g in grads],
                                                     *[t.double() for t in inputs], order, inverse)
     for name, got_grad, want_grad in zip(("queries", "keys", "learned", "values"), got, want):
         torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_backward_variants_follow_the_precision_and_generation():
+    gpu = torch.device("cpu")  # the interpreter stands for generation 90
+    assert list(fused.backward_variants(gpu, torch.bfloat16)) == ["two_kernels", "atomic"]
+    float32 = fused.backward_variants(gpu, torch.float32)
+    alternatives = fused.TIMED_KEY_CONFIGS[90]["float32"]
+    assert len(float32) == 2 * (1 + len(alternatives)) and list(float32)[:2] == ["two_kernels", "atomic"]
+    assert {config for _, config in float32.values()} == {None, *alternatives}
 
 
 def test_backward_without_timing_runs_the_two_kernels(launches, monkeypatch):
@@ -136,10 +175,15 @@ def test_backward_without_timing_runs_the_two_kernels(launches, monkeypatch):
     assert launches == ["queries", "keys"] and timed_choice.choices() == {}
 
 
-def test_self_check_runs_every_backward_mode_a_timed_choice_may_pick(launches, monkeypatch):
+def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches, monkeypatch):
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
+    monkeypatch.setitem(fused.TIMED_KEY_CONFIGS, 90, {"float32": ((16, 8, 1),)})
     fused.self_check(CPU)
-    assert launches == ["forward", "queries", "keys", "keys-atomic"]
+    assert launches == ["forward", "queries", "keys", "keys-atomic", "queries", "keys@16/8/1",
+                        "keys-atomic@16/8/1"]
+    launches.clear()
+    fused.self_check(CPU, torch.bfloat16)  # no alternative configurations in half precision
+    assert launches == ["forward", "queries", "keys", "queries", "keys-atomic"]
     launches.clear()
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "two_kernels"))
     fused.self_check(CPU)

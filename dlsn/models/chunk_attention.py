@@ -40,8 +40,9 @@ the spare row ``L + i``, and one small indexed addition folds it back. Alternati
 dQ with atomic additions and the query kernel is left out (in half precision it still runs its first
 pass, for ``delta``): ``P`` and ``dP`` are then recomputed twice instead of three times, at the price
 of a summation order that varies from run to run (never used where deterministic algorithms are
-required). By default (``"timed"``) the training steps time both ways on first use and keep the
-faster (:mod:`dlsn.models.timed_choice`); elsewhere the two kernels run.
+required). By default (``"timed"``) the training steps time both ways on first use (where no GPU
+sweep settled it, also a few launch configurations of the key kernel: ``TIMED_KEY_CONFIGS``) and
+keep the fastest (:mod:`dlsn.models.timed_choice`); elsewhere the two kernels run.
 
 Everything accumulates in float32; inputs may be float32, bfloat16 or float16 (query and key of
 one dtype, the softmax weights are cast to the value dtype for the ``P V`` product, as the reference
@@ -500,21 +501,30 @@ FORWARD_CHANNEL_BLOCK = {90: 256, 80: 128}
 BACKWARD_MODE = {90: "timed", 80: "timed"}
 BACKWARD_MODES = ("two_kernels", "atomic")
 BACKWARD_MODE_CHOICES = (*BACKWARD_MODES, "timed")
+# Key-kernel launch configurations that the "timed" backward also tries, beside LAUNCH_CONFIGS' own,
+# where no GPU sweep settled the choice. sm_90, float32: the H200 sweep of 2026-11-27 was cut off after
+# timing LAUNCH_CONFIGS' (32, 4, 1) (whole backward 3.4 ms per layer); compiled for sm_90 (Triton 3.9,
+# cuobjdump) it spills 984 bytes per thread, (32, 8, 1) 128 and (16, 8, 1) 8.
+TIMED_KEY_CONFIGS = {90: {"float32": ((32, 8, 1), (16, 8, 1))}, 80: {}}
 _working_rows: dict[tuple, int] = {}
 
 
+def _precision_class(dtype: torch.dtype) -> str:
+    return "float32" if dtype == torch.float32 else "half"
+
+
 def _launch(kernel_function, name: str, grid_of_rows, tensors, sizes, *, channel_block: int | None,
-            **constants):
-    """Launch ``kernel_function`` with the configuration of ``LAUNCH_CONFIGS`` (fewer rows if the
-    GPU's resources are short)."""
+            config: tuple[int, int, int] | None = None, **constants):
+    """Launch ``kernel_function`` with ``config`` (rows, warps, stages), by default that of
+    ``LAUNCH_CONFIGS`` (fewer rows if the GPU's resources are short)."""
     device = tensors[0].device
     interpreted = device.type != "cuda"
     kernel = _kernel(kernel_function, interpreted)
     chunk, qk_dim, v_dim = sizes["chunk"], sizes["qk_dim"], sizes["v_dim"]
-    precision_class = "float32" if sizes["value_dtype"] == torch.float32 else "half"
     generation = _generation(device)
-    rows, num_warps, num_stages = LAUNCH_CONFIGS[generation][name, precision_class]
-    key = (name, generation, sizes["value_dtype"], sizes["precision"], chunk, qk_dim, v_dim,
+    config = config or LAUNCH_CONFIGS[generation][name, _precision_class(sizes["value_dtype"])]
+    rows, num_warps, num_stages = config
+    key = (name, generation, config, sizes["value_dtype"], sizes["precision"], chunk, qk_dim, v_dim,
            tuple(sorted(constants.items())))
     rows = _working_rows.get(key, min(rows, _power_of_two(chunk)))
     while True:
@@ -595,19 +605,30 @@ def _fused_forward(queries, keys, learned_score, values, order, inverse):
     return attended, confidence
 
 
+def backward_variants(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[str, tuple | None]]:
+    """The ways the "timed" backward chooses from, by name: (mode, key-kernel launch configuration, where
+    ``None`` is ``LAUNCH_CONFIGS``'), the first the default."""
+    alternatives = TIMED_KEY_CONFIGS[_generation(device)].get(_precision_class(dtype), ())
+    return {mode if config is None else f"{mode}, keys {'/'.join(map(str, config))}": (mode, config)
+            for config in (None, *alternatives) for mode in BACKWARD_MODES}
+
+
 def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
-                    attended, confidence, mode: str | None = None):
+                    attended, confidence, mode: str | None = None, keys_config: tuple | None = None):
     """Gradients of queries, keys, learned score and values; ``mode`` one of ``BACKWARD_MODE_CHOICES``
-    (default: the device's ``BACKWARD_MODE``)."""
+    (default: the device's ``BACKWARD_MODE``), ``keys_config`` the key kernel's launch configuration
+    (default: ``LAUNCH_CONFIGS``'). "timed" picks both (:func:`backward_variants`)."""
     mode = mode or _backward_mode(values.device)
     if mode == "timed":
         arguments = (grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
                      attended, confidence)
         key = ("fused attention backward", values.device, values.dtype, _sizes(*arguments[2:8])["precision"],
                tuple(order.shape), queries.shape[-1], values.shape[-1], learned_score.shape[-1])
-        mode = timed_choice.fastest(
-            key, {name: functools.partial(_fused_backward, *arguments, mode=name) for name in BACKWARD_MODES},
-            device=values.device, default="two_kernels")
+        variants = backward_variants(values.device, values.dtype)
+        candidates = {name: functools.partial(_fused_backward, *arguments, mode=mode, keys_config=config)
+                      for name, (mode, config) in variants.items()}
+        mode, keys_config = variants[timed_choice.fastest(key, candidates, device=values.device,
+                                                          default=next(iter(variants)))]
     queries, keys, learned_score, values = map(_unit_column_stride, (queries, keys, learned_score, values))
     order32 = order.to(torch.int32).contiguous()
     sizes = _sizes(queries, keys, learned_score, values, order32, inverse)
@@ -642,7 +663,7 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
                     channel_block=None, EXACT_DELTA=exact_delta, DELTA_ONLY=atomic)
         _launch(_backward_keys_kernel, "keys", grid,
                 (*inputs, grad["keys"], grad["values"], grad["learned"], grad["queries"]), sizes,
-                channel_block=None, ATOMIC_GRAD_Q=atomic)
+                channel_block=None, config=keys_config, ATOMIC_GRAD_Q=atomic)
 
     length = sizes["length"]
     if padded > length:  # fold the padded duplicates' key gradients (rows L .. P-1) into their positions'
@@ -689,7 +710,7 @@ SELF_CHECK_TOLERANCE = {"ieee": 1e-4, "tf32": 1e-2, torch.bfloat16: 5e-2, torch.
 
 
 def self_check(device: torch.device, dtype: torch.dtype = torch.float32) -> None:
-    """Fused forward and backward (each ``BACKWARD_MODES`` entry it may run) in ``dtype`` against the
+    """Fused forward and backward (each way it may run: :func:`backward_variants`) in ``dtype`` against the
     float64 reference on a small problem; raises if they differ (tolerance: ``SELF_CHECK_TOLERANCE``). Float32 uses the dot-product precision in
     force (TF32 or true float32). Covers padding, several chunks, a chunk split over blocks and
     strided (view) inputs."""
@@ -728,10 +749,13 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.float32) -> None
 
     compare(("attended", "confidence"), fused, expected, dtype)
     configured = _backward_mode(device)
-    for mode in BACKWARD_MODES if configured == "timed" else (configured,):  # every way the backward may run
-        fused_grads = _fused_backward(grad_attended, grad_confidence, *inputs, order, inverse, *fused, mode=mode)
+    variants = (backward_variants(device, dtype) if configured == "timed"  # every way the backward may run
+                else {configured: (configured, None)})
+    for name, (mode, keys_config) in variants.items():
+        fused_grads = _fused_backward(grad_attended, grad_confidence, *inputs, order, inverse, *fused, mode=mode,
+                                      keys_config=keys_config)
         compare(("grad queries", "grad keys", "grad learned score", "grad values"), fused_grads, expected_grads,
-                f"{dtype}, backward {mode}")
+                f"{dtype}, backward {name}")
 
 
 def _fused_allowed(values: torch.Tensor, fallback: bool) -> bool:

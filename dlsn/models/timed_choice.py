@@ -57,30 +57,45 @@ def fastest(key: Hashable, candidates: Mapping[str, Callable[[], object]], *, de
             default: str) -> str:
     """The name of the fastest of ``candidates`` (functions computing the same thing) for ``key``;
     ``default`` where timing is not allowed (:func:`timing_allowed`) or, without an earlier choice,
-    during CUDA-graph capture."""
+    during CUDA-graph capture. A candidate that raises is left out (warned); if all do, the first
+    error is raised."""
     if not timing_allowed(device):
         return default
     if key in _choices:
         return _choices[key]["choice"]
     if capturing(device):
         return default
-    for run in candidates.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in candidates}
+    working, errors = {}, []
+    for name, run in candidates.items():
+        try:
+            run()
+        except Exception as error:  # e.g. a launch configuration this GPU cannot run
+            log.warning("dlsn: %s: %s failed, left out (%s: %s)", _described(key), name,
+                        type(error).__name__, error)
+            errors.append(error)
+        else:
+            working[name] = run
+    if not working:
+        raise errors[0]
+    times: dict[str, list[float]] = {name: [] for name in working}
     for _ in range(REPEATS):
-        for name, run in candidates.items():  # interleaved: clock changes affect every candidate alike
+        for name, run in working.items():  # interleaved: clock changes affect every candidate alike
             times[name].append(milliseconds(run, device))
     medians = {name: statistics.median(values) for name, values in times.items()}
     choice = min(medians, key=medians.get)
     _choices[key] = {"choice": choice, "ms": medians}
-    log.info("dlsn: %s: %s (%s)", " ".join(map(str, key)), choice,
+    log.info("dlsn: %s: %s (%s)", _described(key), choice,
              ", ".join(f"{name} {ms:.3f} ms" for name, ms in medians.items()))
     return choice
 
 
+def _described(key: Hashable) -> str:
+    return " ".join(map(str, key)) if isinstance(key, tuple) else str(key)
+
+
 def choices() -> dict[str, dict]:
     """Every choice timed in this process, for reports: ``{"what device sizes ...": {"choice", "ms"}}``."""
-    return {" ".join(map(str, key)): {"choice": entry["choice"], "ms": dict(entry["ms"])}
+    return {_described(key): {"choice": entry["choice"], "ms": dict(entry["ms"])}
             for key, entry in _choices.items()}
 
 
