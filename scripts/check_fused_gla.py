@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -80,15 +81,8 @@ def median_cuda_ms(run, warmup: int = 3, repeats: int = 20) -> float:
     """Median milliseconds of ``run()`` on the current CUDA stream (CUDA events)."""
     for _ in range(warmup):
         run()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    device = torch.device("cuda", torch.cuda.current_device())
+    return statistics.median(timed_choice.milliseconds(run, device) for _ in range(repeats))
 
 
 def gla_problem(channels, chunk_size, batch, size, device):

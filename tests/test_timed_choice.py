@@ -54,6 +54,24 @@ def test_the_faster_candidate_is_kept_for_its_key(timing_on_the_cpu):
     assert timed_choice.fastest(("layer", 2), candidates, device=CPU, default="fast") == "slow"
 
 
+def test_candidates_are_built_only_when_timed(timing_on_the_cpu, monkeypatch):
+    """A function returning the candidates runs once, when they are timed: not on every call (the
+    backward builds six partial functions), nor where timing is not allowed."""
+    runs, _ = timing_on_the_cpu
+    built = []
+
+    def candidates():
+        built.append(True)
+        return {"a": lambda: runs.append("a"), "b": lambda: runs.append("b")}
+
+    for _ in range(3):
+        assert timed_choice.fastest("key", candidates, device=CPU, default="b") == "a"
+    assert len(built) == 1
+    monkeypatch.setattr(timed_choice, "timing_allowed", lambda device: False)
+    assert timed_choice.fastest("another key", candidates, device=CPU, default="b") == "b"
+    assert len(built) == 1
+
+
 def test_a_candidate_that_fails_is_left_out(timing_on_the_cpu, caplog):
     runs, costs = timing_on_the_cpu
     costs.update(broken=0.1, slow=3.0)

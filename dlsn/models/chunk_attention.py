@@ -618,20 +618,20 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     """Gradients of queries, keys, learned score and values; ``mode`` one of ``BACKWARD_MODE_CHOICES``
     (default: the device's ``BACKWARD_MODE``), ``keys_config`` the key kernel's launch configuration
     (default: ``LAUNCH_CONFIGS``'). "timed" picks both (:func:`backward_variants`)."""
-    mode = mode or _backward_mode(values.device)
-    if mode == "timed":
-        arguments = (grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
-                     attended, confidence)
-        key = ("fused attention backward", values.device, values.dtype, _sizes(*arguments[2:8])["precision"],
-               tuple(order.shape), queries.shape[-1], values.shape[-1], learned_score.shape[-1])
-        variants = backward_variants(values.device, values.dtype)
-        candidates = {name: functools.partial(_fused_backward, *arguments, mode=mode, keys_config=config)
-                      for name, (mode, config) in variants.items()}
-        mode, keys_config = variants[timed_choice.fastest(key, candidates, device=values.device,
-                                                          default=next(iter(variants)))]
+    arguments = (grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
+                 attended, confidence)
     queries, keys, learned_score, values = map(_unit_column_stride, (queries, keys, learned_score, values))
     order32 = order.to(torch.int32).contiguous()
     sizes = _sizes(queries, keys, learned_score, values, order32, inverse)
+    mode = mode or _backward_mode(values.device)
+    if mode == "timed":
+        key = ("fused attention backward", values.device, values.dtype, sizes["precision"], tuple(order.shape),
+               sizes["qk_dim"], sizes["v_dim"], sizes["chunk"])
+        variants = backward_variants(values.device, values.dtype)
+        mode, keys_config = variants[timed_choice.fastest(
+            key, lambda: {name: functools.partial(_fused_backward, *arguments, mode=mode, keys_config=config)
+                          for name, (mode, config) in variants.items()},
+            device=values.device, default=next(iter(variants)))]
     batch, rounds, padded = order.shape
     n_chunks, chunk, qk_dim, v_dim = sizes["n_chunks"], sizes["chunk"], sizes["qk_dim"], sizes["v_dim"]
     # dy enters the P V products in the values' precision. delta_i = sum_j P_ij dP_ij - dlse_i is the

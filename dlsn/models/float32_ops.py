@@ -140,9 +140,10 @@ def float32_conv_method(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
         return FLOAT32_CONV_METHOD
     key = ("float32 convolution", input.device, input.dtype, tuple(input.shape), tuple(weight.shape),
            _memory_format(input))
-    candidates = {method: functools.partial(_conv2d_float32_by, method, input, weight, bias, padding)
-                  for method in FLOAT32_CONV_METHODS}
-    return timed_choice.fastest(key, candidates, device=input.device, default="ieee")
+    return timed_choice.fastest(
+        key, lambda: {method: functools.partial(_conv2d_float32_by, method, input, weight, bias, padding)
+                      for method in FLOAT32_CONV_METHODS},
+        device=input.device, default="ieee")
 
 
 @torch.library.custom_op("dlsn::conv2d_float32", mutates_args=())

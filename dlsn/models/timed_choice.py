@@ -53,12 +53,15 @@ def milliseconds(run: Callable[[], object], device: torch.device) -> float:
     return start.elapsed_time(end)
 
 
-def fastest(key: Hashable, candidates: Mapping[str, Callable[[], object]], *, device: torch.device,
+Candidates = Mapping[str, Callable[[], object]]
+
+
+def fastest(key: Hashable, candidates: Candidates | Callable[[], Candidates], *, device: torch.device,
             default: str) -> str:
-    """The name of the fastest of ``candidates`` (functions computing the same thing) for ``key``;
-    ``default`` where timing is not allowed (:func:`timing_allowed`) or, without an earlier choice,
-    during CUDA-graph capture. A candidate that raises is left out (warned); if all do, the first
-    error is raised."""
+    """The name of the fastest of ``candidates`` (functions computing the same thing, by name; or a
+    function that returns them, called only when they are timed) for ``key``; ``default`` where timing
+    is not allowed (:func:`timing_allowed`) or, without an earlier choice, during CUDA-graph capture.
+    A candidate that raises is left out (warned); if all do, the first error is raised."""
     if not timing_allowed(device):
         return default
     if key in _choices:
@@ -66,7 +69,7 @@ def fastest(key: Hashable, candidates: Mapping[str, Callable[[], object]], *, de
     if capturing(device):
         return default
     working, errors = {}, []
-    for name, run in candidates.items():
+    for name, run in (candidates() if callable(candidates) else candidates).items():
         try:
             run()
         except Exception as error:  # e.g. a launch configuration this GPU cannot run
