@@ -629,8 +629,9 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
                sizes["qk_dim"], sizes["v_dim"], sizes["chunk"])
         variants = backward_variants(values.device, values.dtype)
         mode, keys_config = variants[timed_choice.fastest(
-            key, lambda: {name: functools.partial(_fused_backward, *arguments, mode=mode, keys_config=config)
-                          for name, (mode, config) in variants.items()},
+            key, lambda: {name: functools.partial(_fused_backward, *arguments, mode=variant_mode,
+                                                  keys_config=variant_config)
+                          for name, (variant_mode, variant_config) in variants.items()},
             device=values.device, default=next(iter(variants)))]
     batch, rounds, padded = order.shape
     n_chunks, chunk, qk_dim, v_dim = sizes["n_chunks"], sizes["chunk"], sizes["qk_dim"], sizes["v_dim"]
@@ -710,10 +711,10 @@ SELF_CHECK_TOLERANCE = {"ieee": 1e-4, "tf32": 1e-2, torch.bfloat16: 5e-2, torch.
 
 
 def self_check(device: torch.device, dtype: torch.dtype = torch.float32) -> None:
-    """Fused forward and backward (each way it may run: :func:`backward_variants`) in ``dtype`` against the
-    float64 reference on a small problem; raises if they differ (tolerance: ``SELF_CHECK_TOLERANCE``). Float32 uses the dot-product precision in
-    force (TF32 or true float32). Covers padding, several chunks, a chunk split over blocks and
-    strided (view) inputs."""
+    """Fused forward and backward (each way it may run: :func:`backward_variants`) in ``dtype`` against
+    the float64 reference on a small problem; raises if they differ (tolerance: ``SELF_CHECK_TOLERANCE``).
+    Float32 uses the dot-product precision in force (TF32 or true float32). Covers padding, several
+    chunks, a chunk split over blocks and strided (view) inputs."""
     generator = torch.Generator().manual_seed(0)
     batch, rounds, length, chunk, qk_dim, v_dim = 2, 2, 100, 40, 12, 24
 
