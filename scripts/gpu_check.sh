@@ -91,7 +91,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 status=0
 # Seconds each step may take at most on an H100/H200 (compilation included); the budget may leave less.
-declare -A STEP_CAP_S=([check]=150 [train_step]=330 [gla_targets]=90 [gla_targets_bf16]=90 [train_step_heuristics]=60
+declare -A STEP_CAP_S=([check]=180 [train_step]=330 [gla_targets]=90 [gla_targets_bf16]=90 [train_step_heuristics]=60
                         [gla_batch1_profile]=60 [precision]=300)
 if [[ $device == cuda ]]; then
     budget=${GPU_CHECK_BUDGET_S:-540}
