@@ -32,6 +32,9 @@ issue 9's targets compare with; their code calls ``.cuda()``, so on the CPU (``-
 time and memory do not depend on the weights' values.
 ``--breakdown`` profiles the case once more and splits its time into convolutions, matrix products
 (the arithmetic every implementation of the same math must do) and everything else.
+This project's forward+backward cases run as ``train.py``'s training steps do, with cuDNN's autotuner
+and so the fused kernel's timed choices (printed under the case; ``--cudnn-autotune off``: cuDNN's
+heuristics and the untimed defaults); the published code and the forward-only (evaluation) cases never.
 """
 
 from __future__ import annotations
@@ -48,11 +51,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dlsn.models import DLSN, GLA
+from dlsn.models import DLSN, GLA, timed_choice
 from dlsn.models.allocator import keep_freed_memory
 from dlsn.models.gla import KEY_NORM_EPS, draw_rotations, gla_layers, number_of_buckets
 
 IMPLS = ("published", "reference", "fused", "authors")
+TRAINING_KINDS = ("gla_forward_backward", "dlsn_train_step")
 TARGET_CASES = [  # issue 9, model-level rows
     dict(kind="gla_forward_backward", size=48, batch=1),
     dict(kind="gla_forward_backward", size=96, batch=1),
@@ -134,6 +138,13 @@ def run_case(case: dict) -> dict:
         keep_freed_memory()
     device = torch.device(case["device"])
     torch.set_float32_matmul_precision(case.get("matmul_precision", "highest"))
+    # Training-kind cases of this project run as train.py's training steps do: cuDNN's autotuner on
+    # (CudnnAutotune; fixed sizes), and with it the fused kernel's timed choices. The published code
+    # keeps cuDNN's heuristics (its trainer never sets the flag); forward-only cases stand for evaluation.
+    autotuned = (case.get("cudnn_autotune", False) and case["kind"] in TRAINING_KINDS
+                 and case["impl"] in ("reference", "fused"))
+    torch.backends.cudnn.benchmark = autotuned
+    chosen_before = set(timed_choice.choices())  # on CUDA the cases share one process
     torch.manual_seed(0)
     # --smoke: a toy network and toy inputs of the same kinds (checks the script, measures nothing).
     widths = SMOKE_WIDTHS if case.get("smoke") else PAPER_WIDTHS
@@ -204,7 +215,10 @@ def run_case(case: dict) -> dict:
         peak_mb = (torch.cuda.max_memory_allocated() - allocated_before) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    result = {"median_s": statistics.median(times), "peak_mb": peak_mb}
+    result = {"median_s": statistics.median(times), "peak_mb": peak_mb, "cudnn_autotune": autotuned}
+    chosen = {what: entry for what, entry in timed_choice.choices().items() if what not in chosen_before}
+    if chosen:
+        result["timed_choices"] = chosen
     if case.get("breakdown"):
         result.update(time_by_operator_kind(timed_step, synchronize, device, case["repeats"]))
     return result
@@ -325,6 +339,9 @@ def main() -> None:
                              "faults at large sizes, higher peak RSS")
     parser.add_argument("--breakdown", action="store_true",
                         help="also profile each case: seconds per step in convolutions and matrix products")
+    parser.add_argument("--cudnn-autotune", default="on", choices=["on", "off"],
+                        help="this project's forward+backward cases with cuDNN's autotuner and the fused kernel's "
+                             "timed choices, as train.py's training steps (default); off: cuDNN's heuristics")
     parser.add_argument("--json", help="write every case and its numbers to this file")
     parser.add_argument("--markdown", action="store_true", help="finish with a markdown table (ratios)")
     parser.add_argument("--list", action="store_true", help="print the cases and exit")
@@ -361,7 +378,7 @@ def main() -> None:
                         size=max(4, case["size"] // 16), batch=min(case["batch"], 2))
     for case in cases:
         case.update(device=args.device, warmup=args.warmup, precision=args.precision, published_src=args.published_src,
-                    matmul_precision=args.matmul_precision,
+                    matmul_precision=args.matmul_precision, cudnn_autotune=args.cudnn_autotune == "on",
                     keep_freed_memory=args.keep_freed_memory, breakdown=args.breakdown)
     if args.list:
         for case in cases:
@@ -398,6 +415,9 @@ def main() -> None:
             other = numbers["median_s"] - numbers["convolution_s"] - numbers["matmul_s"]
             row += f"{numbers['convolution_s']:>10.4f}{numbers['matmul_s']:>10.4f}{other:>10.4f}"
         print(row, flush=True)
+        for what, entry in numbers.get("timed_choices", {}).items():
+            print(f"    timed choice: {what}: {entry['choice']} ("
+                  + ", ".join(f"{name} {ms:.3f} ms" for name, ms in entry["ms"].items()) + ")", flush=True)
     if args.markdown:
         print()
         print(markdown_table(results, memory_label))

@@ -142,10 +142,11 @@ def autotune_rows(autotuned: list | None, heuristics: list | None) -> list[str]:
     return rows
 
 
-def timed_choice_rows(train_step: list | None) -> list[str]:
-    """What the training steps' timed choices picked (dlsn/models/timed_choice.py), with each candidate's time."""
+def timed_choice_rows(*results: list | None) -> list[str]:
+    """What the timed choices (dlsn/models/timed_choice.py) picked in the training steps and the model-level
+    forward+backward cases, with each candidate's time."""
     choices: dict[str, dict] = {}
-    for result in train_step or []:
+    for result in (result for listed in results for result in listed or []):
         choices |= result.get("timed_choices") or {}
     return [f"| timed choice: {what} | | | {entry['choice']} | "
             + ", ".join(f"{name} {ms:.3f} ms" for name, ms in entry["ms"].items()) + " | | (information) |"
@@ -168,7 +169,7 @@ def main(folder: Path) -> None:
         rows += target_rows(load(folder, file_name), file_name, judging)
 
     rows += autotune_rows(train_step, load(folder, "train_step_heuristics.json"))
-    rows += timed_choice_rows(train_step)
+    rows += timed_choice_rows(train_step, (load(folder, "gla_targets.json") or {}).get("cases"))
 
     precision = load(folder, "precision.json")
     for name, numbers in (precision or {}).get("throughput", {}).items():

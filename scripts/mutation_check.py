@@ -262,9 +262,10 @@ MUTATIONS: tuple[Mutation, ...] = (
     # ---- the timed choices and the kernels they pick (dlsn/models/timed_choice.py) --------------------
     Mutation(
         "timed-backward-choice-ignored",
-        "the fused backward times both modes, then runs the configured default instead of the faster",
-        (Patch("dlsn/models/chunk_attention.py", '    atomic = mode == "atomic"\n',
-               '    atomic = _backward_mode(values.device) == "atomic"\n'),),
+        "the fused backward times every mode, then runs the configured default instead of the fastest",
+        (Patch("dlsn/models/chunk_attention.py",
+               '    atomic, values_kernel = mode.startswith("atomic"), mode.endswith("+values")\n',
+               '    atomic, values_kernel = _backward_mode(values.device) == "atomic", False\n'),),
         ("tests/test_timed_choice.py::test_timed_backward_runs_the_fastest_variant_and_is_exact",),
     ),
     Mutation(
@@ -277,9 +278,16 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "timed-key-configuration-ignored",
         "the timed backward picks a key-kernel launch configuration but launches LAUNCH_CONFIGS' instead",
-        (Patch("dlsn/models/chunk_attention.py", "channel_block=None, config=keys_config, ATOMIC_GRAD_Q=atomic)",
-               "channel_block=None, ATOMIC_GRAD_Q=atomic)"),),
+        (Patch("dlsn/models/chunk_attention.py", "config=keys_config, ATOMIC_GRAD_Q=atomic,",
+               "ATOMIC_GRAD_Q=atomic,"),),
         ("tests/test_timed_choice.py::test_timed_backward_runs_the_fastest_variant_and_is_exact",),
+    ),
+    Mutation(
+        "key-kernel-dp-loop-one-channel-block",
+        "with dV from the values kernel, the key kernel's dP sums only the first block of value channels",
+        (Patch("dlsn/models/chunk_attention.py", "for channel_start in range(0, v_dim, BLOCK_C):",
+               "for channel_start in range(0, BLOCK_C, BLOCK_C):"),),
+        ("tests/test_chunk_attention.py::test_values_kernel_modes_split_the_value_channels_into_blocks",),
     ),
 )
 

@@ -18,12 +18,14 @@ Sections (``--sections``), each printed as soon as it is done:
   the most host time and with the most device time;
 * ``backward_modes``: the fused kernel's backward at the training size as each variant the training
   steps' timed choice tries (``chunk_attention.backward_variants``: two kernels or atomic additions
-  from the key kernel for dQ, and in float32 a few key-kernel configurations), bf16 and float32
+  from the key kernel for dQ, dV from the key kernel or a values kernel, and in float32 a few
+  key-kernel configurations), bf16 and float32
   (TF32): median milliseconds;
 * ``tune``: every launch configuration of ``--rows-options``, ``--warps``, ``--stages`` (and the
-  forward's value-channel block, ``--channel-blocks``) for each of the fused kernel's three kernels at the training size, in bf16
-  and float32 (TF32), the backward's for each way of computing dQ (``--backward-modes``: two kernels,
-  or atomic additions from the key kernel): median milliseconds, best first; ``--json`` writes them.
+  forward's value-channel block, ``--channel-blocks``) for each of the fused kernel's kernels at the training size, in bf16
+  and float32 (TF32), the backward's for each way of computing dQ and dV (``--backward-modes``: two
+  kernels, or atomic additions from the key kernel, each with dV from the key kernel or a values kernel):
+  median milliseconds, best first; ``--json`` writes them.
   ``--dtypes`` and ``--kernels`` narrow the sweep, e.g. to the float32 key kernel, the largest share of
   the float32 step's attention whose configurations a cut-short sweep never reached:
   ``--sections tune --dtypes float32 --kernels keys``.
@@ -221,6 +223,18 @@ def section_backward_modes(args, device) -> None:
         print(f"{dtype}: " + "; ".join(timings), flush=True)
 
 
+KERNELS = ("forward", "queries", "keys", "values", "keys_no_values")
+
+
+def backward_kernels(mode: str, dtype: torch.dtype) -> list[str]:
+    """The kernels swept in backward ``mode``: its key kernel and values kernel, and the query kernel
+    where the mode runs it (float32's atomic modes do not), swept once, in the modes without a values
+    kernel (it is the same kernel there)."""
+    atomic, values_kernel = mode.startswith("atomic"), mode.endswith("+values")
+    queries = [] if values_kernel or (atomic and dtype == torch.float32) else ["queries"]
+    return queries + (["values", "keys_no_values"] if values_kernel else ["keys"])
+
+
 def section_tune(args, device) -> list[dict]:
     results = []
     for dtype in [{"bf16": torch.bfloat16, "float32": torch.float32}[name] for name in args.dtypes]:
@@ -234,13 +248,12 @@ def section_tune(args, device) -> list[dict]:
         original = dict(configs)
         original_channel_block = fused.FORWARD_CHANNEL_BLOCK[generation]
         original_mode = fused.BACKWARD_MODE[generation]
-        defaults = [original[kernel, precision_class] for kernel in ("forward", "queries", "keys")]
+        defaults = [original[kernel, precision_class] for kernel in KERNELS]
         print(f"\n## fused kernel launch configurations (LAUNCH_CONFIGS[{generation}]), {dtype}, batch {args.batch}, "
               f"L={args.patch ** 2}, C={args.channels}, k={args.chunk} (default: {defaults}, forward channel block "
               f"{original_channel_block}, backward {original_mode})", flush=True)
-        sweeps = [("forward", None)] + [(name, mode) for mode in args.backward_modes for name in ("queries", "keys")
-                                         # float32's atomic backward runs no query kernel
-                                         if not (name == "queries" and mode == "atomic" and dtype == torch.float32)]
+        sweeps = [("forward", None)] + [(name, mode) for mode in args.backward_modes
+                                         for name in backward_kernels(mode, dtype)]
         sweeps = [(name, mode) for name, mode in sweeps if name in args.kernels]
         for name, mode in sweeps:
             channel_blocks = args.channel_blocks if name == "forward" else [None]
@@ -276,8 +289,7 @@ def section_tune(args, device) -> list[dict]:
                 fused.FORWARD_CHANNEL_BLOCK[generation] = original_channel_block
             fused.BACKWARD_MODE[generation] = original_mode
             timings.sort(key=lambda r: float("inf") if r["ms"] is None else r["ms"])
-            kernels = "both kernels" if mode == "two_kernels" else "atomic dQ"
-            what = "forward" if name == "forward" else f"backward ({kernels}, {name} varied)"
+            what = "forward" if name == "forward" else f"backward ({mode}, {name} varied)"
             print(f"{what}: " + "; ".join(
                 f"{r['rows']}/{r['warps']}/{r['stages']}" + (f"/c{r['channel_block']}" if r["channel_block"] else "")
                 + (f" {r['ms']:.3f} ms" if r["ms"] is not None else " failed")
@@ -302,11 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--channel-blocks", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--backward-modes", nargs="+", choices=fused.BACKWARD_MODES, default=list(fused.BACKWARD_MODES),
-                        help="ways of computing dQ to sweep (dlsn/models/chunk_attention.py BACKWARD_MODE)")
+                        help="ways of computing dQ and dV to sweep (dlsn/models/chunk_attention.py BACKWARD_MODE)")
     parser.add_argument("--dtypes", nargs="+", choices=["bf16", "float32"], default=["bf16", "float32"],
                         help="value precisions to tune (float32: TF32 dot products)")
-    parser.add_argument("--kernels", nargs="+", choices=["forward", "queries", "keys"],
-                        default=["forward", "queries", "keys"], help="kernels to tune")
+    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS),
+                        help="kernels to tune (keys_no_values: the key kernel of the +values modes)")
     parser.add_argument("--tune-repeats", type=int, default=10)
     parser.add_argument("--json", default=None, help="write the tuning results to this file")
     parser.add_argument("--max-seconds", type=float, default=None,

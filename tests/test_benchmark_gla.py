@@ -85,7 +85,9 @@ def test_gpu_check_summary_judges_the_targets_from_the_recorded_numbers(tmp_path
              case("fused", "gla_forward_backward", 96, 1, 6.9, 212),  # 1.16x the authors', 0.77x the layout: met
              case("fused", "gla_forward_backward", 48, 1, 5.0, 40),  # 1.16x: met
              case("published", "gla_forward_backward", 96, 16, 55.1, 8270),
-             case("fused", "gla_forward_backward", 96, 16, 20.0, 900),  # 2.76x < 3x: not met
+             dict(case("fused", "gla_forward_backward", 96, 16, 20.0, 900),  # 2.76x < 3x: not met
+                  timed_choices={"fused attention backward cuda:0 torch.float32 tf32 (16, 3, 9216)": {
+                      "choice": "atomic+values", "ms": {"two_kernels": 9.0, "atomic+values": 6.5}}}),
              case("published", "dlsn_forward", 360, 1, 294.9, 6795),
              case("fused", "dlsn_forward", 360, 1, 100.0, 2100),  # 2.95x but memory 0.31x: not met
              dict(impl="fused", kind="dlsn_forward", size=128, batch=1, precision="32", error="OutOfMemoryError: x")]
@@ -111,6 +113,8 @@ def test_gpu_check_summary_judges_the_targets_from_the_recorded_numbers(tmp_path
     # neither the authors' code nor the layout measured: no baseline, and no mention of the authors
     assert "| — | — | error: OutOfMemoryError" in rows["whole-image forward, paper DLSN x2, batch 1, LR 128x128"]
     assert rows["model-level targets (gla_targets_bf16.json)"].endswith("| MISSING |")
+    choice = rows["timed choice: fused attention backward cuda:0 torch.float32 tf32 (16, 3, 9216)"]
+    assert "| atomic+values | two_kernels 9.000 ms, atomic+values 6.500 ms |" in choice, choice
     assert rows["training steps (precision.json)"].endswith("| MISSING |")
 
     # the same numbers from the CPU (gpu_check.sh --rehearse) judge nothing
@@ -119,3 +123,40 @@ def test_gpu_check_summary_judges_the_targets_from_the_recorded_numbers(tmp_path
                              capture_output=True, text=True, timeout=60, check=True).stdout
     assert summary.startswith("Rehearsal:") and "MET |" not in summary
     assert "| 1.16x time, 0.31x memory | >= 1x | REHEARSAL |" in summary
+
+
+def test_training_cases_of_this_project_run_with_cudnn_autotune_and_timed_choices(monkeypatch):
+    """As train.py's training steps: the fused forward+backward case runs with cuDNN's autotuner on, so
+    the kernel's timed choices are made and recorded; evaluation-like (forward) and published cases run
+    with cuDNN's heuristics, and ``--cudnn-autotune off`` turns it off. On the CPU "timing" is allowed
+    exactly where the flag is on, with a fake clock."""
+    import importlib.util
+
+    import torch
+
+    from dlsn.models import chunk_attention, timed_choice
+
+    if not chunk_attention.triton_available():
+        pytest.skip("triton is not importable")
+    spec = importlib.util.spec_from_file_location("benchmark_gla", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(timed_choice, "timing_allowed", lambda device: torch.backends.cudnn.benchmark)
+    monkeypatch.setattr(timed_choice, "milliseconds", lambda run, device: (run(), 1.0)[1])
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    timed_choice.forget()
+    common = dict(device="cpu", warmup=0, repeats=1, precision="32", smoke=True, cudnn_autotune=True)
+    try:
+        trained = script.run_case(dict(common, kind="gla_forward_backward", size=4, batch=1, impl="fused"))
+        assert trained["cudnn_autotune"] is True
+        [(what, entry)] = trained["timed_choices"].items()
+        assert what.startswith("fused attention backward cpu torch.float32")
+        assert set(entry["ms"]) == set(chunk_attention.backward_variants(torch.device("cpu"), torch.float32))
+        timed_choice.forget()
+        for case in (dict(kind="gla_forward_backward", size=4, batch=1, impl="published"),
+                     dict(kind="dlsn_forward", size=4, batch=1, impl="fused"),
+                     dict(kind="gla_forward_backward", size=4, batch=1, impl="fused", cudnn_autotune=False)):
+            untimed = script.run_case(dict(common, **case))
+            assert untimed["cudnn_autotune"] is False and "timed_choices" not in untimed, case
+    finally:
+        timed_choice.forget()

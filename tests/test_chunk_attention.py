@@ -313,6 +313,26 @@ def test_auto_on_cuda_uses_the_kernel_and_matches_the_reference(dtype):
 
 # ---------------------------------------------------------------- compiled for GPUs, without a GPU
 
+@pytest.mark.parametrize("mode", [mode for mode in fused.BACKWARD_MODES if mode.endswith("+values")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_kernel_modes_split_the_value_channels_into_blocks(monkeypatch, mode, dtype):
+    """With dV from the values kernel, both it (one program per block of value channels) and the key
+    kernel's dP loop (summed over blocks of channels) are right when C spans several blocks, the last
+    one part masked (20 channels in blocks of 16)."""
+    monkeypatch.setattr(fused, "VALUES_CHANNEL_BLOCK", dict.fromkeys(fused.VALUES_CHANNEL_BLOCK, 16))
+    monkeypatch.setattr(fused, "KEYS_DP_CHANNEL_BLOCK", dict.fromkeys(fused.KEYS_DP_CHANNEL_BLOCK, 16))
+    inputs, order, inverse = random_problem(2, 2, 45, 16, 6, 20, dtype=dtype)
+    outputs = fused._fused_forward(*inputs, order, inverse)
+    grads = [torch.randn_like(outputs[0]), torch.randn_like(outputs[1])]
+    got = fused._fused_backward(*grads, *inputs, order, inverse, *outputs, mode=mode)
+    want = fused.chunk_attention_reference_backward(*(g.double() for g in grads), *(t.double() for t in inputs),
+                                                    order, inverse)
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, got_grad, want_grad in zip(("queries", "keys", "learned_score", "values"), got, want):
+        scale = max(1.0, want_grad.abs().max().item())
+        assert (got_grad.double() - want_grad).abs().max() <= tolerance * scale, name
+
+
 # int arguments that Triton's JIT sees divisible by 16 at the paper configuration (it specialises on it)
 _DIVISIBLE_BY_16 = {"q_stride_n", "q_stride_l", "k_stride_n", "k_stride_l", "v_stride_n", "v_stride_l",
                     "ls_stride_n", "ls_stride_l", "chunk", "qk_dim", "v_dim"}
@@ -327,17 +347,19 @@ def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False
     from triton.compiler import ASTSource
 
     function = {"forward": fused._forward_kernel, "queries": fused._backward_queries_kernel,
-                "keys": fused._backward_keys_kernel}[name]
+                "keys": fused._backward_keys_kernel, "keys_no_values": fused._backward_keys_kernel,
+                "values": fused._backward_values_kernel}[name]
     kernel = fused._kernel(function, False)
     rows, num_warps, num_stages = config or fused.LAUNCH_CONFIGS[arch][name, "half" if value_type == "bf16"
                                                                        else "float32"]
-    constants = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64,
-                     BLOCK_C=fused.FORWARD_CHANNEL_BLOCK[arch] if name == "forward" else 256,
-                     PRECISION="tf32", INTERPRETED=False)
+    channel_block = {"forward": fused.FORWARD_CHANNEL_BLOCK, "values": fused.VALUES_CHANNEL_BLOCK,
+                     "keys_no_values": fused.KEYS_DP_CHANNEL_BLOCK}.get(name, {arch: 256})[arch]
+    constants = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64, BLOCK_C=channel_block, PRECISION="tf32",
+                     INTERPRETED=False)
     if name == "queries":
         constants.update(EXACT_DELTA=value_type == "bf16", DELTA_ONLY=False)
-    if name == "keys":
-        constants["ATOMIC_GRAD_Q"] = atomic
+    if name.startswith("keys"):
+        constants.update(ATOMIC_GRAD_Q=atomic, WITH_GRAD_V=name == "keys")
     float32_outputs = {"OUT", "LSE", "DELTA", "GRAD_Q", "GRAD_K", "GRAD_V", "GRAD_LS"}
     signature, attributes = {}, {}
     for index, argument in enumerate(kernel.arg_names):
@@ -383,7 +405,8 @@ def _register_spill_bytes(compiled) -> int | None:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("value_type", ["bf16", "fp32"])
-@pytest.mark.parametrize("name", ["forward", "queries", "keys", "keys with atomic dQ"])
+@pytest.mark.parametrize("name", ["forward", "queries", "keys", "keys with atomic dQ", "values", "keys_no_values",
+                                  "keys_no_values with atomic dQ"])
 def test_kernels_compile_for_gpus_within_their_resources(name, value_type, arch):
     """Catches what only a GPU compile would: Triton type/shape errors, shared memory over an A100's or
     H100's limit, and for the untimed sm_80 choices heavy register spilling (first seen as a fully

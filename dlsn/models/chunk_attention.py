@@ -40,9 +40,13 @@ the spare row ``L + i``, and one small indexed addition folds it back. Alternati
 dQ with atomic additions and the query kernel is left out (in half precision it still runs its first
 pass, for ``delta``): ``P`` and ``dP`` are then recomputed twice instead of three times, at the price
 of a summation order that varies from run to run (never used where deterministic algorithms are
-required). By default (``"timed"``) the training steps time both ways on first use (where no GPU
-sweep settled it, also a few launch configurations of the key kernel: ``TIMED_KEY_CONFIGS``) and
-keep the fastest (:mod:`dlsn.models.timed_choice`); elsewhere the two kernels run.
+required). Either way may also take dV out of the key kernel (``"two_kernels+values"``,
+``"atomic+values"``): a values kernel, one program per key block and block of value channels,
+accumulates ``dV_j = sum_i P_ij dy_i`` (recomputing ``P`` once more), and the key kernel, holding no
+``[keys, C]`` accumulator or values, sums ``dP`` over blocks of channels. By default (``"timed"``)
+the training steps time every way on first use (where no GPU sweep settled it, also a few launch
+configurations of the key kernel: ``TIMED_KEY_CONFIGS``) and keep the fastest
+(:mod:`dlsn.models.timed_choice`); elsewhere the two kernels run.
 
 Everything accumulates in float32; inputs may be float32, bfloat16 or float16 (query and key of
 one dtype, the softmax weights are cast to the value dtype for the ``P V`` product, as the reference
@@ -277,17 +281,20 @@ if triton is not None:
         length, padded_length, n_chunks, chunk, n_rounds, qk_dim, v_dim,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
         PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, ATOMIC_GRAD_Q: tl.constexpr,
+        WITH_GRAD_V: tl.constexpr,
     ):
-        """dK, dV and dls of one key block, summed over the queries of the 3 chunks that see it.
+        """dK, dls and (``WITH_GRAD_V``) dV of one key block, summed over the queries of the 3 chunks that
+        see it.
 
+        With ``WITH_GRAD_V`` all value channels are one block (``BLOCK_C >= v_dim``), held for the whole
+        loop. Without it (the values kernel computes dV), ``dP = dy V^T`` is summed over blocks of
+        ``BLOCK_C`` channels re-read from the cache, so the program holds far fewer registers.
         With ``ATOMIC_GRAD_Q`` it also adds this key block's share ``dS K`` of every query's dQ to
         ``GRAD_Q`` (zeroed by the caller) with atomic additions, and the query kernel is not run.
         """
         item_round = tl.program_id(1).to(tl.int64)
         item = item_round // n_rounds
         key_chunk, key_slots, key_valid = _block_of_chunk(chunk, BLOCK_N)
-        channels = tl.arange(0, BLOCK_C)
-        channel_valid = channels < v_dim
         dims = tl.arange(0, BLOCK_D)
         dim_valid = dims < qk_dim
         order_row = ORDER + item_round * padded_length
@@ -298,9 +305,12 @@ if triton is not None:
         # >= L, the same position as an earlier key) its sorted index, past the image's L rows.
         round_row = tl.where(sorted_keys < length, key_pos.to(tl.int32), sorted_keys)
         k = _rows(K, item, k_stride_n, k_stride_l, key_pos, dims, key_valid, dim_valid)
-        v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
+        if WITH_GRAD_V:
+            channels = tl.arange(0, BLOCK_C)
+            channel_valid = channels < v_dim
+            v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
+            grad_v = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         grad_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        grad_v = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         for slot_start in range(0, chunk, BLOCK_M):
             slots = slot_start + tl.arange(0, BLOCK_M)
             slot_valid = slots < chunk
@@ -313,14 +323,24 @@ if triton is not None:
                 query_pos = _positions(order_row, sorted_queries, slot_valid)
                 q = _rows(Q, item, q_stride_n, q_stride_l, query_pos, dims, slot_valid, dim_valid)
                 image_row = item_round * length + query_pos
-                grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
-                                   mask=has_output[:, None] & channel_valid[None, :], other=0.0)
                 lse = tl.load(LSE + image_row, mask=has_output, other=float("inf"))  # weights 0 without output
                 delta = tl.load(DELTA + image_row, mask=has_output, other=0.0)
                 scores = _dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned
                 weights = tl.exp(scores - lse[:, None])
-                grad_v += _dot(tl.trans(weights).to(grad_out.dtype), grad_out, PRECISION, INTERPRETED)
-                grad_weights = _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
+                if WITH_GRAD_V:
+                    grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
+                                       mask=has_output[:, None] & channel_valid[None, :], other=0.0)
+                    grad_v += _dot(tl.trans(weights).to(grad_out.dtype), grad_out, PRECISION, INTERPRETED)
+                    grad_weights = _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
+                else:
+                    grad_weights = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                    for channel_start in range(0, v_dim, BLOCK_C):
+                        channels = channel_start + tl.arange(0, BLOCK_C)
+                        channel_valid = channels < v_dim
+                        grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
+                                           mask=has_output[:, None] & channel_valid[None, :], other=0.0)
+                        v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
+                        grad_weights += _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
                 grad_scores = weights * (grad_weights - delta[:, None])
                 grad_k += _dot(tl.trans(grad_scores).to(q.dtype), q, PRECISION, INTERPRETED)
                 grad_learned += grad_scores
@@ -335,6 +355,50 @@ if triton is not None:
         grad_row = item_round * padded_length + round_row
         tl.store(GRAD_K + grad_row[:, None] * qk_dim + dims[None, :], grad_k,
                  mask=key_valid[:, None] & dim_valid[None, :])
+        if WITH_GRAD_V:
+            tl.store(GRAD_V + grad_row[:, None] * v_dim + channels[None, :], grad_v,
+                     mask=key_valid[:, None] & channel_valid[None, :])
+
+    def _backward_values_kernel(
+        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, GRAD_V,
+        q_stride_n, q_stride_l, k_stride_n, k_stride_l, v_stride_n, v_stride_l, ls_stride_n, ls_stride_l,
+        length, padded_length, n_chunks, chunk, n_rounds, qk_dim, v_dim,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+        PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    ):
+        """dV of one key block and block of value channels: ``sum_i P_ij dy_i`` over the queries of the
+        3 chunks that see it. Needs only ``P`` (recomputed from q, k, ls and lse; V and DELTA unused),
+        so the key kernel can leave dV out and hold fewer registers (``WITH_GRAD_V=False``)."""
+        item_round = tl.program_id(1).to(tl.int64)
+        item = item_round // n_rounds
+        key_chunk, key_slots, key_valid = _block_of_chunk(chunk, BLOCK_N)
+        channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        channel_valid = channels < v_dim
+        dims = tl.arange(0, BLOCK_D)
+        dim_valid = dims < qk_dim
+        order_row = ORDER + item_round * padded_length
+
+        sorted_keys = key_chunk * chunk + key_slots
+        key_pos = _positions(order_row, sorted_keys, key_valid)
+        round_row = tl.where(sorted_keys < length, key_pos.to(tl.int32), sorted_keys)  # as in the key kernel
+        k = _rows(K, item, k_stride_n, k_stride_l, key_pos, dims, key_valid, dim_valid)
+        grad_v = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        for slot_start in range(0, chunk, BLOCK_M):
+            slots = slot_start + tl.arange(0, BLOCK_M)
+            slot_valid = slots < chunk
+            learned = _learned_scores(LS, item, ls_stride_n, ls_stride_l, key_pos, slots, key_valid, slot_valid)
+            for offset in tl.static_range(3):
+                sorted_queries = (key_chunk - offset + 1 + n_chunks) % n_chunks * chunk + slots
+                has_output = slot_valid & (sorted_queries < length)
+                query_pos = _positions(order_row, sorted_queries, slot_valid)
+                q = _rows(Q, item, q_stride_n, q_stride_l, query_pos, dims, slot_valid, dim_valid)
+                image_row = item_round * length + query_pos
+                lse = tl.load(LSE + image_row, mask=has_output, other=float("inf"))
+                grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
+                                   mask=has_output[:, None] & channel_valid[None, :], other=0.0)
+                weights = tl.exp(_dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned - lse[:, None])
+                grad_v += _dot(tl.trans(weights).to(grad_out.dtype), grad_out, PRECISION, INTERPRETED)
+        grad_row = item_round * padded_length + round_row
         tl.store(GRAD_V + grad_row[:, None] * v_dim + channels[None, :], grad_v,
                  mask=key_valid[:, None] & channel_valid[None, :])
 
@@ -481,27 +545,43 @@ LAUNCH_CONFIGS = {
     # of 2.8 ms (per layer; the paper network has ten).
     90: {("forward", "half"): (64, 4, 1), ("forward", "float32"): (32, 4, 2),
          ("queries", "half"): (64, 4, 1), ("queries", "float32"): (64, 4, 1),
-         ("keys", "half"): (32, 4, 2), ("keys", "float32"): (32, 4, 1)},
+         ("keys", "half"): (32, 4, 2), ("keys", "float32"): (32, 4, 1),
+         # The "+values" backward modes' kernels, not timed yet (the timed choice decides whether they
+         # run): bf16 values like the forward's winner; the rest the largest blocks that compile for
+         # sm_90 without spills (Triton 3.9; the float32 key kernel without dV: 28 KB of shared memory
+         # and no spills, against 124 KB and 984 bytes per thread with it).
+         ("keys_no_values", "half"): (64, 8, 1), ("keys_no_values", "float32"): (32, 4, 1),
+         ("values", "half"): (64, 4, 1), ("values", "float32"): (32, 8, 1)},
     # Older GPUs (A100): first choices, not timed, that compile within an A100's shared memory with at
     # most a few register spills (tests/test_chunk_attention.py compiles them for sm_80 without a GPU).
     80: {("forward", "half"): (64, 8, 2), ("forward", "float32"): (32, 8, 2),
          ("queries", "half"): (32, 8, 2), ("queries", "float32"): (32, 8, 2),
-         ("keys", "half"): (32, 8, 1), ("keys", "float32"): (16, 8, 2)},
+         ("keys", "half"): (32, 8, 1), ("keys", "float32"): (16, 8, 2),
+         ("keys_no_values", "half"): (32, 8, 1), ("keys_no_values", "float32"): (32, 8, 1),
+         ("values", "half"): (64, 8, 2), ("values", "float32"): (32, 8, 2)},
 }
 # Value channels per forward program: a second block of a wider layer recomputes the scores. On the
 # H200 all 256 channels of the paper layer in one block beat blocks of 128 in both precisions.
 FORWARD_CHANNEL_BLOCK = {90: 256, 80: 128}
-# How the backward gets dQ, per GPU generation: "two_kernels" (a query kernel, then the key kernel:
-# no atomics, deterministic) or "atomic" (the key kernel adds dS K into dQ with atomic additions; the
-# query kernel only runs to complete delta for half precision): P and dP are recomputed twice instead
-# of three times, about 30% fewer operations, but float32 atomics sum in a varying order. "timed":
-# both are timed on first use at each size where cuDNN's autotuner is on (the training steps; see
-# dlsn.models.timed_choice) and the faster kept; "two_kernels" elsewhere. Runs that ask for
-# deterministic algorithms always get "two_kernels".
+# Value channels per values-kernel program (its accumulator's width, like the forward's), and per step
+# of the key kernel's dP loop when the values kernel computes dV (the "+values" modes).
+VALUES_CHANNEL_BLOCK = {90: 256, 80: 128}
+KEYS_DP_CHANNEL_BLOCK = {90: 64, 80: 64}
+# How the backward gets dQ and dV, per GPU generation. dQ: "two_kernels" (a query kernel, then the key
+# kernel: no atomics, deterministic) or "atomic" (the key kernel adds dS K into dQ with atomic
+# additions; the query kernel only runs to complete delta for half precision): P and dP are recomputed
+# twice instead of three times, about 30% fewer operations, but float32 atomics sum in a varying order.
+# dV: from the key kernel, which then holds a [keys, C] accumulator and the keys' values (C=256: the
+# float32 key kernel spills on sm_90), or with "+values" from a values kernel per block of channels
+# (recomputing P once more, 64 multiply-adds per query-key pair against dV's 256) while the key kernel
+# sums dP over blocks of channels. "timed": every way is timed on first use at each size where cuDNN's
+# autotuner is on (the training steps; see dlsn.models.timed_choice) and the fastest kept; "two_kernels"
+# elsewhere. Runs that ask for deterministic algorithms get "two_kernels".
 BACKWARD_MODE = {90: "timed", 80: "timed"}
-BACKWARD_MODES = ("two_kernels", "atomic")
+BACKWARD_MODES = ("two_kernels", "atomic", "two_kernels+values", "atomic+values")
 BACKWARD_MODE_CHOICES = (*BACKWARD_MODES, "timed")
-# Key-kernel launch configurations that the "timed" backward also tries, beside LAUNCH_CONFIGS' own,
+# Key-kernel launch configurations that the "timed" backward also tries (with dV in the key kernel),
+# beside LAUNCH_CONFIGS' own,
 # where no GPU sweep settled the choice. sm_90, float32: the H200 sweep of 2026-11-27 was cut off after
 # timing LAUNCH_CONFIGS' (32, 4, 1) (whole backward 3.4 ms per layer); compiled for sm_90 (Triton 3.9,
 # cuobjdump) it spills 984 bytes per thread, (32, 8, 1) 128 and (16, 8, 1) 8.
@@ -607,10 +687,13 @@ def _fused_forward(queries, keys, learned_score, values, order, inverse):
 
 def backward_variants(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[str, tuple | None]]:
     """The ways the "timed" backward chooses from, by name: (mode, key-kernel launch configuration, where
-    ``None`` is ``LAUNCH_CONFIGS``'), the first the default."""
+    ``None`` is ``LAUNCH_CONFIGS``'), the first the default. ``TIMED_KEY_CONFIGS`` apply to the key
+    kernel that computes dV."""
     alternatives = TIMED_KEY_CONFIGS[_generation(device)].get(_precision_class(dtype), ())
-    return {mode if config is None else f"{mode}, keys {'/'.join(map(str, config))}": (mode, config)
-            for config in (None, *alternatives) for mode in BACKWARD_MODES}
+    variants = {mode: (mode, None) for mode in BACKWARD_MODES}
+    variants.update({f"{mode}, keys {'/'.join(map(str, config))}": (mode, config)
+                     for config in alternatives for mode in BACKWARD_MODES if not mode.endswith("+values")})
+    return variants
 
 
 def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
@@ -644,7 +727,7 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     if not exact_delta:
         delta = delta + (grad_attended * attended).sum(-1)
     delta = delta.contiguous()
-    atomic = mode == "atomic"
+    atomic, values_kernel = mode.startswith("atomic"), mode.endswith("+values")
     # Per round, rows 0 .. L-1 are the positions in image order; rows L .. P-1 the padded duplicate keys.
     grad = dict(
         queries=(queries.new_zeros if atomic else queries.new_empty)(batch, rounds, padded, qk_dim,
@@ -655,16 +738,23 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     )
 
     def grid(rows, block_c):
-        return (n_chunks * triton.cdiv(chunk, rows), batch * rounds)
+        return (n_chunks * triton.cdiv(chunk, rows), batch * rounds, triton.cdiv(v_dim, block_c))
 
     inputs = (queries, keys, values, learned_score, order32, grad_attended, confidence, delta)
+    generation = _generation(values.device)
     with _on_device(values.device):  # queries first: with exact_delta it completes delta
         if exact_delta or not atomic:
             _launch(_backward_queries_kernel, "queries", grid, (*inputs, grad["queries"]), sizes,
                     channel_block=None, EXACT_DELTA=exact_delta, DELTA_ONLY=atomic)
-        _launch(_backward_keys_kernel, "keys", grid,
+        if values_kernel:
+            _launch(_backward_values_kernel, "values", grid, (*inputs, grad["values"]), sizes,
+                    channel_block=min(VALUES_CHANNEL_BLOCK[generation], _power_of_two(v_dim)))
+        _launch(_backward_keys_kernel, "keys_no_values" if values_kernel else "keys",
+                lambda rows, block_c: grid(rows, _power_of_two(v_dim)),
                 (*inputs, grad["keys"], grad["values"], grad["learned"], grad["queries"]), sizes,
-                channel_block=None, config=keys_config, ATOMIC_GRAD_Q=atomic)
+                channel_block=(min(KEYS_DP_CHANNEL_BLOCK[generation], _power_of_two(v_dim)) if values_kernel
+                               else None),
+                config=keys_config, ATOMIC_GRAD_Q=atomic, WITH_GRAD_V=not values_kernel)
 
     length = sizes["length"]
     if padded > length:  # fold the padded duplicates' key gradients (rows L .. P-1) into their positions'
