@@ -581,8 +581,7 @@ BACKWARD_MODE = {90: "timed", 80: "timed"}
 BACKWARD_MODES = ("two_kernels", "atomic", "two_kernels+values", "atomic+values")
 BACKWARD_MODE_CHOICES = (*BACKWARD_MODES, "timed")
 # Key-kernel launch configurations that the "timed" backward also tries (with dV in the key kernel),
-# beside LAUNCH_CONFIGS' own,
-# where no GPU sweep settled the choice. sm_90, float32: the H200 sweep of 2026-11-27 was cut off after
+# beside LAUNCH_CONFIGS' own, where no GPU sweep settled the choice. sm_90, float32: the H200 sweep of 2026-11-27 was cut off after
 # timing LAUNCH_CONFIGS' (32, 4, 1) (whole backward 3.4 ms per layer); compiled for sm_90 (Triton 3.9,
 # cuobjdump) it spills 984 bytes per thread, (32, 8, 1) 128 and (16, 8, 1) 8.
 TIMED_KEY_CONFIGS = {90: {"float32": ((32, 8, 1), (16, 8, 1))}, 80: {}}
@@ -737,8 +736,11 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
         learned=queries.new_empty(batch, rounds, padded, chunk, dtype=torch.float32),
     )
 
-    def grid(rows, block_c):
-        return (n_chunks * triton.cdiv(chunk, rows), batch * rounds, triton.cdiv(v_dim, block_c))
+    def grid(rows, block_c):  # a program per block of rows of one chunk, item and round
+        return (n_chunks * triton.cdiv(chunk, rows), batch * rounds)
+
+    def grid_by_channels(rows, block_c):  # the values kernel: also per block of value channels
+        return (*grid(rows, block_c), triton.cdiv(v_dim, block_c))
 
     inputs = (queries, keys, values, learned_score, order32, grad_attended, confidence, delta)
     generation = _generation(values.device)
@@ -747,10 +749,9 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
             _launch(_backward_queries_kernel, "queries", grid, (*inputs, grad["queries"]), sizes,
                     channel_block=None, EXACT_DELTA=exact_delta, DELTA_ONLY=atomic)
         if values_kernel:
-            _launch(_backward_values_kernel, "values", grid, (*inputs, grad["values"]), sizes,
+            _launch(_backward_values_kernel, "values", grid_by_channels, (*inputs, grad["values"]), sizes,
                     channel_block=min(VALUES_CHANNEL_BLOCK[generation], _power_of_two(v_dim)))
-        _launch(_backward_keys_kernel, "keys_no_values" if values_kernel else "keys",
-                lambda rows, block_c: grid(rows, _power_of_two(v_dim)),
+        _launch(_backward_keys_kernel, "keys_no_values" if values_kernel else "keys", grid,
                 (*inputs, grad["keys"], grad["values"], grad["learned"], grad["queries"]), sizes,
                 channel_block=(min(KEYS_DP_CHANNEL_BLOCK[generation], _power_of_two(v_dim)) if values_kernel
                                else None),
