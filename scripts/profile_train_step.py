@@ -248,9 +248,9 @@ def section_tune(args, device) -> list[dict]:
         original = dict(configs)
         original_channel_block = fused.FORWARD_CHANNEL_BLOCK[generation]
         original_mode = fused.BACKWARD_MODE[generation]
-        defaults = [original[kernel, precision_class] for kernel in KERNELS]
+        defaults = ", ".join(f"{kernel} {'/'.join(map(str, original[kernel, precision_class]))}" for kernel in KERNELS)
         print(f"\n## fused kernel launch configurations (LAUNCH_CONFIGS[{generation}]), {dtype}, batch {args.batch}, "
-              f"L={args.patch ** 2}, C={args.channels}, k={args.chunk} (default: {defaults}, forward channel block "
+              f"L={args.patch ** 2}, C={args.channels}, k={args.chunk} (defaults: {defaults}; forward channel block "
               f"{original_channel_block}, backward {original_mode})", flush=True)
         sweeps = [("forward", None)] + [(name, mode) for mode in args.backward_modes
                                          for name in backward_kernels(mode, dtype)]
