@@ -283,8 +283,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_timed_choice.py::test_timed_backward_runs_the_fastest_variant_and_is_exact",),
     ),
     Mutation(
-        "key-kernel-dp-loop-one-channel-block",
-        "with dV from the values kernel, the key kernel's dP sums only the first block of value channels",
+        "dp-loop-one-channel-block",
+        "with dV from the values kernel, the query and key kernels' dP sums only the first block of value channels",
         (Patch("dlsn/models/chunk_attention.py", "for channel_start in range(0, v_dim, BLOCK_C):",
                "for channel_start in range(0, BLOCK_C, BLOCK_C):"),),
         ("tests/test_chunk_attention.py::test_values_kernel_modes_split_the_value_channels_into_blocks",),

@@ -227,11 +227,11 @@ KERNELS = ("forward", "queries", "keys", "values", "keys_no_values")
 
 
 def backward_kernels(mode: str, dtype: torch.dtype) -> list[str]:
-    """The kernels swept in backward ``mode``: its key kernel and values kernel, and the query kernel
-    where the mode runs it (float32's atomic modes do not), swept once, in the modes without a values
-    kernel (it is the same kernel there)."""
+    """The kernels swept in backward ``mode``: the query kernel where the mode runs it (float32's atomic
+    modes do not; in the "+values" modes it sums dP over blocks of channels, with the same
+    ``LAUNCH_CONFIGS`` entry), its key kernel and its values kernel."""
     atomic, values_kernel = mode.startswith("atomic"), mode.endswith("+values")
-    queries = [] if values_kernel or (atomic and dtype == torch.float32) else ["queries"]
+    queries = [] if atomic and dtype == torch.float32 else ["queries"]
     return queries + (["values", "keys_no_values"] if values_kernel else ["keys"])
 
 

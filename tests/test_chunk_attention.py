@@ -316,11 +316,11 @@ def test_auto_on_cuda_uses_the_kernel_and_matches_the_reference(dtype):
 @pytest.mark.parametrize("mode", [mode for mode in fused.BACKWARD_MODES if mode.endswith("+values")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_values_kernel_modes_split_the_value_channels_into_blocks(monkeypatch, mode, dtype):
-    """With dV from the values kernel, both it (one program per block of value channels) and the key
-    kernel's dP loop (summed over blocks of channels) are right when C spans several blocks, the last
-    one part masked (20 channels in blocks of 16)."""
+    """With dV from the values kernel, it (one program per block of value channels) and the query and
+    key kernels' dP loops (summed over blocks of channels) are right when C spans several blocks, the
+    last one part masked (20 channels in blocks of 16)."""
     monkeypatch.setattr(fused, "VALUES_CHANNEL_BLOCK", dict.fromkeys(fused.VALUES_CHANNEL_BLOCK, 16))
-    monkeypatch.setattr(fused, "KEYS_DP_CHANNEL_BLOCK", dict.fromkeys(fused.KEYS_DP_CHANNEL_BLOCK, 16))
+    monkeypatch.setattr(fused, "DP_CHANNEL_BLOCK", dict.fromkeys(fused.DP_CHANNEL_BLOCK, 16))
     inputs, order, inverse = random_problem(2, 2, 45, 16, 6, 20, dtype=dtype)
     outputs = fused._fused_forward(*inputs, order, inverse)
     grads = [torch.randn_like(outputs[0]), torch.randn_like(outputs[1])]
@@ -339,7 +339,8 @@ _DIVISIBLE_BY_16 = {"q_stride_n", "q_stride_l", "k_stride_n", "k_stride_l", "v_s
 _SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes per block: A100, H100
 
 
-def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False, config=None):
+def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False, config=None,
+                     dp_in_blocks: bool = False):
     """Ahead-of-time compile of one kernel for sm_``arch`` at the paper configuration (C=256, d=64,
     k=128) with ``config`` (rows, warps, stages; default its LAUNCH_CONFIGS entry): Triton's front end,
     LLVM and ptxas, no GPU needed."""
@@ -352,12 +353,13 @@ def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False
     kernel = fused._kernel(function, False)
     rows, num_warps, num_stages = config or fused.LAUNCH_CONFIGS[arch][name, "half" if value_type == "bf16"
                                                                        else "float32"]
-    channel_block = {"forward": fused.FORWARD_CHANNEL_BLOCK, "values": fused.VALUES_CHANNEL_BLOCK,
-                     "keys_no_values": fused.KEYS_DP_CHANNEL_BLOCK}.get(name, {arch: 256})[arch]
+    dp_in_blocks = dp_in_blocks or name == "keys_no_values"
+    channel_block = {"forward": fused.FORWARD_CHANNEL_BLOCK, "values": fused.VALUES_CHANNEL_BLOCK}.get(
+        name, fused.DP_CHANNEL_BLOCK if dp_in_blocks else {arch: 256})[arch]
     constants = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64, BLOCK_C=channel_block, PRECISION="tf32",
                      INTERPRETED=False)
     if name == "queries":
-        constants.update(EXACT_DELTA=value_type == "bf16", DELTA_ONLY=False)
+        constants.update(EXACT_DELTA=value_type == "bf16", DELTA_ONLY=False, DP_IN_BLOCKS=dp_in_blocks)
     if name.startswith("keys"):
         constants.update(ATOMIC_GRAD_Q=atomic, WITH_GRAD_V=name == "keys")
     float32_outputs = {"OUT", "LSE", "DELTA", "GRAD_Q", "GRAD_K", "GRAD_V", "GRAD_LS"}
@@ -405,15 +407,16 @@ def _register_spill_bytes(compiled) -> int | None:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("value_type", ["bf16", "fp32"])
-@pytest.mark.parametrize("name", ["forward", "queries", "keys", "keys with atomic dQ", "values", "keys_no_values",
-                                  "keys_no_values with atomic dQ"])
+@pytest.mark.parametrize("name", ["forward", "queries", "queries with dP in blocks", "keys", "keys with atomic dQ",
+                                  "values", "keys_no_values", "keys_no_values with atomic dQ"])
 def test_kernels_compile_for_gpus_within_their_resources(name, value_type, arch):
     """Catches what only a GPU compile would: Triton type/shape errors, shared memory over an A100's or
     H100's limit, and for the untimed sm_80 choices heavy register spilling (first seen as a fully
     spilled float32 backward kernel). The sm_90 configurations were timed on an H200, spills included
     (Triton 3.9's ptxas reports 0-1 KB per thread for them), so only their fit is asserted."""
     pytest.importorskip("triton.backends.nvidia")
-    compiled = _compile_for_gpu(name.split()[0], value_type, arch, atomic=name.endswith("atomic dQ"))
+    compiled = _compile_for_gpu(name.split()[0], value_type, arch, atomic=name.endswith("atomic dQ"),
+                                dp_in_blocks=name.endswith("dP in blocks"))
     assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
     spill = _register_spill_bytes(compiled)
     assert arch >= 90 or spill is None or spill <= 256, f"{spill} bytes of register spills per thread"

@@ -42,8 +42,9 @@ pass, for ``delta``): ``P`` and ``dP`` are then recomputed twice instead of thre
 of a summation order that varies from run to run (never used where deterministic algorithms are
 required). Either way may also take dV out of the key kernel (``"two_kernels+values"``,
 ``"atomic+values"``): a values kernel, one program per key block and block of value channels,
-accumulates ``dV_j = sum_i P_ij dy_i`` (recomputing ``P`` once more), and the key kernel, holding no
-``[keys, C]`` accumulator or values, sums ``dP`` over blocks of channels. By default (``"timed"``)
+accumulates ``dV_j = sum_i P_ij dy_i`` (recomputing ``P`` once more); the key kernel, holding no
+``[keys, C]`` accumulator or values, and the query kernel, holding no incoming gradient rows, sum
+``dP`` over blocks of channels. By default (``"timed"``)
 the training steps time every way on first use (where no GPU sweep settled it, also a few launch
 configurations of the key kernel: ``TIMED_KEY_CONFIGS``) and keep the fastest
 (:mod:`dlsn.models.timed_choice`); elsewhere the two kernels run.
@@ -226,6 +227,22 @@ if triton is not None:
         return tl.load(LS + item * stride_n + key_pos[None, :] * stride_l + slots[:, None],
                        mask=slot_valid[:, None] & key_valid[None, :], other=0.0).to(tl.float32)
 
+    @triton.jit
+    def _grad_weights_in_blocks(GRAD_OUT, V, item, v_stride_n, v_stride_l, image_row, has_output, key_pos,
+                                key_valid, v_dim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+        """``dP = dy V^T`` of a query block (``image_row``) and a key block (``key_pos``), summed over
+        blocks of ``BLOCK_C`` value channels re-read from the cache: no ``[rows, C]`` tile is held."""
+        grad_weights = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for channel_start in range(0, v_dim, BLOCK_C):
+            channels = channel_start + tl.arange(0, BLOCK_C)
+            channel_valid = channels < v_dim
+            grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
+                               mask=has_output[:, None] & channel_valid[None, :], other=0.0)
+            v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
+            grad_weights += _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
+        return grad_weights
+
     def _forward_kernel(
         Q, K, V, LS, ORDER, OUT, LSE,
         q_stride_n, q_stride_l, k_stride_n, k_stride_l, v_stride_n, v_stride_l, ls_stride_n, ls_stride_l,
@@ -333,14 +350,9 @@ if triton is not None:
                     grad_v += _dot(tl.trans(weights).to(grad_out.dtype), grad_out, PRECISION, INTERPRETED)
                     grad_weights = _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
                 else:
-                    grad_weights = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                    for channel_start in range(0, v_dim, BLOCK_C):
-                        channels = channel_start + tl.arange(0, BLOCK_C)
-                        channel_valid = channels < v_dim
-                        grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
-                                           mask=has_output[:, None] & channel_valid[None, :], other=0.0)
-                        v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
-                        grad_weights += _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
+                    grad_weights = _grad_weights_in_blocks(GRAD_OUT, V, item, v_stride_n, v_stride_l, image_row,
+                                                           has_output, key_pos, key_valid, v_dim, BLOCK_M, BLOCK_N,
+                                                           BLOCK_C, PRECISION, INTERPRETED)
                 grad_scores = weights * (grad_weights - delta[:, None])
                 grad_k += _dot(tl.trans(grad_scores).to(q.dtype), q, PRECISION, INTERPRETED)
                 grad_learned += grad_scores
@@ -408,10 +420,13 @@ if triton is not None:
         length, padded_length, n_chunks, chunk, n_rounds, qk_dim, v_dim,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
         PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, EXACT_DELTA: tl.constexpr,
-        DELTA_ONLY: tl.constexpr,
+        DELTA_ONLY: tl.constexpr, DP_IN_BLOCKS: tl.constexpr,
     ):
         """dQ of one query block, summed over the keys of its 3 neighbour chunks.
 
+        Without ``DP_IN_BLOCKS`` the block's incoming gradient rows, all value channels (``BLOCK_C >=
+        v_dim``), are held for the whole loop; with it (the "+values" modes) ``dP`` is summed over
+        blocks of ``BLOCK_C`` channels re-read from the cache, as in the key kernel without dV.
         With ``EXACT_DELTA`` (half-precision values), ``DELTA`` holds ``-dlse`` on entry and this
         kernel first adds ``sum_j P_ij dP_ij`` to it (one more pass over the keys) and stores it for
         the key kernel: ``y`` came from rounded weights, so ``dy . y`` would not match that sum.
@@ -420,8 +435,6 @@ if triton is not None:
         item_round = tl.program_id(1).to(tl.int64)
         item = item_round // n_rounds
         query_chunk, slots, slot_valid = _block_of_chunk(chunk, BLOCK_M)
-        channels = tl.arange(0, BLOCK_C)
-        channel_valid = channels < v_dim
         dims = tl.arange(0, BLOCK_D)
         dim_valid = dims < qk_dim
         order_row = ORDER + item_round * padded_length
@@ -431,8 +444,11 @@ if triton is not None:
         query_pos = _positions(order_row, sorted_queries, slot_valid)
         q = _rows(Q, item, q_stride_n, q_stride_l, query_pos, dims, slot_valid, dim_valid)
         image_row = item_round * length + query_pos
-        grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
-                           mask=has_output[:, None] & channel_valid[None, :], other=0.0)
+        if not DP_IN_BLOCKS:
+            channels = tl.arange(0, BLOCK_C)
+            channel_valid = channels < v_dim
+            grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
+                               mask=has_output[:, None] & channel_valid[None, :], other=0.0)
         lse = tl.load(LSE + image_row, mask=has_output, other=float("inf"))
         delta = tl.load(DELTA + image_row, mask=has_output, other=0.0)
         grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -445,12 +461,17 @@ if triton is not None:
                     key_valid = key_slots < chunk
                     key_pos = _positions(order_row + key_chunk * chunk, key_slots, key_valid)
                     k = _rows(K, item, k_stride_n, k_stride_l, key_pos, dims, key_valid, dim_valid)
-                    v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
                     learned = _learned_scores(LS, item, ls_stride_n, ls_stride_l, key_pos, slots, key_valid,
                                               slot_valid)
                     scores = _dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned
                     weights = tl.where(key_valid[None, :], tl.exp(scores - lse[:, None]), 0.0)
-                    grad_weights = _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
+                    if DP_IN_BLOCKS:
+                        grad_weights = _grad_weights_in_blocks(GRAD_OUT, V, item, v_stride_n, v_stride_l,
+                                                               image_row, has_output, key_pos, key_valid, v_dim,
+                                                               BLOCK_M, BLOCK_N, BLOCK_C, PRECISION, INTERPRETED)
+                    else:
+                        v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
+                        grad_weights = _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
                     if pass_index == 0:
                         delta += tl.sum(weights * grad_weights, axis=1)
                     else:
@@ -564,17 +585,17 @@ LAUNCH_CONFIGS = {
 # H200 all 256 channels of the paper layer in one block beat blocks of 128 in both precisions.
 FORWARD_CHANNEL_BLOCK = {90: 256, 80: 128}
 # Value channels per values-kernel program (its accumulator's width, like the forward's), and per step
-# of the key kernel's dP loop when the values kernel computes dV (the "+values" modes).
+# of the query and key kernels' dP loops when the values kernel computes dV (the "+values" modes).
 VALUES_CHANNEL_BLOCK = {90: 256, 80: 128}
-KEYS_DP_CHANNEL_BLOCK = {90: 64, 80: 64}
+DP_CHANNEL_BLOCK = {90: 64, 80: 64}
 # How the backward gets dQ and dV, per GPU generation. dQ: "two_kernels" (a query kernel, then the key
 # kernel: no atomics, deterministic) or "atomic" (the key kernel adds dS K into dQ with atomic
 # additions; the query kernel only runs to complete delta for half precision): P and dP are recomputed
 # twice instead of three times, about 30% fewer operations, but float32 atomics sum in a varying order.
 # dV: from the key kernel, which then holds a [keys, C] accumulator and the keys' values (C=256: the
 # float32 key kernel spills on sm_90), or with "+values" from a values kernel per block of channels
-# (recomputing P once more, 64 multiply-adds per query-key pair against dV's 256) while the key kernel
-# sums dP over blocks of channels. "timed": every way is timed on first use at each size where cuDNN's
+# (recomputing P once more, 64 multiply-adds per query-key pair against dV's 256) while the query and
+# key kernels sum dP over blocks of channels (DP_CHANNEL_BLOCK), holding no [rows, C] tiles. "timed": every way is timed on first use at each size where cuDNN's
 # autotuner is on (the training steps; see dlsn.models.timed_choice) and the fastest kept; "two_kernels"
 # elsewhere. Runs that ask for deterministic algorithms get "two_kernels".
 BACKWARD_MODE = {90: "timed", 80: "timed"}
@@ -744,18 +765,19 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
 
     inputs = (queries, keys, values, learned_score, order32, grad_attended, confidence, delta)
     generation = _generation(values.device)
+    # The "+values" modes' query and key kernels sum dP over blocks of channels; the others hold all.
+    dp_channel_block = min(DP_CHANNEL_BLOCK[generation], _power_of_two(v_dim)) if values_kernel else None
     with _on_device(values.device):  # queries first: with exact_delta it completes delta
         if exact_delta or not atomic:
             _launch(_backward_queries_kernel, "queries", grid, (*inputs, grad["queries"]), sizes,
-                    channel_block=None, EXACT_DELTA=exact_delta, DELTA_ONLY=atomic)
+                    channel_block=dp_channel_block, EXACT_DELTA=exact_delta, DELTA_ONLY=atomic,
+                    DP_IN_BLOCKS=values_kernel)
         if values_kernel:
             _launch(_backward_values_kernel, "values", grid_by_channels, (*inputs, grad["values"]), sizes,
                     channel_block=min(VALUES_CHANNEL_BLOCK[generation], _power_of_two(v_dim)))
         _launch(_backward_keys_kernel, "keys_no_values" if values_kernel else "keys", grid,
                 (*inputs, grad["keys"], grad["values"], grad["learned"], grad["queries"]), sizes,
-                channel_block=(min(KEYS_DP_CHANNEL_BLOCK[generation], _power_of_two(v_dim)) if values_kernel
-                               else None),
-                config=keys_config, ATOMIC_GRAD_Q=atomic, WITH_GRAD_V=not values_kernel)
+                channel_block=dp_channel_block, config=keys_config, ATOMIC_GRAD_Q=atomic, WITH_GRAD_V=not values_kernel)
 
     length = sizes["length"]
     if padded > length:  # fold the padded duplicates' key gradients (rows L .. P-1) into their positions'
