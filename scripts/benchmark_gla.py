@@ -416,8 +416,7 @@ def main() -> None:
             row += f"{numbers['convolution_s']:>10.4f}{numbers['matmul_s']:>10.4f}{other:>10.4f}"
         print(row, flush=True)
         for what, entry in numbers.get("timed_choices", {}).items():
-            print(f"    timed choice: {what}: {entry['choice']} ("
-                  + ", ".join(f"{name} {ms:.3f} ms" for name, ms in entry["ms"].items()) + ")", flush=True)
+            print(f"    timed choice: {timed_choice.report(what, entry)}", flush=True)
     if args.markdown:
         print()
         print(markdown_table(results, memory_label))

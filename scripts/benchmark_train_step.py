@@ -265,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 if what in printed_choices:
                     continue
                 printed_choices.add(what)
-                print(f"  timed choice: {what}: {entry['choice']} ("
-                      + ", ".join(f"{name} {ms:.3f} ms" for name, ms in entry["ms"].items()) + ")", flush=True)
+                print(f"  timed choice: {timed_choice.report(what, entry)}", flush=True)
 
     print("\n| precision | case | ms/step | peak memory | warm-up | vs published |\n|---|---|---|---|---|---|")
     for result in results:

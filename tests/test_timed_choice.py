@@ -50,6 +50,7 @@ def test_the_faster_candidate_is_kept_for_its_key(timing_on_the_cpu):
     assert timed_choice.fastest(("layer", 1), candidates, device=CPU, default="slow") == "fast"
     assert runs == [], "a kept choice is not timed again"
     assert timed_choice.choices() == {"layer 1": {"choice": "fast", "ms": {"slow": 5.0, "fast": 2.0}}}
+    assert timed_choice.report("layer 1", timed_choice.choices()["layer 1"]) == "layer 1: fast (slow 5.000 ms, fast 2.000 ms)"
     costs.update(slow=1.0)
     assert timed_choice.fastest(("layer", 2), candidates, device=CPU, default="fast") == "slow"
 

@@ -87,8 +87,7 @@ def fastest(key: Hashable, candidates: Candidates | Callable[[], Candidates], *,
     medians = {name: statistics.median(values) for name, values in times.items()}
     choice = min(medians, key=medians.get)
     _choices[key] = {"choice": choice, "ms": medians}
-    log.info("dlsn: %s: %s (%s)", _described(key), choice,
-             ", ".join(f"{name} {ms:.3f} ms" for name, ms in medians.items()))
+    log.info("dlsn: %s", report(_described(key), _choices[key]))
     return choice
 
 
@@ -100,6 +99,11 @@ def choices() -> dict[str, dict]:
     """Every choice timed in this process, for reports: ``{"what device sizes ...": {"choice", "ms"}}``."""
     return {_described(key): {"choice": entry["choice"], "ms": dict(entry["ms"])}
             for key, entry in _choices.items()}
+
+
+def report(what: str, entry: dict) -> str:
+    """One line for an entry of :func:`choices`: what was chosen, and every candidate's time."""
+    return f"{what}: {entry['choice']} (" + ", ".join(f"{name} {ms:.3f} ms" for name, ms in entry["ms"].items()) + ")"
 
 
 def forget() -> None:
