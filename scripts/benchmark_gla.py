@@ -31,7 +31,9 @@ issue 9's targets compare with; their code calls ``.cuda()``, so on the CPU (``-
 ``.cuda()`` is made a no-op in that case's process. Their weights are their own random initialisation:
 time and memory do not depend on the weights' values.
 ``--breakdown`` profiles the case once more and splits its time into convolutions, matrix products
-(the arithmetic every implementation of the same math must do) and everything else.
+(the arithmetic every implementation of the same math must do) and everything else. ``--kernel-table
+ROWS`` profiles it once more (three runs) and lists its ROWS largest GPU kernels by device time, with
+the total over all of them (on the CPU: ``aten`` operators by host time); both are in the JSON.
 This project's forward+backward cases run as ``train.py``'s training steps do, with cuDNN's autotuner
 and so the fused kernel's timed choices (printed under the case; ``--cudnn-autotune off``: cuDNN's
 heuristics and the untimed defaults); the published code and the forward-only (evaluation) cases never.
@@ -219,8 +221,15 @@ def run_case(case: dict) -> dict:
     chosen = {what: entry for what, entry in timed_choice.choices().items() if what not in chosen_before}
     if chosen:
         result["timed_choices"] = chosen
-    if case.get("breakdown"):
-        result.update(time_by_operator_kind(timed_step, synchronize, device, case["repeats"]))
+    if case.get("breakdown") or case.get("kernel_table"):
+        # Profiled apart from the timed runs (the profiler slows the host); the breakdown averages as many
+        # runs as were timed, the kernel table alone three at most.
+        steps = case["repeats"] if case.get("breakdown") else min(3, case["repeats"])
+        profiler = profile_steps(timed_step, synchronize, device, steps)
+        if case.get("breakdown"):
+            result.update(time_by_operator_kind(profiler, device, steps))
+        if case.get("kernel_table"):
+            result.update(top_kernels(profiler, device, steps, case["kernel_table"]))
     return result
 
 
@@ -228,20 +237,25 @@ CONVOLUTION_OPS = ("convolution",)  # mkldnn_/cudnn_convolution, convolution_bac
 MATMUL_OPS = ("aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm")
 
 
-def time_by_operator_kind(step, synchronize, device: torch.device, repeats: int) -> dict:
-    """Seconds per step spent in convolutions and in matrix products, from ``torch.profiler``.
+def profile_steps(step, synchronize, device: torch.device, steps: int):
+    """``torch.profiler`` over ``steps`` calls of ``step``: the host, and the device on CUDA."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        synchronize()
+    return profiler
+
+
+def time_by_operator_kind(profiler, device: torch.device, repeats: int) -> dict:
+    """Seconds per step spent in convolutions and in matrix products, from a profile of ``repeats`` steps.
 
     Self times of ``aten::`` operators only, so nothing is counted twice (on CUDA an operator's
     device time is that of the kernels it launched; the kernels' own rows are skipped). On CUDA the
     device (kernel) time is used, on CPU the host time.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as profiler:
-        for _ in range(repeats):
-            step()
-        synchronize()
     convolution_us = matmul_us = 0.0
     for event in profiler.key_averages():
         if not event.key.startswith("aten::"):
@@ -252,6 +266,30 @@ def time_by_operator_kind(step, synchronize, device: torch.device, repeats: int)
         elif event.key in MATMUL_OPS:
             matmul_us += self_us
     return {"convolution_s": convolution_us / 1e6 / repeats, "matmul_s": matmul_us / 1e6 / repeats}
+
+
+def top_kernels(profiler, device: torch.device, steps: int, rows: int) -> dict:
+    """Where a case's time goes, from a profile of ``steps`` steps: on CUDA the ``rows`` kernels with the
+    most device time, on the CPU the ``aten::`` operators with the most self host time (a kernel's or an
+    operator's own time only, so no time is counted twice), per step, with the total over all of them."""
+    if device.type == "cuda":
+        events = [event for event in profiler.key_averages()
+                  if event.device_type == torch.autograd.DeviceType.CUDA]
+        self_us = [event.self_device_time_total for event in events]
+    else:
+        events = [event for event in profiler.key_averages() if event.key.startswith("aten::")]
+        self_us = [event.self_cpu_time_total for event in events]
+    ranked = sorted(zip(self_us, events, strict=True), key=lambda pair: -pair[0])
+    return {"kernels_on": "device" if device.type == "cuda" else "host", "kernel_ms": sum(self_us) / 1e3 / steps,
+            "kernels": [{"name": event.key[:160], "ms": us / 1e3 / steps, "calls": event.count / steps}
+                        for us, event in ranked[:rows]]}
+
+
+def kernel_table_lines(numbers: dict) -> list[str]:
+    what = "GPU kernels" if numbers["kernels_on"] == "device" else "aten operators (host time)"
+    lines = [f"    {numbers['kernel_ms']:.2f} ms per run in {what}; the largest:"]
+    lines += [f"    {kernel['ms']:9.3f} ms {kernel['calls']:5.0f}x  {kernel['name'][:100]}" for kernel in numbers["kernels"]]
+    return lines
 
 
 def case_label(case: dict) -> str:
@@ -339,6 +377,9 @@ def main() -> None:
                              "faults at large sizes, higher peak RSS")
     parser.add_argument("--breakdown", action="store_true",
                         help="also profile each case: seconds per step in convolutions and matrix products")
+    parser.add_argument("--kernel-table", type=int, default=0, metavar="ROWS",
+                        help="profile each case once more and print (and record) its ROWS largest GPU kernels by "
+                             "device time (on the CPU: aten operators by host time)")
     parser.add_argument("--cudnn-autotune", default="on", choices=["on", "off"],
                         help="this project's forward+backward cases with cuDNN's autotuner and the fused kernel's "
                              "timed choices, as train.py's training steps (default); off: cuDNN's heuristics")
@@ -379,7 +420,8 @@ def main() -> None:
     for case in cases:
         case.update(device=args.device, warmup=args.warmup, precision=args.precision, published_src=args.published_src,
                     matmul_precision=args.matmul_precision, cudnn_autotune=args.cudnn_autotune == "on",
-                    keep_freed_memory=args.keep_freed_memory, breakdown=args.breakdown)
+                    keep_freed_memory=args.keep_freed_memory, breakdown=args.breakdown,
+                    kernel_table=args.kernel_table)
     if args.list:
         for case in cases:
             print(case_label(case))
@@ -417,6 +459,8 @@ def main() -> None:
         print(row, flush=True)
         for what, entry in numbers.get("timed_choices", {}).items():
             print(f"    timed choice: {timed_choice.report(what, entry)}", flush=True)
+        if "kernels" in numbers:
+            print("\n".join(kernel_table_lines(numbers)), flush=True)
     if args.markdown:
         print()
         print(markdown_table(results, memory_label))

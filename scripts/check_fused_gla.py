@@ -47,6 +47,12 @@ from dlsn.models import chunk_attention, float32_ops, timed_choice
 from dlsn.models.float32_ops import conv2d_float32, projections_float32
 from dlsn.models.gla import draw_rotations, draw_rotations_on_device, number_of_buckets
 
+# The self-check's precisions (dtype, float32 matmul precision), and the GLA problems of check 2 (channels,
+# chunk size, [(batch, size)]), at the paper layer's sizes and at --small's: scripts/warm_kernel_cache.py
+# compiles the kernels of the same runs.
+SELF_CHECK_PRECISIONS = ((torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest"))
+GLA_PROBLEMS = {"paper": (256, 128, [(2, 48), (1, 96)]), "small": (16, 8, [(2, 6), (1, 9)])}
+
 RESULTS: list[dict] = []
 JSON_FILE: dict = {}  # --json: path and header; rewritten after every check, so a run cut short keeps its results
 
@@ -141,13 +147,13 @@ def main() -> None:
         write_json()
     cuda = device.type == "cuda"
     torch.set_float32_matmul_precision("highest")
-    channels, chunk_size, sizes = (16, 8, [(2, 6), (1, 9)]) if args.small else (256, 128, [(2, 48), (1, 96)])
+    channels, chunk_size, sizes = GLA_PROBLEMS["small" if args.small else "paper"]
     print(f"torch {torch.__version__}, triton "
           f"{getattr(chunk_attention.triton, '__version__', 'absent')}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if cuda else "")
           + f", cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}", flush=True)
 
-    for dtype, matmul_precision in ((torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest")):
+    for dtype, matmul_precision in SELF_CHECK_PRECISIONS:
         @check(f"fused kernel self-check, {dtype}, float32 matmul precision {matmul_precision}")
         def _():
             torch.set_float32_matmul_precision(matmul_precision)

@@ -16,6 +16,8 @@
 # network needed). Every step writes its raw output to a file under $OUT (nothing is piped, so a run
 # cut short keeps what it printed) and the script goes on after a failing step:
 #   gpu.txt             GPU, driver, torch/triton/lightning versions
+#   warm.txt            scripts/warm_kernel_cache.py: the fused kernels compiled into Triton's cache, in
+#                       parallel processes (each later step would otherwise compile them one at a time)
 #   check.{txt,json}    scripts/check_fused_gla.py: the fused kernel against the reference (float32,
 #                       bf16), true-float32 match embedding, sync-free rotations, CUDA graph, compile
 #   train_step.{txt,json}   scripts/benchmark_train_step.py: the paper training step (x2, batch 16,
@@ -25,7 +27,8 @@
 #   gla_targets.{txt,json}  scripts/benchmark_gla.py --targets: issue 9's model-level rows for the
 #                       authors' code (with .published), the published layout, the reference and the
 #                       fused implementation, float32 with
-#                       TF32 matrix products on all of them; gla_targets_bf16.*: the same under bf16 autocast
+#                       TF32 matrix products on all of them, each case with its ten largest GPU kernels;
+#                       gla_targets_bf16.*: the same under bf16 autocast
 #   precision.{txt,json}    scripts/benchmark_precision.py: training step float32 vs bf16-mixed
 #                       (throughput, peak memory) and validation PSNR after a short run
 #   train_step_heuristics.{txt,json}   the eager training step of this project with cuDNN's heuristics
@@ -66,9 +69,10 @@ OUT="${OUT:?set OUT to the folder for the results}"
 # Toy sizes for --rehearse, appended after the real options (argparse keeps the last value), so that the
 # rehearsal runs the very command lines of the GPU run.
 device=cuda
-toy_check=() toy_train_step=() toy_gla=() toy_profile=() toy_precision=()
+toy_warm=() toy_check=() toy_train_step=() toy_gla=() toy_profile=() toy_precision=()
 if [[ "${1:-}" == "--rehearse" ]]; then
     device=cpu
+    toy_warm=(--small --workers 2 --max-tasks 2)  # the interpreter compiles nothing: two tasks test the plumbing
     toy_check=(--small)
     toy_train_step=(--n-feats 8 --n-resgroups 1 --n-resblocks 1 --chunk-size 16 --n-hashes 1 --batch 2 --patch 12
                     --warmup 1 --steps 4)
@@ -91,7 +95,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 status=0
 # Seconds each step may take at most on an H100/H200 (compilation included); the budget may leave less.
-declare -A STEP_CAP_S=([check]=180 [train_step]=330 [gla_targets]=90 [gla_targets_bf16]=90 [train_step_heuristics]=60
+declare -A STEP_CAP_S=([warm]=120 [check]=180 [train_step]=330 [gla_targets]=90 [gla_targets_bf16]=90 [train_step_heuristics]=60
                         [gla_batch1_profile]=60 [precision]=300)
 if [[ $device == cuda ]]; then
     budget=${GPU_CHECK_BUDGET_S:-540}
@@ -124,6 +128,9 @@ step() {  # step NAME COMMAND...: run with stdout and stderr to $OUT/NAME.txt, r
 } >"$OUT/gpu.txt" 2>&1
 echo "== $(tr '\n' ' ' <"$OUT/gpu.txt")"
 
+# The fused kernels' Triton compiles (about sixty, seconds each), in parallel processes: the steps below find
+# them in Triton's cache instead of compiling them one at a time.
+step warm python3 scripts/warm_kernel_cache.py --device $device "${toy_warm[@]}"
 step check python3 scripts/check_fused_gla.py --device $device --json "$OUT/check.json" "${toy_check[@]}"
 # The headline: the training step, float32 with TF32 matrix products (as train.py's paper recipes) and bf16.
 published=()
@@ -132,10 +139,12 @@ step train_step python3 scripts/benchmark_train_step.py --device $device "${publ
     --matmul-precision high --json "$OUT/train_step.json" "${toy_train_step[@]}"
 # float32 with TF32 matrix products for every implementation (the fused kernel's float32 mode), then bf16;
 # the authors' own GLA and DLSN too where .published is there (issue 9's baseline)
+# --kernel-table: each case profiled once more (three runs), its ten largest kernels listed (where the rows
+# still short of their targets, batch 16 96x96 and the 360x360 image, spend their time).
 step gla_targets python3 scripts/benchmark_gla.py --device $device --targets "${published[@]}" --repeats 10 \
-    --warmup 3 --matmul-precision high --json "$OUT/gla_targets.json" --markdown "${toy_gla[@]}"
+    --warmup 3 --matmul-precision high --kernel-table 10 --json "$OUT/gla_targets.json" --markdown "${toy_gla[@]}"
 step gla_targets_bf16 python3 scripts/benchmark_gla.py --device $device --targets "${published[@]}" --repeats 10 \
-    --warmup 3 --precision bf16 --json "$OUT/gla_targets_bf16.json" --markdown "${toy_gla[@]}"
+    --warmup 3 --precision bf16 --kernel-table 10 --json "$OUT/gla_targets_bf16.json" --markdown "${toy_gla[@]}"
 # The last target (bf16 against float32 validation PSNR), before the two steps that only inform.
 step precision python3 scripts/benchmark_precision.py --device $device --train-steps 200 \
     --json "$OUT/precision.json" --run-dir /tmp/precision_runs "${toy_precision[@]}"

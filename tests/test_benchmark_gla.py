@@ -20,7 +20,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_gla.py"
 def test_benchmark_prints_time_memory_and_breakdown_per_case(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--sizes", "32", "--repeats", "1", "--no-train-step", "--breakdown",
-         "--json", str(tmp_path / "gla.json"), "--markdown"],
+         "--kernel-table", "3", "--json", str(tmp_path / "gla.json"), "--markdown"],
         capture_output=True, text=True, timeout=300, check=True,
     )
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("reference gla_")]
@@ -35,6 +35,16 @@ def test_benchmark_prints_time_memory_and_breakdown_per_case(tmp_path):
     assert [(case["impl"], case["kind"], case["size"]) for case in recorded["cases"]] == [
         ("reference", "gla_forward", 32), ("reference", "gla_forward_backward", 32)]
     assert all({"median_s", "peak_mb", "convolution_s", "matmul_s"} <= set(case) for case in recorded["cases"])
+    # --kernel-table: each case's largest operators (on the CPU), largest first; the 3x3 convolutions of the
+    # embeddings (256 -> 64 + 512 channels) lead GLA's forward at 32x32
+    for case in recorded["cases"]:
+        kernels = case["kernels"]
+        assert case["kernels_on"] == "host" and len(kernels) == 3
+        assert all(kernel["name"].startswith("aten::") and kernel["calls"] > 0 for kernel in kernels)
+        assert [kernel["ms"] for kernel in kernels] == sorted((kernel["ms"] for kernel in kernels), reverse=True)
+        assert sum(kernel["ms"] for kernel in kernels) <= case["kernel_ms"] + 1e-9
+    assert "conv" in recorded["cases"][0]["kernels"][0]["name"], recorded["cases"][0]["kernels"]
+    assert result.stdout.count("ms per run in aten operators (host time); the largest:") == 2
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert table[0].startswith("| case | implementation | median ms") and len(table) == 2 + 2
 

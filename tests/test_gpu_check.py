@@ -20,9 +20,9 @@ from tests.helpers.runs import PROJECT_ROOT
 SCRIPT = PROJECT_ROOT / "scripts" / "gpu_check.sh"
 
 
-STEPS = ("check", "train_step", "gla_targets", "gla_targets_bf16", "precision", "train_step_heuristics",
-         "gla_batch1_profile")  # in the order they run: the targets first
-TEXT_ONLY = ("gla_batch1_profile",)  # steps that print a profile and write no JSON
+STEPS = ("warm", "check", "train_step", "gla_targets", "gla_targets_bf16", "precision", "train_step_heuristics",
+         "gla_batch1_profile")  # in the order they run: the targets first, after the kernels' compilation
+TEXT_ONLY = ("warm", "gla_batch1_profile")  # steps that write no JSON
 
 
 def rehearse(out: Path, **variables: str) -> subprocess.CompletedProcess:
@@ -43,6 +43,8 @@ def test_rehearsal_runs_every_step_and_fills_the_summary(tmp_path):
         assert f"== {step} (at most " in proc.stdout and (out / f"{step}.txt").is_file(), step
         if step not in TEXT_ONLY:
             assert (out / f"{step}.json").is_file(), (out / f"{step}.txt").read_text()[-3000:]
+    warm = (out / "warm.txt").read_text()
+    assert "2 tasks on 2 processes" in warm and warm.rstrip().endswith("0 failed"), warm[-3000:]
     profile = (out / "gla_batch1_profile.txt").read_text()
     assert profile.count("## GLA forward+backward, batch 1,") == 2 and "kernels per step" in profile, profile[-3000:]
     assert re.search(r"torch.float32: two_kernels [\d.]+ ms; atomic [\d.]+ ms", profile), profile[-3000:]
@@ -57,6 +59,9 @@ def test_rehearsal_runs_every_step_and_fills_the_summary(tmp_path):
     model_rows = [row for row in rows if row.startswith(("| GLA fwd+bwd", "| whole-image forward"))]
     assert len(model_rows) == 10 and all("toy sizes" in row for row in model_rows), model_rows
     assert sum(row.endswith("| REHEARSAL |") for row in model_rows) == 5  # the float32 run; bf16 is information
+    for name in ("gla_targets", "gla_targets_bf16"):  # each case's largest kernels (here: operators)
+        cases = json.loads((out / f"{name}.json").read_text())["cases"]
+        assert cases and all(len(case["kernels"]) == 10 for case in cases), name
     step_rows = [row for row in rows if row.startswith("| training step x2")]
     assert len(step_rows) == 2 and all("(eager)" in row and "ms (compiled)" in row for row in step_rows)
     assert sum(row.startswith("| val PSNR") for row in rows) == 2
@@ -75,8 +80,8 @@ def test_rehearsal_runs_every_step_and_fills_the_summary(tmp_path):
 def test_a_spent_budget_cuts_the_step_skips_the_rest_and_still_writes_the_summary(tmp_path):
     """A lent machine stops the command at a hard limit: gpu_check.sh must end first, with its summary.
 
-    With 40 s, the first step gets what the start-up left minus the 15 s kept for the summary (about
-    20 s: less than the rehearsal's check needs here, so it is cut), and the later steps nothing."""
+    With 40 s, the first step (the kernels' compilation) gets what the start-up left minus the 15 s kept
+    for the summary (about 20 s: it may be cut), and the later steps nothing."""
     out = tmp_path / "results"
     proc = rehearse(out, GPU_CHECK_BUDGET_S="40")
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
