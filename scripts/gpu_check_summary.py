@@ -10,7 +10,8 @@ eager step with cuDNN's heuristics instead of its autotuner), ``gla_targets.json
 then issue 9's model-level targets (published code, reference and fused implementation, the fused
 one's ratio to the published code: the authors' own where ``benchmark_gla.py --published-src`` ran it,
 else the published layout re-implemented there; the target and whether the float32 run meets it; the bf16 run
-for information), then the training-step precision rows.
+for information), then the training-step precision rows; under the table, where the float32 model-level
+rows' time goes (their largest kernels, from ``benchmark_gla.py --kernel-table``).
 
 Targets are judged (MET / NOT MET) only on numbers measured on CUDA. Numbers from the CPU (``gpu_check.sh
 --rehearse``, toy sizes) show REHEARSAL: they check that every step's output reaches this table.
@@ -153,6 +154,26 @@ def timed_choice_rows(*results: list | None) -> list[str]:
             for what, entry in choices.items()]
 
 
+def kernel_lines(targets: dict | None, largest: int = 3) -> list[str]:
+    """Under the table: the model-level rows' largest kernels (``benchmark_gla.py --kernel-table``), for the
+    published code the row is judged against and for the fused implementation: where the time goes."""
+    cases = [c for c in (targets or {}).get("cases", []) if c.get("kernels") and "error" not in c]
+    if not cases:
+        return []
+    lines = ["", "Largest kernels per run (gla_targets.json; all of them in `gla_targets.txt`):"]
+    for kind, size, batch in TARGETS:
+        shown = {c["impl"]: c for c in cases
+                 if (c["kind"], c.get("paper_size", c["size"]), c.get("paper_batch", c["batch"])) == (kind, size, batch)}
+        published = shown.get("authors") or shown.get("published")
+        for case in (published, shown.get("fused")):
+            if case is None:
+                continue
+            kernels = "; ".join(f"{k['ms']:.2f} ms {k['name'][:60]}" for k in case["kernels"][:largest])
+            lines.append(f"- {NAMES[kind]}, batch {batch}, LR {size}x{size}, {case['impl']}: "
+                         f"{1000 * case['median_s']:.1f} ms, {case['kernel_ms']:.1f} ms in kernels: {kernels}")
+    return lines
+
+
 def main(folder: Path) -> None:
     rows = ["| what | published | reference | fused | fused vs published | target | status |",
             "|---|---|---|---|---|---|---|"]
@@ -187,6 +208,7 @@ def main(folder: Path) -> None:
         rows.append("| training steps (precision.json) | | | | | | MISSING |")
     if any(row.endswith("| REHEARSAL |") for row in rows):
         rows.insert(0, "Rehearsal: numbers from the CPU at toy sizes check the plumbing and judge no target.\n")
+    rows += kernel_lines(load(folder, "gla_targets.json"))
     print("\n".join(rows))
 
 

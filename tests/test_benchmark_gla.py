@@ -98,8 +98,13 @@ def test_gpu_check_summary_judges_the_targets_from_the_recorded_numbers(tmp_path
              dict(case("fused", "gla_forward_backward", 96, 16, 20.0, 900),  # 2.76x < 3x: not met
                   timed_choices={"fused attention backward cuda:0 torch.float32 tf32 (16, 3, 9216)": {
                       "choice": "atomic+values", "ms": {"two_kernels": 9.0, "atomic+values": 6.5}}}),
-             case("published", "dlsn_forward", 360, 1, 294.9, 6795),
-             case("fused", "dlsn_forward", 360, 1, 100.0, 2100),  # 2.95x but memory 0.31x: not met
+             dict(case("published", "dlsn_forward", 360, 1, 294.9, 6795), kernel_ms=280.0, kernels=[
+                 {"name": "sm90_xmma_fprop_implicit_gemm_tf32", "ms": 120.0, "calls": 118}]),
+             dict(case("fused", "dlsn_forward", 360, 1, 100.0, 2100),  # 2.95x but memory 0.31x: not met
+                  kernel_ms=90.0, kernels=[{"name": "sm90_xmma_fprop_implicit_gemm_tf32", "ms": 60.0, "calls": 118},
+                                           {"name": "_forward_kernel", "ms": 20.0, "calls": 10},
+                                           {"name": "conv2d_float32", "ms": 5.0, "calls": 10},
+                                           {"name": "elementwise", "ms": 1.0, "calls": 50}]),
              dict(impl="fused", kind="dlsn_forward", size=128, batch=1, precision="32", error="OutOfMemoryError: x")]
     (tmp_path / "gla_targets.json").write_text(json.dumps({"device": "cuda", "cases": cases}))
     (tmp_path / "check.json").write_text(json.dumps({"results": [
@@ -126,6 +131,13 @@ def test_gpu_check_summary_judges_the_targets_from_the_recorded_numbers(tmp_path
     choice = rows["timed choice: fused attention backward cuda:0 torch.float32 tf32 (16, 3, 9216)"]
     assert "| atomic+values | two_kernels 9.000 ms, atomic+values 6.500 ms |" in choice, choice
     assert rows["training steps (precision.json)"].endswith("| MISSING |")
+    # under the table, the largest kernels (three) of the rows profiled with --kernel-table
+    kernels = summary.split("Largest kernels per run")[1].splitlines()[1:]
+    assert kernels == [
+        "- whole-image forward, paper DLSN x2, batch 1, LR 360x360, published: 294.9 ms, 280.0 ms in kernels: "
+        "120.00 ms sm90_xmma_fprop_implicit_gemm_tf32",
+        "- whole-image forward, paper DLSN x2, batch 1, LR 360x360, fused: 100.0 ms, 90.0 ms in kernels: "
+        "60.00 ms sm90_xmma_fprop_implicit_gemm_tf32; 20.00 ms _forward_kernel; 5.00 ms conv2d_float32"], kernels
 
     # the same numbers from the CPU (gpu_check.sh --rehearse) judge nothing
     (tmp_path / "gla_targets.json").write_text(json.dumps({"device": "cpu", "cases": cases}))
