@@ -224,8 +224,10 @@ def run_case(case: dict) -> dict:
     if case.get("breakdown") or case.get("kernel_table"):
         # Profiled apart from the timed runs (the profiler slows the host); the breakdown averages as many
         # runs as were timed, the kernel table alone three at most.
+        from profile_train_step import profiled
+
         steps = case["repeats"] if case.get("breakdown") else min(3, case["repeats"])
-        profiler = profile_steps(timed_step, synchronize, device, steps)
+        profiler = profiled(timed_step, device, steps)
         if case.get("breakdown"):
             result.update(time_by_operator_kind(profiler, device, steps))
         if case.get("kernel_table"):
@@ -235,18 +237,6 @@ def run_case(case: dict) -> dict:
 
 CONVOLUTION_OPS = ("convolution",)  # mkldnn_/cudnn_convolution, convolution_backward, ...
 MATMUL_OPS = ("aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm")
-
-
-def profile_steps(step, synchronize, device: torch.device, steps: int):
-    """``torch.profiler`` over ``steps`` calls of ``step``: the host, and the device on CUDA."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as profiler:
-        for _ in range(steps):
-            step()
-        synchronize()
-    return profiler
 
 
 def time_by_operator_kind(profiler, device: torch.device, repeats: int) -> dict:
