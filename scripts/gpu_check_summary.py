@@ -53,19 +53,32 @@ def timing(case: dict | None) -> str:
     return f"{1000 * case['median_s']:.1f} ms, {case['peak_mb']:.0f} MB"
 
 
+def cases_by_row(targets: dict | None) -> dict[tuple, dict[str, dict]]:
+    """The recorded cases by target row ``(kind, LR size, batch)`` and implementation (--smoke runs record the
+    paper case each toy case stands for)."""
+    rows: dict[tuple, dict[str, dict]] = {}
+    for case in (targets or {}).get("cases", []):
+        row = (case["kind"], case.get("paper_size", case["size"]), case.get("paper_batch", case["batch"]))
+        rows.setdefault(row, {})[case["impl"]] = case
+    return rows
+
+
+def judged_baseline(cases: dict[str, dict]) -> dict | None:
+    """Issue 9 compares with the authors' code: judged against it where it ran, else the published layout."""
+    authors = cases.get("authors")
+    return authors if authors and "error" not in authors else cases.get("published")
+
+
 def target_rows(targets: dict | None, file_name: str, judging: bool) -> list[str]:
     """Issue 9's model-level rows; ``judging``: with MET / NOT MET (else the ratios are for information)."""
     if targets is None:
         return [f"| model-level targets ({file_name}) | | | | | | MISSING |"]
     rows = []
-    # --smoke runs record the paper case each toy case stands for
-    cases = {(c["impl"], c["kind"], c.get("paper_size", c["size"]), c.get("paper_batch", c["batch"])): c
-             for c in targets.get("cases", [])}
+    by_row = cases_by_row(targets)
     for (kind, size, batch), (speed_target, memory_target) in TARGETS.items():
-        authors, layout, reference, fused = (cases.get((impl, kind, size, batch))
-                                             for impl in ("authors", "published", "reference", "fused"))
-        # Issue 9 compares with the authors' code: judged against it where it ran, else the layout.
-        published = authors if authors and "error" not in authors else layout
+        cases = by_row.get((kind, size, batch), {})
+        authors, layout, reference, fused = (cases.get(impl) for impl in ("authors", "published", "reference", "fused"))
+        published = judged_baseline(cases)
         measured = [c for c in (authors, layout, reference, fused) if c]
         if not measured:
             rows.append(f"| {NAMES[kind]}, batch {batch}, LR {size}x{size} | | | | | | NOT MEASURED |")
@@ -157,21 +170,18 @@ def timed_choice_rows(*results: list | None) -> list[str]:
 def kernel_lines(targets: dict | None, largest: int = 3) -> list[str]:
     """Under the table: the model-level rows' largest kernels (``benchmark_gla.py --kernel-table``), for the
     published code the row is judged against and for the fused implementation: where the time goes."""
-    cases = [c for c in (targets or {}).get("cases", []) if c.get("kernels") and "error" not in c]
-    if not cases:
-        return []
-    lines = ["", "Largest kernels per run (gla_targets.json; all of them in `gla_targets.txt`):"]
-    for kind, size, batch in TARGETS:
-        shown = {c["impl"]: c for c in cases
-                 if (c["kind"], c.get("paper_size", c["size"]), c.get("paper_batch", c["batch"])) == (kind, size, batch)}
-        published = shown.get("authors") or shown.get("published")
-        for case in (published, shown.get("fused")):
-            if case is None:
+    by_row = cases_by_row(targets)
+    lines = []
+    for row in TARGETS:
+        kind, size, batch = row
+        cases = by_row.get(row, {})
+        for case in (judged_baseline(cases), cases.get("fused")):
+            if case is None or "error" in case or not case.get("kernels"):
                 continue
             kernels = "; ".join(f"{k['ms']:.2f} ms {k['name'][:60]}" for k in case["kernels"][:largest])
             lines.append(f"- {NAMES[kind]}, batch {batch}, LR {size}x{size}, {case['impl']}: "
                          f"{1000 * case['median_s']:.1f} ms, {case['kernel_ms']:.1f} ms in kernels: {kernels}")
-    return lines
+    return ["", "Largest kernels per run (gla_targets.json; all of them in `gla_targets.txt`):", *lines] if lines else []
 
 
 def main(folder: Path) -> None:
