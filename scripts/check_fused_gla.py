@@ -289,16 +289,7 @@ def main() -> None:
             assert error < 1e-5 and not torch.equal(draws[0], draws[1]), (error, "replays drew the same matrices")
             return {"orthonormality_error": error}
 
-        @check("GLA training step (fused, rotations drawn inside, cuDNN autotuner and timed choices on): "
-               "no host synchronisation, CUDA graph")
-        def _():
-            benchmark = torch.backends.cudnn.benchmark
-            torch.backends.cudnn.benchmark = True  # as the training steps run (CudnnAutotune)
-            try:
-                return graphed_training_step()
-            finally:
-                torch.backends.cudnn.benchmark = benchmark
-
+        # Defined before the check below: @check runs its function at once.
         def graphed_training_step():
             layer = GLA(channels, chunk_size=chunk_size, n_hashes=3, attention_impl="fused").to(device)
             x = torch.randn(2, channels, sizes[0][1], sizes[0][1], device=device, requires_grad=True)
@@ -334,6 +325,16 @@ def main() -> None:
             assert all(torch.isfinite(o).all() for o in outputs)
             assert not torch.equal(*outputs), "replays used the same rotations"
             return {"timed_choices": timed_choice.choices()}
+
+        @check("GLA training step (fused, rotations drawn inside, cuDNN autotuner and timed choices on): "
+               "no host synchronisation, CUDA graph")
+        def _():
+            benchmark = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True  # as the training steps run (CudnnAutotune)
+            try:
+                return graphed_training_step()
+            finally:
+                torch.backends.cudnn.benchmark = benchmark
 
     if not args.no_compile:
         impl = "fused" if cuda else "reference"

@@ -96,3 +96,41 @@ def test_a_spent_budget_cuts_the_step_skips_the_rest_and_still_writes_the_summar
     missing = [row for row in (out / "summary.md").read_text().splitlines() if row.endswith("| MISSING |")]
     assert [step for step in STEPS if any(f"({step}.json)" in row for row in missing)] == [
         step for step in skipped if step not in TEXT_ONLY], missing
+
+
+def _statements_in_order(body):
+    """Statements of a function body in order, with the bodies of if, for, while, with and try flattened in."""
+    import ast
+
+    for statement in body:
+        yield statement
+        if isinstance(statement, (ast.If, ast.For, ast.While, ast.With, ast.Try)):
+            for block in ("body", "orelse", "handlers", "finalbody"):
+                for child in getattr(statement, block, []):
+                    yield from _statements_in_order(child.body if isinstance(child, ast.ExceptHandler) else [child])
+
+
+def test_every_check_uses_only_helpers_defined_before_it():
+    """``@check`` runs its function at decoration time, so a helper of the same scope defined below it
+    raises NameError when the check runs. The CUDA-only checks run nowhere but on a GPU (the rehearsal
+    skips them): on the H200 on 2026-11-27 the CUDA-graph training-step check failed exactly so."""
+    import ast
+
+    script = PROJECT_ROOT / "scripts" / "check_fused_gla.py"
+    tree = ast.parse(script.read_text())
+    main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+    statements = list(_statements_in_order(main.body))
+    local_functions = {s.name for s in statements if isinstance(s, ast.FunctionDef)}
+    defined: set[str] = set()
+    checks = 0
+    for statement in statements:
+        if isinstance(statement, ast.FunctionDef):
+            is_check = any(isinstance(d, ast.Call) and getattr(d.func, "id", None) == "check"
+                           for d in statement.decorator_list)
+            if is_check:
+                checks += 1
+                used = {n.id for n in ast.walk(statement) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+                late = sorted((used & local_functions) - defined)
+                assert not late, f"{script.name}: check at line {statement.lineno} calls {late}, defined below it"
+            defined.add(statement.name)
+    assert checks >= 8, f"found only {checks} @check functions in main(): did the script's structure change?"
