@@ -343,8 +343,8 @@ def run_training(args: argparse.Namespace, precision: str, seed: int, run_dir: P
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             returncode = None
-    result: dict[str, Any] = {"seed": seed, "run_dir": str(run_dir), "wall_s": time.perf_counter() - start,
-                              "overrides": overrides}
+    result: dict[str, Any] = {"precision": precision, "seed": seed, "run_dir": str(run_dir),
+                              "wall_s": time.perf_counter() - start, "overrides": overrides}
     log_text = log_path.read_text(errors="replace")
     if returncode is None:
         result["error"] = f"timed out after {args.train_timeout:.0f} s (--train-timeout); log: {log_path}"

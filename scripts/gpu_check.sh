@@ -5,8 +5,9 @@
 #                                    # an offline GPU image may lack (Hydra, OmegaConf) into .whl/, and
 #                                    # the authors' code (laoyangui/DLSN; or DLSN_MIRROR=<a clone>) into
 #                                    # .published/DLSN (git-ignored: carry it, never commit it)
-#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; every target in about 6 minutes on
-#                                    # an H200 (2026-11-27), then two information steps (about 2 minutes)
+#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; every target in about 9 minutes on
+#                                    # an H200 (515 s on 2026-11-27, before the float32 noise run), then
+#                                    # the information steps (about 3 minutes; GPU_CHECK_BUDGET_S cuts them)
 #   OUT=/tmp/rehearsal scripts/gpu_check.sh --rehearse   # the same steps on the CPU at toy sizes (a few
 #                                    # minutes): every command line still matches its script and every
 #                                    # output reaches summary.md; measures nothing (tests/test_gpu_check.py)
@@ -26,11 +27,12 @@
 #                       importance, so a run cut short keeps the headline numbers
 #   gla_targets.{txt,json}  scripts/benchmark_gla.py --targets: issue 9's model-level rows for the
 #                       authors' code (with .published), the published layout, the reference and the
-#                       fused implementation, float32 with
-#                       TF32 matrix products on all of them, each case with its ten largest GPU kernels;
-#                       gla_targets_bf16.*: the same under bf16 autocast
+#                       fused implementation, float32 with TF32 matrix products on all of them, each
+#                       case with its ten largest GPU kernels
 #   precision.{txt,json}    scripts/benchmark_precision.py: training step float32 vs bf16-mixed
-#                       (throughput, peak memory) and validation PSNR after a short run
+#                       (throughput, peak memory) and validation PSNR after a short run, with a second
+#                       float32 run (another seed) for float32's own spread
+#   gla_targets_bf16.{txt,json}   the model-level rows under bf16 autocast (information)
 #   train_step_heuristics.{txt,json}   the eager training step of this project with cuDNN's heuristics
 #                       instead of its autotuner (what dlsn.callbacks.CudnnAutotune gains; information)
 #   gla_batch1_profile.txt   scripts/profile_train_step.py --sections gla_batch1 backward_modes: where the
@@ -137,17 +139,20 @@ published=()
 [[ -f .published/DLSN/src/model/dlsn.py ]] && published=(--published-src .published/DLSN/src)
 step train_step python3 scripts/benchmark_train_step.py --device $device "${published[@]}" --warmup 4 --steps 12 \
     --matmul-precision high --json "$OUT/train_step.json" "${toy_train_step[@]}"
-# float32 with TF32 matrix products for every implementation (the fused kernel's float32 mode), then bf16;
+# float32 with TF32 matrix products for every implementation (the fused kernel's float32 mode; bf16 below);
 # the authors' own GLA and DLSN too where .published is there (issue 9's baseline)
 # --kernel-table: each case profiled once more (three runs), its ten largest kernels listed (where the rows
 # still short of their targets, batch 16 96x96 and the 360x360 image, spend their time).
 step gla_targets python3 scripts/benchmark_gla.py --device $device --targets "${published[@]}" --repeats 10 \
     --warmup 3 --matmul-precision high --kernel-table 10 --json "$OUT/gla_targets.json" --markdown "${toy_gla[@]}"
-step gla_targets_bf16 python3 scripts/benchmark_gla.py --device $device --targets "${published[@]}" --repeats 10 \
-    --warmup 3 --precision bf16 --kernel-table 10 --json "$OUT/gla_targets_bf16.json" --markdown "${toy_gla[@]}"
-# The last target (bf16 against float32 validation PSNR), before the two steps that only inform.
-step precision python3 scripts/benchmark_precision.py --device $device --train-steps 200 \
+# The last target (bf16 against float32 validation PSNR), before the steps that only inform. --noise-run: float32
+# with another seed beside it, float32's own spread after so short a run (bf16 was -0.18 dB on 2026-11-27,
+# +0.02 dB on 2026-11-26: how much of that is the seed's?).
+step precision python3 scripts/benchmark_precision.py --device $device --train-steps 200 --noise-run \
     --json "$OUT/precision.json" --run-dir /tmp/precision_runs "${toy_precision[@]}"
+# The model-level rows under bf16 autocast (information; no kernel tables, the float32 ones above suffice).
+step gla_targets_bf16 python3 scripts/benchmark_gla.py --device $device --targets "${published[@]}" --repeats 10 \
+    --warmup 3 --precision bf16 --json "$OUT/gla_targets_bf16.json" --markdown "${toy_gla[@]}"
 # What cuDNN's autotuner (on in train_step, as in the paper recipes) gains over its heuristics: eager steps.
 step train_step_heuristics python3 scripts/benchmark_train_step.py --device $device --cases project --warmup 4 \
     --steps 12 --matmul-precision high --cudnn-autotune off --json "$OUT/train_step_heuristics.json" "${toy_train_step[@]}"
