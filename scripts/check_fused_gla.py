@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from dlsn.models import GLA
-from dlsn.models import chunk_attention, float32_ops, timed_choice
+from dlsn.models import chunk_attention, conv_epilogue, float32_ops, timed_choice
 from dlsn.models.float32_ops import conv2d_float32, projections_float32
 from dlsn.models.gla import draw_rotations, draw_rotations_on_device, number_of_buckets
 
@@ -265,6 +265,38 @@ def main() -> None:
             details[f"{batch}x{size}x{size}"] = entry
             assert shortfall <= 1e-5, f"a picked bucket is {shortfall:.3g} (relative) below the largest projection"
         return details
+
+    if cuda:
+        @check("convolution epilogues (bias, ReLU, scale, residual in one kernel) equal the eager formula, "
+               "C=256, 360x360 (float32 and bf16 autocast), with their times")
+        def _():
+            # The whole-image forward's residual blocks and groups (dlsn/models/dlsn.py), in inference.
+            torch.manual_seed(0)
+            size = 24 if args.small else 360
+            x = torch.randn(1, channels, size, size, device=device).contiguous(memory_format=torch.channels_last)
+            residual = torch.randn_like(x)
+            weight = (0.02 * torch.randn(channels, channels, 3, 3, device=device)).contiguous(
+                memory_format=torch.channels_last)
+            bias = torch.randn(channels, device=device)
+            epilogues = {"relu": dict(relu=True), "residual": dict(residual=residual),
+                         "scale+residual": dict(scale=0.1, residual=residual)}
+            details = {}
+            with torch.no_grad():
+                for precision in ("float32", "bf16"):
+                    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+                    for name, epilogue in epilogues.items():
+                        def run(impl, epilogue=epilogue):
+                            with autocast:
+                                return conv_epilogue.conv2d_epilogue(x, weight, bias, impl=impl, **epilogue)
+                        fused_output, reference_output = run("fused"), run("reference")
+                        details[f"{precision} {name}"] = {
+                            "bitwise_equal": torch.equal(fused_output, reference_output),
+                            "largest_difference": (fused_output.float() - reference_output.float()).abs().max().item(),
+                            "fused_ms": round(median_cuda_ms(lambda: run("fused")), 4),
+                            "reference_ms": round(median_cuda_ms(lambda: run("reference")), 4)}
+            unequal = [name for name, entry in details.items() if not entry["bitwise_equal"]]
+            assert not unequal and conv_epilogue.fused_kernel_failure() is None, (unequal, details)
+            return details
 
     if cuda:
         @check("rotations drawn on the GPU: no host synchronisation, CUDA-graph capture")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dlsn.models.attention import attention_layers, build_attention
+from dlsn.models.conv_epilogue import conv2d_epilogue
 from dlsn.models.gla import GLA, set_rotation_seed
 
 # DIV2K mean colour, subtracted before the head and added back at the end (fixed, not trained).
@@ -33,14 +34,17 @@ def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
 
 
 class ResidualBlock(nn.Module):
+    """``x + conv2(relu(conv1(x)))``. Each convolution and what follows it is one
+    :func:`~dlsn.models.conv_epilogue.conv2d_epilogue` call (one fused pass in GPU inference)."""
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv1 = conv3x3(channels, channels)
-        self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(self.relu(self.conv1(x)))
+        hidden = conv2d_epilogue(x, self.conv1.weight, self.conv1.bias, padding=self.conv1.padding, relu=True)
+        return conv2d_epilogue(hidden, self.conv2.weight, self.conv2.bias, padding=self.conv2.padding, residual=x)
 
 
 class ResidualGroup(nn.Module):
@@ -57,7 +61,8 @@ class ResidualGroup(nn.Module):
         features = self.blocks(x)
         if self.attention is not None:
             features = self.attention(features, rotations)
-        return x + self.res_scale * self.conv(features)
+        return conv2d_epilogue(features, self.conv.weight, self.conv.bias, padding=self.conv.padding,
+                               residual=x, scale=self.res_scale)
 
 
 class Upsampler(nn.Sequential):
