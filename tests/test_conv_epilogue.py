@@ -171,7 +171,8 @@ def test_dlsn_output_is_bitwise_the_same_with_the_fused_epilogue(monkeypatch):
     with torch.no_grad():
         expected = model(x)
 
-        # "auto" as on a GPU: every epilogue of the residual blocks and groups goes through the kernel.
+        # "auto" as on a GPU: every epilogue of the residual blocks and groups, and GLA's embedding
+        # convolution (bias and ReLU), goes through the kernel.
         launches = []
         launch = conv_epilogue._launch_epilogue
         monkeypatch.setattr(conv_epilogue, "_failure", None)
@@ -180,7 +181,8 @@ def test_dlsn_output_is_bitwise_the_same_with_the_fused_epilogue(monkeypatch):
         monkeypatch.setattr(conv_epilogue, "_launch_epilogue",
                             lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
         fused = model(x)
-    assert len(launches) == 2 * (2 * 2 + 1)  # per group: two per residual block, one for the group's conv
+    # per group: two per residual block, one for GLA's stacked embeddings, one for the group's conv
+    assert len(launches) == 2 * (2 * 2 + 1 + 1)
     assert conv_epilogue.fused_kernel_failure() is None  # (a failing kernel would fall back to the reference)
     assert torch.equal(fused, expected)
 

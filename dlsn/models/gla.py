@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlsn.models import chunk_attention as fused
+from dlsn.models.conv_epilogue import conv2d_epilogue
 from dlsn.models.float32_ops import conv2d_float32
 
 ATTENTION_IMPLS = ("auto", "reference", "fused")
@@ -382,19 +383,22 @@ class GLA(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
 
         def tokens(feature_map: torch.Tensor) -> torch.Tensor:
-            # In place: the map is large and the convolution's backward does not need its output.
-            return F.relu(feature_map, inplace=True).permute(0, 2, 3, 1).flatten(1, 2)
+            return feature_map.permute(0, 2, 3, 1).flatten(1, 2)
 
         convs = [self.match_embedding, self.value_embedding]
         if self.learns_scores:
             convs.append(self.score_embedding)
         match = None
         if x.is_cuda or torch.is_autocast_enabled(x.device.type):
-            match = tokens(conv2d_float32(x, self.match_embedding.weight, self.match_embedding.bias, 1))
+            # ReLU in place: the map is large and the convolution's backward does not need its output.
+            match = tokens(F.relu(conv2d_float32(x, self.match_embedding.weight, self.match_embedding.bias, 1),
+                                  inplace=True))
             convs = convs[1:]
         weight = torch.cat([conv.weight for conv in convs])
         bias = torch.cat([conv.bias for conv in convs])
-        parts = tokens(F.conv2d(x, weight, bias, padding=1)).split([c.out_channels for c in convs], dim=-1)
+        # Bias and ReLU (in place) in one pass over the stacked maps in GPU inference (conv_epilogue).
+        parts = tokens(conv2d_epilogue(x, weight, bias, padding=1, relu=True))
+        parts = parts.split([c.out_channels for c in convs], dim=-1)
         parts = parts if match is None else (match, *parts)
         return parts if self.learns_scores else (*parts, None)
 
