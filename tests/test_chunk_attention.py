@@ -485,7 +485,11 @@ def test_bucket_codes_kernel_breaks_ties_like_torch_argmax(device):
     column = torch.randn(8, 1, generator=generator)
     rotations = torch.cat([-column, column, torch.randn(8, 2, generator=generator), column, column], 1)[None]
     codes = fused.bucket_codes_fused(match.to(device), rotations.to(device)).cpu()
-    expected = torch.einsum("nld,tdb->ntlb", match, rotations).argmax(-1)
+    # One matrix-vector product per column, so the repeated columns' projections tie exactly: einsum's
+    # do not always (on an AVX-512 CPU its vectorised lanes round them 5e-7 apart).
+    projections = torch.stack([match @ rotations[0, :, bucket] for bucket in range(rotations.shape[-1])], -1)
+    expected = projections.argmax(-1)[:, None]
+    assert all(torch.equal(projections[..., 1], projections[..., repeat]) for repeat in (4, 5))
     assert torch.equal(codes, expected)
     assert set(codes.unique().tolist()) <= {0, 1, 2, 3}  # the repeats at 4 and 5 never win
 
