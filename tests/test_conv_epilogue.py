@@ -181,8 +181,9 @@ def test_dlsn_output_is_bitwise_the_same_with_the_fused_epilogue(monkeypatch):
         monkeypatch.setattr(conv_epilogue, "_launch_epilogue",
                             lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
         fused = model(x)
-    # per group: two per residual block, one for GLA's stacked embeddings, one for the group's conv
-    assert len(launches) == 2 * (2 * 2 + 1 + 1)
+    # per group: two per residual block, one for GLA's stacked embeddings, one for the group's conv; then
+    # the body's last convolution with the long skip
+    assert len(launches) == 2 * (2 * 2 + 1 + 1) + 1
     assert conv_epilogue.fused_kernel_failure() is None  # (a failing kernel would fall back to the reference)
     assert torch.equal(fused, expected)
 

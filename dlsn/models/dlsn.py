@@ -156,7 +156,8 @@ class DLSN(nn.Module):
         features = shallow
         for group, uses_rotations in zip(self.groups, hashed):
             features = group(features, next(layer_rotations) if rotations is not None and uses_rotations else None)
-        features = self.body_conv(features) + shallow
+        features = conv2d_epilogue(features, self.body_conv.weight, self.body_conv.bias,
+                                   padding=self.body_conv.padding, residual=shallow)
         return (self.reconstruction(self.upsampler(features)) + self.rgb_mean).contiguous()
 
     @property
