@@ -516,7 +516,7 @@ def _kernel(function, interpreted: bool):
         return InterpretedFunction(function)
     # Sizes that vary with the image are not specialised on (no recompilation per validation image).
     arguments = inspect.signature(function).parameters
-    return triton.jit(function, do_not_specialize=[name for name in ("length", "padded_length", "n_chunks")
+    return triton.jit(function, do_not_specialize=[name for name in ("length", "padded_length", "n_chunks", "numel")
                                                    if name in arguments])
 
 

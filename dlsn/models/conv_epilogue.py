@@ -28,12 +28,13 @@ A fused kernel that fails to compile or launch warns once and is not used again 
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from dlsn.models import chunk_attention
 
 try:
     import triton
@@ -138,15 +139,10 @@ def triton_available() -> bool:
     return triton is not None
 
 
-@functools.cache
 def _kernel(interpreted: bool):
-    """The epilogue kernel compiled for the GPU, or run by Triton's interpreter (CPU tensors)."""
-    if interpreted:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return InterpretedFunction(_epilogue_kernel)
-    # The number of elements varies with the image: not specialised on, so no recompilation per size.
-    return triton.jit(_epilogue_kernel, do_not_specialize=["numel"])
+    """The epilogue kernel compiled for the GPU, or run by Triton's interpreter (CPU tensors); as the
+    chunk-attention kernels, it is not specialised on ``numel``, which varies with the image."""
+    return chunk_attention._kernel(_epilogue_kernel, interpreted)
 
 
 def _launch_epilogue(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
@@ -161,9 +157,7 @@ def _launch_epilogue(y: torch.Tensor, bias: torch.Tensor | None, residual: torch
     if interpreted:
         # Outside TRITON_INTERPRET=1 an interpreted kernel can call the @triton.jit helpers above only
         # under chunk_attention's patch of them (see there).
-        from dlsn.models.chunk_attention import _library_functions_interpreted
-
-        with _library_functions_interpreted():
+        with chunk_attention._library_functions_interpreted():
             _kernel(True)[(triton.cdiv(numel, BLOCK),)](y, bias, residual, output, numel, y.shape[1], scale,
                                                           **options)
         return
