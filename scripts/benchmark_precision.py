@@ -9,12 +9,14 @@ precision of ``--precisions`` and prints a markdown report with PASS/FAIL lines 
     python scripts/benchmark_precision.py --strict-fp32             # the same with TF32 off for "float32"
     python scripts/benchmark_precision.py --skip-accuracy           # throughput and memory only
     python scripts/benchmark_precision.py --json $OUT/precision.json --noise-run
+    python scripts/benchmark_precision.py --skip-throughput --parallel-runs --noise-run   # accuracy only, the
+                                                                    # train.py runs at once (gpu_check.sh)
     python scripts/benchmark_precision.py --device cpu --model small --batch 2 --patch 16 \\
         --warmup 1 --steps 2 --train-steps 4                        # a CPU check of the whole pipeline
 
 Two parts:
 
-1. Throughput, in this process: a fresh network per precision (same seed), fused Adam lr 1e-4, random
+1. Throughput (unless ``--skip-throughput``), in this process: a fresh network per precision (same seed), fused Adam lr 1e-4, random
    LR/HR batches; ``--warmup`` steps, then ``--steps`` timed steps (forward, L1 loss, backward,
    Adam). Precisions follow Lightning's plugins: ``32-true`` no autocast, ``bf16-mixed``
    ``torch.autocast(bfloat16)``, ``16-mixed`` ``torch.autocast(float16)`` with a GradScaler.
@@ -23,7 +25,10 @@ Two parts:
 2. Accuracy (unless ``--skip-accuracy``): ``train.py`` in a subprocess per precision, identical
    seed and settings, on the bundled sample images (no download), one epoch of
    ``--train-steps`` iterations ending in a validation; the PSNR is read from the run's CSV log.
-   The runs stay under ``--run-dir`` (default ``logs/benchmark_precision/<time>/``).
+   The runs stay under ``--run-dir`` (default ``logs/benchmark_precision/<time>/``). With
+   ``--parallel-runs`` they run at the same time (they share the device; their PSNR does not depend on
+   it: cuDNN's autotuner, and with it GLA's timed choices, is off in these runs unless
+   ``--cudnn-benchmark``, so no run's arithmetic depends on a timing).
 
 On Ampere and later GPUs PyTorch lets cuDNN convolutions use TF32 in "float32" by default; the
 report prints the TF32 flags in effect, and ``--strict-fp32`` turns TF32 off (in this process with
@@ -47,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cuDNN autotuning (torch.backends.cudnn.benchmark; trainer.benchmark=true in train.py); "
                              "off by default, as in configs/trainer/default.yaml")
     parser.add_argument("--skip-accuracy", action="store_true", help="throughput and memory only")
+    parser.add_argument("--skip-throughput", action="store_true",
+                        help="accuracy only (the training step's speed measured elsewhere, e.g. benchmark_train_step.py)")
+    parser.add_argument("--parallel-runs", action="store_true",
+                        help="start the train.py runs at once instead of one after another")
     parser.add_argument("--train-steps", type=int, default=300, help="iterations of each train.py run")
     parser.add_argument("--lr", type=float, default=None,
                         help="lr of the train.py runs (default: 1e-4 for the paper model, 2e-3 for small)")
@@ -150,6 +160,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.skip_throughput and args.skip_accuracy:
+        parser.error("--skip-throughput and --skip-accuracy together leave nothing to measure")
+    if args.parallel_runs and args.cudnn_benchmark:
+        parser.error("--parallel-runs with --cudnn-benchmark: the runs' autotuners would time their candidates "
+                     "while the other runs share the device, and pick by that; run them one after another")
     if args.scale not in (2, 3, 4):
         parser.error(f"--scale must be 2, 3 or 4, got {args.scale}")
     if args.lr is not None and not args.lr > 0:
@@ -325,6 +340,20 @@ def logged_values(rows: list[dict[str, str]], key: str) -> list[float]:
     return [float(row[key]) for row in rows if row.get(key) not in (None, "")]
 
 
+# train.py processes under way. Each has its own session (so that a timeout stops it with its DataLoader
+# workers), so a signal to this script does not reach them: stop_training_runs passes it on.
+_running: set[subprocess.Popen] = set()
+
+
+def stop_training_runs(signum, frame) -> None:
+    """SIGTERM handler (e.g. ``timeout`` in gpu_check.sh): stop every train.py run, then exit. Left
+    running, they would share the GPU with whatever is measured next."""
+    for process in list(_running):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    raise SystemExit(128 + signum)
+
+
 def run_training(args: argparse.Namespace, precision: str, seed: int, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = train_overrides(args, precision, seed, run_dir)
@@ -337,12 +366,15 @@ def run_training(args: argparse.Namespace, precision: str, seed: int, run_dir: P
         # Its own session, so a timeout can stop train.py together with its DataLoader workers.
         process = subprocess.Popen([sys.executable, "train.py", *overrides], cwd=PROJECT_ROOT, env=env,
                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        _running.add(process)
         try:
             returncode = process.wait(timeout=args.train_timeout)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             returncode = None
+        finally:
+            _running.discard(process)
     result: dict[str, Any] = {"precision": precision, "seed": seed, "run_dir": str(run_dir),
                               "wall_s": time.perf_counter() - start, "overrides": overrides}
     log_text = log_path.read_text(errors="replace")
@@ -376,20 +408,37 @@ def run_accuracy(args: argparse.Namespace, report: dict[str, Any], save) -> None
     if args.noise_run:
         runs.append((f"{BASELINE} seed {args.seed + 1}", BASELINE, args.seed + 1))
     results = report["accuracy"]
-    for label, precision, seed in runs:
+
+    def start(label: str) -> Path:
         run_dir = args.run_dir / label.replace(" ", "_")
         print(f"[accuracy] {label}: train.py, {args.train_steps} steps -> {run_dir} ...", flush=True)
-        results[label] = run_training(args, precision, seed, run_dir)
-        numbers = results[label]
+        return run_dir
+
+    def finished(label: str, numbers: dict[str, Any]) -> None:
+        results[label] = numbers
         if "error" in numbers:
             print(f"[accuracy] {label}: FAILED: {numbers['error']}", flush=True)
         else:
             print(f"[accuracy] {label}: val PSNR {numbers['val_psnr']:.4f} dB ({numbers['wall_s']:.0f} s)", flush=True)
         baseline = results.get(BASELINE, {}).get("val_psnr")
-        for numbers in results.values():
-            if baseline is not None and "val_psnr" in numbers:
-                numbers["psnr_delta_vs_32_true_db"] = numbers["val_psnr"] - baseline
+        for other in results.values():
+            if baseline is not None and "val_psnr" in other:
+                other["psnr_delta_vs_32_true_db"] = other["val_psnr"] - baseline
         save()
+
+    if not args.parallel_runs:
+        for label, precision, seed in runs:
+            finished(label, run_training(args, precision, seed, start(label)))
+        return
+    # Threads only wait for their train.py processes, which do the work.
+    with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+        futures = {pool.submit(run_training, args, precision, seed, start(label)): label
+                   for label, precision, seed in runs}
+        for future in as_completed(futures):
+            finished(futures[future], future.result())
+    # In the order of the runs (as run one after another), whatever order they finished in.
+    report["accuracy"] = {label: results[label] for label, _, _ in runs}
+    save()
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -420,7 +469,7 @@ def report_header(report: dict[str, Any]) -> list[str]:
         tf32 += " (PyTorch defaults: on Ampere and later, float32 convolutions may use TF32)"
     memory = ("torch.cuda.max_memory_allocated per precision" if on_cuda
               else "process peak RSS, cumulative over the precisions run so far (CPU)")
-    return [
+    lines = [
         (f"## DLSN precision benchmark: {settings['model']} model, x{settings['scale']}, "
          f"batch {settings['batch']}, {settings['patch']}x{settings['patch']} LR patches"),
         "",
@@ -428,10 +477,11 @@ def report_header(report: dict[str, Any]) -> list[str]:
         (f"- torch {versions['torch']}, CUDA {versions['cuda']}, cuDNN {versions['cudnn']}, "
          f"{versions['cpu_threads']} CPU threads; {report['parameters'] / 1e6:.2f} M parameters"),
         f"- TF32: {tf32}; cudnn.benchmark={settings['cudnn_benchmark']}",
-        "",
-        (f"Throughput: {settings['warmup']} warm-up + {settings['steps']} timed training steps per precision "
-         f"(forward, L1, backward, Adam), median. Memory: {memory}."),
     ]
+    if not settings["skip_throughput"]:
+        lines += ["", (f"Throughput: {settings['warmup']} warm-up + {settings['steps']} timed training steps per "
+                       f"precision (forward, L1, backward, Adam), median. Memory: {memory}.")]
+    return lines
 
 
 def throughput_table(report: dict[str, Any]) -> list[str]:
@@ -481,7 +531,8 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
     speed, accuracy = report["targets"]["throughput"], report["targets"]["accuracy"]
     needs = "needs 32-true and bf16-mixed in --precisions"
     if speed["pass"] is None:
-        speed_line = f"- **not measured** throughput ({needs})"
+        reason = "--skip-throughput" if report["settings"]["skip_throughput"] else needs
+        speed_line = f"- **not measured** throughput ({reason})"
     else:
         speed_line = (f"- **{'PASS' if speed['pass'] else 'FAIL'}** throughput: bf16-mixed runs at "
                       f"{speed['speedup']:.2f}x the 32-true iterations/s (target >= {TARGET_SPEEDUP}x)")
@@ -496,7 +547,9 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
 
 
 def markdown_report(report: dict[str, Any]) -> str:
-    lines = [*report_header(report), "", *throughput_table(report)]
+    lines = report_header(report)
+    if report["throughput"]:
+        lines += ["", *throughput_table(report)]
     if report["accuracy"]:
         lines += ["", *accuracy_table(report)]
     lines += ["", *verdict_lines(report)]
@@ -506,6 +559,7 @@ def markdown_report(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = args.device
+    signal.signal(signal.SIGTERM, stop_training_runs)
     if args.strict_fp32:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -529,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
             "device": str(device), "model": args.model, "scale": args.scale, "batch": args.batch, "patch": args.patch,
             "warmup": args.warmup, "steps": args.steps, "seed": args.seed, "precisions": args.precisions,
             "strict_fp32": args.strict_fp32, "cudnn_benchmark": args.cudnn_benchmark,
-            "skip_accuracy": args.skip_accuracy, "train_steps": args.train_steps, "lr": args.lr,
+            "skip_accuracy": args.skip_accuracy, "skip_throughput": args.skip_throughput,
+            "parallel_runs": args.parallel_runs, "train_steps": args.train_steps, "lr": args.lr,
             "noise_run": args.noise_run, "train_overrides": args.train_overrides, "run_dir": str(args.run_dir),
         },
         "tf32": tf32_settings(),
@@ -548,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
             write_json_strict(args.json, report)
 
     print(f"{report['date']}  {report['device_name']}  torch {torch.__version__}  TF32 {report['tf32']}", flush=True)
-    run_throughput(args, net_cfg, report)
+    if not args.skip_throughput:
+        run_throughput(args, net_cfg, report)
     save()
     if not args.skip_accuracy:
         run_accuracy(args, report, save)

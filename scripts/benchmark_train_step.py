@@ -126,13 +126,29 @@ def time_project(args: argparse.Namespace, device: torch.device, precision: str,
                         num_sanity_val_steps=0, limit_val_batches=0,
                         callbacks=[Stamp()] + ([CudnnAutotune()] if args.cudnn_autotune == "on" else []))
     reset_peak(device)
+    counts_before = compile_cache_counts() if compiled else None
     started = time.perf_counter()
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(Loader(), batch_size=None))
     synchronize(device)
     stamps[-1] = time.perf_counter()  # the last step's work included
     warmup_s = stamps[0] - started
-    return {"step_s": statistics.median(window_times(stamps, args.window)), "warmup_s": warmup_s,
-            "peak_mb": peak_mb(device), "warmup_peak_mb": warmup_peak[0], "steps": len(stamps) - 1}
+    result = {"step_s": statistics.median(window_times(stamps, args.window)), "warmup_s": warmup_s,
+              "peak_mb": peak_mb(device), "warmup_peak_mb": warmup_peak[0], "steps": len(stamps) - 1}
+    if compiled:
+        result["compile_cache"] = compile_cache_counts(counts_before)
+    return result
+
+
+def compile_cache_counts(before: dict[str, int] | None = None) -> dict[str, int]:
+    """torch.compile's on-disk cache lookups so far in this process (less ``before``): Inductor's compiled
+    graphs (``fxgraph_*``) and AOTAutograd's joint graphs (``autograd_*``). A warm-up that found the graphs
+    compiled by an earlier process shows hits and no misses."""
+    from torch._dynamo.utils import counters
+
+    counts = {f"fxgraph_{what}": counters["inductor"][f"fxgraph_cache_{what}"] for what in ("hit", "miss", "bypass")}
+    counts |= {f"autograd_{what}": counters["aot_autograd"][f"autograd_cache_{what}"]
+               for what in ("hit", "miss", "bypass")}
+    return {key: value - (before or {}).get(key, 0) for key, value in counts.items()}
 
 
 # -------------------------------------------------------------------------------------- published
@@ -287,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
             print(f"train_step {case:17s} {precision:10s} {result['step_s'] * 1e3:9.1f} ms/step  "
                   f"peak {memory_text(result)}  warm-up {result['warmup_s']:.1f} s", flush=True)
+            if "compile_cache" in result:
+                print("  compile cache: " + ", ".join(f"{key} {value}" for key, value in result["compile_cache"].items()),
+                      flush=True)
             for what, entry in (result["timed_choices"] or {}).items():
                 if what in printed_choices:
                     continue

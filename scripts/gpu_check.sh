@@ -5,9 +5,9 @@
 #                                    # an offline GPU image may lack (Hydra, OmegaConf) into .whl/, and
 #                                    # the authors' code (laoyangui/DLSN; or DLSN_MIRROR=<a clone>) into
 #                                    # .published/DLSN (git-ignored: carry it, never commit it)
-#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; every target in about 9 minutes on
-#                                    # an H200 (515 s on 2026-11-27, before the float32 noise run), then
-#                                    # the information steps (about 3 minutes; GPU_CHECK_BUDGET_S cuts them)
+#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; every target in about 5 minutes on
+#                                    # an H200 (expected; 515 s on 2026-11-27 with every step in turn),
+#                                    # then the information steps (GPU_CHECK_BUDGET_S cuts them)
 #   OUT=/tmp/rehearsal scripts/gpu_check.sh --rehearse   # the same steps on the CPU at toy sizes (a few
 #                                    # minutes): every command line still matches its script and every
 #                                    # output reaches summary.md; measures nothing (tests/test_gpu_check.py)
@@ -19,32 +19,39 @@
 #   gpu.txt             GPU, driver, torch/triton/lightning versions
 #   warm.txt            scripts/warm_kernel_cache.py: the fused kernels compiled into Triton's cache, in
 #                       parallel processes (each later step would otherwise compile them one at a time)
+# then, at the same time (none of them times anything it reports as a target, so they may share the GPU):
+#   compile_bf16.{txt,json}, compile_32.{txt,json}   scripts/benchmark_train_step.py, the compiled paper
+#                       training step alone, one process per precision: the compile warm-up from an empty
+#                       torch.compile cache (the target; an upper bound, measured beside the other steps),
+#                       and the compiled graphs left in Inductor's on-disk cache for train_step
+#   precision.{txt,json}    scripts/benchmark_precision.py: validation PSNR after a short train.py run in
+#                       float32 and bf16-mixed, and float32 with a second seed (float32's own spread); the
+#                       three runs at once, cuDNN's autotuner and GLA's timed choices off in them
 #   check.{txt,json}    scripts/check_fused_gla.py: the fused kernel against the reference (float32,
 #                       bf16), true-float32 match embedding, sync-free rotations, CUDA graph, compile
+# then, alone on the GPU:
 #   train_step.{txt,json}   scripts/benchmark_train_step.py: the paper training step (x2, batch 16,
-#                       48x48) of this project, eager and compiled, against the published code (when
-#                       .published/DLSN/src is there), float32 and bf16-mixed; steps in order of
-#                       importance, so a run cut short keeps the headline numbers
+#                       48x48) of this project, eager and compiled (the compiled graphs from the cache),
+#                       against the published code (when .published/DLSN/src is there), float32 and
+#                       bf16-mixed; steps in order of importance, so a run cut short keeps the headline
 #   gla_targets.{txt,json}  scripts/benchmark_gla.py --targets: issue 9's model-level rows for the
 #                       authors' code (with .published), the published layout, the reference and the
 #                       fused implementation, float32 with TF32 matrix products on all of them, each
 #                       case with its ten largest GPU kernels
-#   precision.{txt,json}    scripts/benchmark_precision.py: training step float32 vs bf16-mixed
-#                       (throughput, peak memory) and validation PSNR after a short run, with a second
-#                       float32 run (another seed) for float32's own spread
-#   gla_targets_bf16.{txt,json}   the model-level rows under bf16 autocast (information)
-#   train_step_heuristics.{txt,json}   the eager training step of this project with cuDNN's heuristics
-#                       instead of its autotuner (what dlsn.callbacks.CudnnAutotune gains; information)
+# and the information steps:
 #   gla_batch1_profile.txt   scripts/profile_train_step.py --sections gla_batch1 backward_modes: where the
 #                       batch-1 GLA rows spend host and device time, this project against the published
-#                       layout; the fused backward's time as each variant the timed choice tries (information)
+#                       layout; the fused backward's time as each variant the timed choice tries
+#   gla_targets_bf16.{txt,json}   the model-level rows under bf16 autocast
+#   train_step_heuristics.{txt,json}   the eager training step of this project with cuDNN's heuristics
+#                       instead of its autotuner (what dlsn.callbacks.CudnnAutotune gains)
 #   summary.md          the markdown table printed at the end (scripts/gpu_check_summary.py)
 #
 # Lent GPU machines cut a command off at a hard limit, so the whole run keeps to GPU_CHECK_BUDGET_S
 # seconds (default 540): every step runs under `timeout`, with at most its own cap (STEP_CAP_S below)
-# and what is left of the budget, in order of importance; a step with under 20 s left is skipped; the
-# scripts rewrite their JSON after every case, and the summary is always written. --rehearse has no
-# caps, and no budget unless GPU_CHECK_BUDGET_S is set.
+# and what is left of the budget when it starts, in order of importance; a step with under 20 s left is
+# skipped; the scripts rewrite their JSON after every case, and the summary is always written.
+# --rehearse has no caps, and no budget unless GPU_CHECK_BUDGET_S is set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,7 +88,7 @@ if [[ "${1:-}" == "--rehearse" ]]; then
     toy_gla=(--smoke --repeats 1 --warmup 0)
     toy_profile=(--device cpu --small)
     toy_precision=(--model small --batch 2 --patch 16 --warmup 1 --steps 2 --train-steps 4
-                   --run-dir "$OUT/precision_runs")
+                   --train-timeout 900 --run-dir "$OUT/precision_runs")
 elif [[ -n "${1:-}" ]]; then
     echo "gpu_check.sh: unknown option '$1' (expected --fetch, --rehearse or nothing)" >&2
     exit 2
@@ -95,10 +102,14 @@ fi
 # The project is not installed on the GPU machine: its scripts import dlsn from this working tree.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+# torch.compile's on-disk cache, empty at the start of every run: the compile steps measure the warm-up of
+# a first run, and leave the compiled graphs there for train_step.
+export TORCHINDUCTOR_CACHE_DIR="$(mktemp -d /tmp/gpu_check_inductor.XXXXXX)"
+[[ $device == cpu ]] && trap 'rm -rf "$TORCHINDUCTOR_CACHE_DIR"' EXIT
 status=0
 # Seconds each step may take at most on an H100/H200 (compilation included); the budget may leave less.
-declare -A STEP_CAP_S=([warm]=120 [check]=180 [train_step]=330 [gla_targets]=90 [gla_targets_bf16]=90 [train_step_heuristics]=60
-                        [gla_batch1_profile]=60 [precision]=300)
+declare -A STEP_CAP_S=([warm]=120 [compile_bf16]=150 [compile_32]=150 [precision]=170 [check]=180 [train_step]=300
+                        [gla_targets]=90 [gla_batch1_profile]=60 [gla_targets_bf16]=90 [train_step_heuristics]=60)
 if [[ $device == cuda ]]; then
     budget=${GPU_CHECK_BUDGET_S:-540}
 else  # the rehearsal's toy sizes on a slow CPU: no caps
@@ -114,14 +125,28 @@ step() {  # step NAME COMMAND...: run with stdout and stderr to $OUT/NAME.txt, r
     if (( limit < 20 )); then
         echo "skipped: the budget of $budget s (GPU_CHECK_BUDGET_S) was spent" | tee "$OUT/$name.txt"
         status=1
-        return
+        return 1
     fi
     echo "== $name (at most $limit s): $*"
     timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.txt" 2>&1
     rc=$?
     (( rc == 124 )) && echo "cut off after $limit s (gpu_check.sh budget)" >>"$OUT/$name.txt"
     echo "   exit status $rc after $((SECONDS - start)) s (output: $OUT/$name.txt)"
-    [[ $rc -eq 0 ]] || status=1
+    [[ $rc -eq 0 ]] || { status=1; return 1; }
+}
+
+declare -A started_steps=()
+start_step() {  # start_step NAME COMMAND...: step NAME in the background; wait_for_steps collects it
+    step "$@" &
+    started_steps[$1]=$!
+}
+
+wait_for_steps() {  # wait for every step start_step started; a failed one fails the run
+    local name
+    for name in "${!started_steps[@]}"; do
+        wait "${started_steps[$name]}" || status=1
+    done
+    started_steps=()
 }
 
 { if [[ $device == cuda ]]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -133,10 +158,31 @@ echo "== $(tr '\n' ' ' <"$OUT/gpu.txt")"
 # The fused kernels' Triton compiles (about sixty, seconds each), in parallel processes: the steps below find
 # them in Triton's cache instead of compiling them one at a time.
 step warm python3 scripts/warm_kernel_cache.py --device $device "${toy_warm[@]}"
-step check python3 scripts/check_fused_gla.py --device $device --json "$OUT/check.json" "${toy_check[@]}"
-# The headline: the training step, float32 with TF32 matrix products (as train.py's paper recipes) and bf16.
+
+# Steps whose reported numbers no timing of theirs decides, at the same time: mostly compilation (CPU) and
+# launch-bound training runs, which leave the GPU largely idle.
 published=()
 [[ -f .published/DLSN/src/model/dlsn.py ]] && published=(--published-src .published/DLSN/src)
+# The compiled training step alone, one precision per process, from an empty torch.compile cache: the
+# compile warm-up target (measured beside the other steps of this phase: an upper bound), and the graphs
+# cached for train_step. The same command line as train_step's compiled cases, hence the same graphs.
+for precision in bf16-mixed 32-true; do
+    start_step "compile_${precision%%-*}" python3 scripts/benchmark_train_step.py --device $device --cases project-compiled \
+        --precisions $precision --warmup 1 --steps 2 --matmul-precision high --json "$OUT/compile_${precision%%-*}.json" \
+        "${toy_train_step[@]}"
+done
+# bf16 against float32 validation PSNR after a short train.py run; --noise-run: float32 with another seed beside
+# it, float32's own spread after so short a run (bf16 was -0.18 dB on 2026-11-27, +0.02 dB on 2026-11-26). The
+# three runs at once: cuDNN's autotuner and the timed choices are off in them, so sharing the GPU changes
+# their time only. The step's speed is measured by train_step.
+start_step precision python3 scripts/benchmark_precision.py --device $device --train-steps 200 --noise-run \
+    --skip-throughput --parallel-runs --train-timeout 150 --json "$OUT/precision.json" --run-dir /tmp/precision_runs \
+    "${toy_precision[@]}"
+step check python3 scripts/check_fused_gla.py --device $device --json "$OUT/check.json" "${toy_check[@]}"
+wait_for_steps
+
+# Alone on the GPU from here. The headline: the training step, float32 with TF32 matrix products (as train.py's
+# paper recipes) and bf16; its compiled cases find their graphs in the cache.
 step train_step python3 scripts/benchmark_train_step.py --device $device "${published[@]}" --warmup 4 --steps 12 \
     --matmul-precision high --json "$OUT/train_step.json" "${toy_train_step[@]}"
 # float32 with TF32 matrix products for every implementation (the fused kernel's float32 mode; bf16 below);
@@ -145,21 +191,17 @@ step train_step python3 scripts/benchmark_train_step.py --device $device "${publ
 # still short of their targets, batch 16 96x96 and the 360x360 image, spend their time).
 step gla_targets python3 scripts/benchmark_gla.py --device $device --targets "${published[@]}" --repeats 10 \
     --warmup 3 --matmul-precision high --kernel-table 10 --json "$OUT/gla_targets.json" --markdown "${toy_gla[@]}"
-# The last target (bf16 against float32 validation PSNR), before the steps that only inform. --noise-run: float32
-# with another seed beside it, float32's own spread after so short a run (bf16 was -0.18 dB on 2026-11-27,
-# +0.02 dB on 2026-11-26: how much of that is the seed's?).
-step precision python3 scripts/benchmark_precision.py --device $device --train-steps 200 --noise-run \
-    --json "$OUT/precision.json" --run-dir /tmp/precision_runs "${toy_precision[@]}"
-# The model-level rows under bf16 autocast (information; no kernel tables, the float32 ones above suffice).
+
+# Information. Why the batch-1 GLA rows are slow (host time, kernel launches, profiler tables), and the fused
+# kernel's backward as each variant the training steps' timed choice tries (dQ by two kernels or atomic
+# additions; key kernel configurations).
+step gla_batch1_profile python3 scripts/profile_train_step.py --sections gla_batch1 backward_modes "${toy_profile[@]}"
+# The model-level rows under bf16 autocast (no kernel tables, the float32 ones above suffice).
 step gla_targets_bf16 python3 scripts/benchmark_gla.py --device $device --targets "${published[@]}" --repeats 10 \
     --warmup 3 --precision bf16 --json "$OUT/gla_targets_bf16.json" --markdown "${toy_gla[@]}"
 # What cuDNN's autotuner (on in train_step, as in the paper recipes) gains over its heuristics: eager steps.
 step train_step_heuristics python3 scripts/benchmark_train_step.py --device $device --cases project --warmup 4 \
     --steps 12 --matmul-precision high --cudnn-autotune off --json "$OUT/train_step_heuristics.json" "${toy_train_step[@]}"
-# Why the batch-1 GLA rows are slow (host time, kernel launches, profiler tables), and the fused kernel's
-# backward as each variant the training steps' timed choice tries (dQ by two kernels or atomic additions;
-# key kernel configurations).
-step gla_batch1_profile python3 scripts/profile_train_step.py --sections gla_batch1 backward_modes "${toy_profile[@]}"
 
 python3 scripts/gpu_check_summary.py "$OUT" >"$OUT/summary.md" 2>&1 || status=1
 echo

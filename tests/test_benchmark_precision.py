@@ -64,6 +64,55 @@ def test_tiny_run_reports_throughput_memory_and_psnr_per_precision(tmp_path):
     assert sum(line.startswith(("- **PASS**", "- **FAIL**")) for line in proc.stdout.splitlines()) == 2
 
 
+def test_accuracy_only_runs_train_py_at_once_and_reports_in_run_order(tmp_path):
+    """gpu_check.sh's way: no throughput part, the three train.py runs started together."""
+    json_path = tmp_path / "precision.json"
+    runs = tmp_path / "runs"
+    proc = run_benchmark(*TINY, "--skip-throughput", "--parallel-runs", "--noise-run", "--json", str(json_path),
+                         "--run-dir", str(runs))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(json_path.read_text())
+    assert report["throughput"] == {} and "| precision | median step (ms) |" not in proc.stdout
+    accuracy = report["accuracy"]
+    assert list(accuracy) == ["32-true", "bf16-mixed", "32-true seed 43"]
+    assert [numbers["seed"] for numbers in accuracy.values()] == [42, 42, 43]
+    for label, numbers in accuracy.items():
+        assert math.isfinite(numbers["val_psnr"]) and Path(numbers["run_dir"]) == runs / label.replace(" ", "_")
+        assert numbers["psnr_delta_vs_32_true_db"] == pytest.approx(numbers["val_psnr"] - accuracy["32-true"]["val_psnr"])
+    # Started together: every run was under way before the first one finished.
+    starts = [line for line in proc.stdout.splitlines() if line.startswith("[accuracy]") and line.endswith("...")]
+    first_end = next(i for i, line in enumerate(proc.stdout.splitlines()) if "val PSNR" in line and "[accuracy]" in line)
+    assert len(starts) == 3 and all(proc.stdout.splitlines().index(line) < first_end for line in starts)
+    assert "- **not measured** throughput (--skip-throughput)" in proc.stdout
+
+
+def test_sigterm_stops_the_train_py_runs_too(tmp_path):
+    """gpu_check.sh stops a step at its time limit with SIGTERM; the train.py runs (in sessions of their own)
+    must stop with it, not go on sharing the GPU with the next measurement."""
+    import signal
+    import time
+
+    runs = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, "--skip-throughput", "--parallel-runs",
+                             "--train-steps", "100000", "--run-dir", str(runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    def train_py_processes() -> list[str]:
+        listed = subprocess.run(["pgrep", "-f", f"train.py hydra.run.dir='{runs}"], capture_output=True, text=True)
+        return listed.stdout.split()
+
+    deadline = time.monotonic() + 120
+    while len(train_py_processes()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(train_py_processes()) == 2, "the two train.py runs did not start"
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
+    time.sleep(1)
+    assert train_py_processes() == [], output[-2000:]
+
+
 @functools.cache
 def load_script():
     spec = importlib.util.spec_from_file_location("benchmark_precision", SCRIPT)
@@ -78,6 +127,8 @@ def load_script():
         (["--device", "cpu", "--precisions", "16-mixed"], "16-mixed needs a CUDA device"),
         (["--device", "mps"], "only cpu and cuda"),
         (["--device", "cpu", "--steps", "0"], "--steps must be a positive integer"),
+        (["--device", "cpu", "--skip-throughput", "--skip-accuracy"], "leave nothing to measure"),
+        (["--device", "cpu", "--parallel-runs", "--cudnn-benchmark"], "run them one after another"),
         pytest.param(["--device", "cuda"], "CUDA is not available",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
     ],

@@ -20,8 +20,11 @@ from tests.helpers.runs import PROJECT_ROOT
 SCRIPT = PROJECT_ROOT / "scripts" / "gpu_check.sh"
 
 
-STEPS = ("warm", "check", "train_step", "gla_targets", "precision", "gla_targets_bf16", "train_step_heuristics",
-         "gla_batch1_profile")  # in the order they run: the targets first, after the kernels' compilation
+# In the order they start: the kernels' compilation; then at once the compile warm-ups, the PSNR runs and the
+# checks; then alone on the GPU the timed targets; then the information steps.
+STEPS = ("warm", "compile_bf16", "compile_32", "precision", "check", "train_step", "gla_targets", "gla_batch1_profile",
+         "gla_targets_bf16", "train_step_heuristics")
+CONCURRENT = ("compile_bf16", "compile_32", "precision", "check")
 TEXT_ONLY = ("warm", "gla_batch1_profile")  # steps that write no JSON
 
 

@@ -1043,7 +1043,17 @@ def hash_self_check(device: torch.device) -> None:
 def bucket_codes(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """SB-LSH buckets ``argmax_b (match[n, l] . rotations[t, :, b])``, ``[N, T, L]`` int64, in true
     float32. On CUDA one Triton kernel (self-checked on first use; after any failure, warned once, the
-    plain path); elsewhere :func:`projections_float32` and ``argmax``."""
+    plain path); elsewhere :func:`projections_float32` and ``argmax``.
+
+    Autocast is turned off here, inside the op: the operations of a custom op's implementation still see
+    the caller's autocast in eager mode. Doing it here and not around the call keeps autocast's
+    enter/exit out of ``torch.compile``'s graph, which AOTAutograd's on-disk cache refuses to store
+    (a later process would compile the training step from scratch)."""
+    with torch.autocast(match.device.type, enabled=False):
+        return _bucket_codes(match, rotations)
+
+
+def _bucket_codes(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     if match.is_cuda and triton is not None and _failure is None:
         key = (match.device, "hash")
         try:

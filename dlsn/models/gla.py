@@ -148,8 +148,7 @@ def hash_codes(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     (:func:`dlsn.models.chunk_attention.bucket_codes`) whatever ``attention_impl`` is, so that the fused
     and the reference attention always see the same buckets.
     """
-    with torch.autocast(match.device.type, enabled=False):
-        return fused.bucket_codes(match.detach(), rotations)
+    return fused.bucket_codes(match.detach(), rotations)  # the op itself turns autocast off
 
 
 def sort_into_chunks(codes: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,6 +225,11 @@ class _SoftmaxAndLogSumExp(torch.autograd.Function):
 
 def softmax_and_logsumexp(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax weights ``[B, J, I]`` and log-sum-exp ``[B, 1, I]`` of ``scores`` over dim 1."""
+    if torch.compiler.is_compiling():
+        # The same formula without the autograd.Function: torch.compile decides what backward keeps, and
+        # AOTAutograd will not cache a graph that holds an autograd.Function on disk.
+        confidence = torch.logsumexp(scores, dim=1, keepdim=True)
+        return torch.exp(scores - confidence), confidence
     return _SoftmaxAndLogSumExp.apply(scores)
 
 
