@@ -22,7 +22,8 @@
 # then, at the same time (none of them times anything it reports as a target, so they may share the GPU):
 #   compile_bf16.{txt,json}, compile_32.{txt,json}   scripts/benchmark_train_step.py, the compiled paper
 #                       training step alone, one process per precision: the compile warm-up from an empty
-#                       torch.compile cache (the target; an upper bound, measured beside the other steps),
+#                       torch.compile cache (the target; an upper bound, measured beside the other steps;
+#                       the fused GLA kernels come compiled from the warm step, as on a user's second run),
 #                       and the compiled graphs left in Inductor's on-disk cache for train_step
 #   precision.{txt,json}    scripts/benchmark_precision.py: validation PSNR after a short train.py run in
 #                       float32 and bf16-mixed, and float32 with a second seed (float32's own spread); the
@@ -105,6 +106,10 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 # torch.compile's on-disk cache, empty at the start of every run: the compile steps measure the warm-up of
 # a first run, and leave the compiled graphs there for train_step.
 export TORCHINDUCTOR_CACHE_DIR="$(mktemp -d /tmp/gpu_check_inductor.XXXXXX)"
+# One Triton cache for every process. Unset, Inductor points TRITON_CACHE_DIR at a folder of its own
+# cache as soon as it loads a compiled kernel, and the fused GLA kernels launched after that would be
+# compiled again there instead of found where the warm step put them.
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$HOME/.triton/cache}"
 [[ $device == cpu ]] && trap 'rm -rf "$TORCHINDUCTOR_CACHE_DIR"' EXIT
 status=0
 # Seconds each step may take at most on an H100/H200 (compilation included); the budget may leave less.

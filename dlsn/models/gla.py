@@ -121,9 +121,11 @@ def orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
     q = matrix.double()
     norm_squared = q.square().sum(dim=(-2, -1), keepdim=True)
     shift = 11 * (rows * cols + cols * (cols + 1)) * torch.finfo(torch.float64).eps * norm_squared
-    identity = torch.eye(cols, dtype=torch.float64, device=matrix.device)
-    for gram_shift in (shift, 0.0, 0.0):
-        upper = torch.linalg.cholesky_ex(q.mT @ q + gram_shift * identity, upper=True).L
+    for iteration in range(3):
+        gram = q.mT @ q
+        if iteration == 0:  # in place on the diagonal: fewer kernel launches than adding shift * identity
+            gram.diagonal(dim1=-2, dim2=-1).add_(shift.squeeze(-1))
+        upper = torch.linalg.cholesky_ex(gram, upper=True).L
         q = torch.linalg.solve_triangular(upper, q, upper=True, left=False)  # q @ upper^-1
     return q.to(matrix.dtype)
 
