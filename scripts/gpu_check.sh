@@ -26,8 +26,9 @@
 #                       the fused GLA kernels come compiled from the warm step, as on a user's second run),
 #                       and the compiled graphs left in Inductor's on-disk cache for train_step
 #   precision.{txt,json}    scripts/benchmark_precision.py: validation PSNR after a short train.py run in
-#                       float32 and bf16-mixed, and float32 with a second seed (float32's own spread); the
-#                       three runs at once, cuDNN's autotuner and GLA's timed choices off in them
+#                       float32 and bf16-mixed, two seeds each (the target on the mean of the same-seed
+#                       differences; float32's two seeds show its own spread); the four runs at once,
+#                       cuDNN's autotuner and GLA's timed choices off in them
 #   check.{txt,json}    scripts/check_fused_gla.py: the fused kernel against the reference (float32,
 #                       bf16), true-float32 match embedding, sync-free rotations, CUDA graph, compile
 # then, alone on the GPU:
@@ -176,11 +177,12 @@ for precision in bf16-mixed 32-true; do
         --precisions $precision --warmup 1 --steps 2 --matmul-precision high --json "$OUT/compile_${precision%%-*}.json" \
         "${toy_train_step[@]}"
 done
-# bf16 against float32 validation PSNR after a short train.py run; --noise-run: float32 with another seed beside
-# it, float32's own spread after so short a run (bf16 was -0.18 dB on 2026-11-27, +0.02 dB on 2026-11-26). The
-# three runs at once: cuDNN's autotuner and the timed choices are off in them, so sharing the GPU changes
-# their time only. The step's speed is measured by train_step.
-start_step precision python3 scripts/benchmark_precision.py --device $device --train-steps 200 --noise-run \
+# bf16 against float32 validation PSNR after a short train.py run, with two seeds: the target on the mean of the
+# two same-seed differences, float32's second seed against its first beside it (float32's own spread after so
+# short a run; bf16 was -0.18 dB on 2026-11-27, +0.02 dB on 2026-11-26). The four runs at once: cuDNN's
+# autotuner and the timed choices are off in them, so sharing the GPU changes their time only. The step's
+# speed is measured by train_step.
+start_step precision python3 scripts/benchmark_precision.py --device $device --train-steps 200 --seeds 2 \
     --skip-throughput --parallel-runs --train-timeout 150 --json "$OUT/precision.json" --run-dir /tmp/precision_runs \
     "${toy_precision[@]}"
 step check python3 scripts/check_fused_gla.py --device $device --json "$OUT/check.json" "${toy_check[@]}"

@@ -113,6 +113,39 @@ def test_sigterm_stops_the_train_py_runs_too(tmp_path):
     assert train_py_processes() == [], output[-2000:]
 
 
+def test_seeds_pair_each_precision_with_float32_of_the_same_seed_and_judge_the_mean(tmp_path):
+    """--seeds 2: bf16 of seed s against 32-true of seed s (same initial weights and batches), the target on
+    the mean of those differences; 32-true of the second seed against the first, float32's own spread. The
+    summary of gpu_check.sh shows the same."""
+    script = load_script()
+    args = script.parse_args(["--device", "cpu", "--seeds", "2", "--seed", "7"])
+    runs = script.accuracy_runs(args)
+    assert runs == [("32-true", "32-true", 7), ("bf16-mixed", "bf16-mixed", 7),
+                    ("32-true seed 8", "32-true", 8), ("bf16-mixed seed 8", "bf16-mixed", 8)]
+    psnr = {"32-true": 30.00, "bf16-mixed": 29.90, "32-true seed 8": 30.20, "bf16-mixed seed 8": 30.24}
+    accuracy = {label: {"precision": precision, "seed": seed, "val_psnr": psnr[label]} for label, precision, seed in runs}
+    script.psnr_deltas(accuracy)
+    assert {label: (round(n["psnr_delta_vs_32_true_db"], 6), n["delta_against"]) for label, n in accuracy.items()} == {
+        "32-true": (0.0, "32-true"), "bf16-mixed": (-0.1, "32-true"),
+        "32-true seed 8": (0.2, "32-true"), "bf16-mixed seed 8": (0.04, "32-true seed 8")}
+    targets = script.evaluate_targets({"throughput": {}, "accuracy": accuracy})["accuracy"]
+    assert targets["delta_db"] == pytest.approx(-0.03) and targets["pass"] is True  # |(-0.10 + 0.04) / 2| <= 0.05
+    assert targets["paired_deltas_db"] == pytest.approx([-0.1, 0.04])
+
+    (tmp_path / "precision.json").write_text(json.dumps({"settings": {"device": "cuda"}, "accuracy": accuracy}))
+    summary = subprocess.run([sys.executable, str(SCRIPT.parent / "gpu_check_summary.py"), str(tmp_path)],
+                             capture_output=True, text=True, check=True, cwd=SCRIPT.parent).stdout
+    rows = [line for line in summary.splitlines() if line.startswith("| val PSNR")]
+    assert rows == [
+        "| val PSNR bf16-mixed vs 32-true after a short run (mean over 2 seeds: -0.1000, +0.0400) | | | -0.0300 dB | | "
+        "within 0.05 dB | MET |",
+        "| val PSNR 32-true seed 8 vs 32-true after a short run (float32's own spread) | | | +0.2000 dB | | | (information) |",
+    ], summary
+    # one seed, as before: the --noise-run float32 run only informs
+    one_seed = script.accuracy_runs(script.parse_args(["--device", "cpu", "--noise-run", "--seed", "7"]))
+    assert one_seed == [("32-true", "32-true", 7), ("bf16-mixed", "bf16-mixed", 7), ("32-true seed 8", "32-true", 8)]
+
+
 @functools.cache
 def load_script():
     spec = importlib.util.spec_from_file_location("benchmark_precision", SCRIPT)
@@ -129,6 +162,7 @@ def load_script():
         (["--device", "cpu", "--steps", "0"], "--steps must be a positive integer"),
         (["--device", "cpu", "--skip-throughput", "--skip-accuracy"], "leave nothing to measure"),
         (["--device", "cpu", "--parallel-runs", "--cudnn-benchmark"], "run them one after another"),
+        (["--device", "cpu", "--seeds", "0"], "--seeds must be a positive integer"),
         pytest.param(["--device", "cuda"], "CUDA is not available",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
     ],
