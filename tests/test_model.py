@@ -204,6 +204,41 @@ def test_fused_softmax_and_logsumexp_gradients():
     assert torch.autograd.gradcheck(lambda s: softmax_and_logsumexp(s)[1], (scores,))
 
 
+def test_key_normalisation_has_autograds_gradient_with_fewer_operations():
+    """normalize_keys: F.normalize's values and gradient, clamped rows (norm below eps) and a zero row
+    included, through a hand-written backward (the host-bound batch-1 rows pay per kernel launch)."""
+    from dlsn.models.gla import KEY_NORM_EPS, normalize_keys
+
+    torch.manual_seed(0)
+    match = torch.randn(2, 7, 5, dtype=torch.float64)
+    match[0, 1] *= 1e-6  # norm below eps: divided by eps, no projection
+    match[1, 2] = 0.0
+    match.requires_grad_(True)
+    expected = F.normalize(match, dim=-1, eps=KEY_NORM_EPS)
+    assert torch.equal(normalize_keys(match), expected)
+    grad = torch.randn_like(match)
+    torch.testing.assert_close(torch.autograd.grad(normalize_keys(match), match, grad)[0],
+                               torch.autograd.grad(expected, match, grad)[0], rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(normalize_keys, (match,))
+    with torch.no_grad():  # no autograd: F.normalize itself
+        assert torch.equal(normalize_keys(match), expected)
+
+
+@pytest.mark.parametrize("attention_impl", ["reference", "fused"])
+def test_rounds_are_mixed_alike_with_and_without_autograd(attention_impl):
+    """Training mixes the rounds with one product and one sum over an [N, T, L, C] tensor, inference in
+    place round by round (no such temporary): the same output to float32 rounding."""
+    torch.manual_seed(0)
+    layer = GLA(16, chunk_size=8, n_hashes=3, attention_impl=attention_impl)
+    layer.rotation_seed = 0
+    x = torch.randn(2, 16, 6, 7)
+    with torch.no_grad():
+        inference = layer(x)
+    training = layer(x.requires_grad_(True))
+    assert training.requires_grad
+    torch.testing.assert_close(training.detach(), inference, rtol=1e-6, atol=1e-6)
+
+
 def test_keep_freed_memory_is_applied_on_linux():
     import platform
     import sys

@@ -235,6 +235,35 @@ def softmax_and_logsumexp(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return _SoftmaxAndLogSumExp.apply(scores)
 
 
+class _NormalizeKeys(torch.autograd.Function):
+    """``k = m / max(|m|, eps)`` over the last dim, with the gradient in a few operations.
+
+    ``dm = (dk - k (k . dk)) / |m|`` where ``|m| > eps``, and ``dk / eps`` where the norm was clamped:
+    the same as autograd's through norm, clamp and division (about fifteen kernels in backward, here five).
+    """
+
+    @staticmethod
+    def forward(ctx, match: torch.Tensor):
+        norm = torch.linalg.vector_norm(match, dim=-1, keepdim=True).clamp_min_(KEY_NORM_EPS)
+        keys = match / norm
+        ctx.save_for_backward(keys, norm)
+        return keys
+
+    @staticmethod
+    def backward(ctx, grad_keys):
+        keys, norm = ctx.saved_tensors
+        projection = (keys * grad_keys).sum(dim=-1, keepdim=True) * (norm > KEY_NORM_EPS)
+        return torch.addcmul(grad_keys, keys, projection, value=-1) / norm
+
+
+def normalize_keys(match: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(match, dim=-1, eps=KEY_NORM_EPS)``; under autograd with a shorter backward."""
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and match.requires_grad):
+        # torch.compile fuses autograd's own backward (and would not cache a graph with an autograd.Function).
+        return F.normalize(match, p=2, dim=-1, eps=KEY_NORM_EPS)
+    return _NormalizeKeys.apply(match)
+
+
 @dataclass
 class QueryAttention:
     """What one query position of an attention layer looks at (:meth:`GLA.query_attention`).
@@ -481,8 +510,9 @@ class GLA(nn.Module):
         return round_outputs, round_confidences
 
     def _attention_rounds(self, x: torch.Tensor, rotations: torch.Tensor | None):
-        """Embeddings, hashing and chunk attention: per round, the attended values ``[N, L, C]`` and the
-        confidences ``[N, L]`` in image order (float32, or the reference's compute precision)."""
+        """Embeddings, hashing and chunk attention: the attended values and the confidences in image order
+        (float32, or the reference's compute precision): ``[N, T, L, C]`` and ``[N, T, L]`` tensors from
+        the fused kernel, per-round lists of ``[N, L, C]`` and ``[N, L]`` from the reference."""
         batch, _, height, width = x.shape
         length = height * width
         chunk = min(self.chunk_size, length)
@@ -491,7 +521,7 @@ class GLA(nn.Module):
         match, value, score_input = self._embeddings(x)
         # fc(u_j) depends only on the key position: evaluate it once per position, gather later.
         learned_score = None if score_input is None else self.score_mlp(score_input)[..., :chunk]
-        keys = F.normalize(match, p=2, dim=-1, eps=KEY_NORM_EPS)
+        keys = normalize_keys(match)
         order, inverse = sort_into_chunks(hash_codes(match, rotations), chunk)
 
         if self._uses_fused_kernel(value):
@@ -502,22 +532,34 @@ class GLA(nn.Module):
                 match.to(value.dtype), keys.to(value.dtype), learned_score, value, order, inverse,
                 fallback=self.attention_impl == "auto",
             )
-            return attended.unbind(1), confidence.unbind(1)
+            return attended, confidence
         return self._reference_rounds(match, keys, learned_score, value, order, inverse)
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor | None = None) -> torch.Tensor:
         batch, channels, height, width = x.shape
         # The embeddings (three feature maps' worth) die with _attention_rounds' frame: without
         # autograd (inference) they are freed before the rounds are mixed, which sets the peak memory.
-        round_outputs, round_confidences = self._attention_rounds(x, rotations)
+        attended, confidences = self._attention_rounds(x, rotations)
 
         # Mix rounds per position by the softmax of their log-sum-exp confidences.
-        round_weights = torch.softmax(torch.stack(round_confidences), dim=0)
-        # Accumulated in place and added to x through a channels-last view: at large inputs every
-        # [L, C] temporary saved here is a fresh allocation (and page faults) less.
-        attention = round_outputs[0] * round_weights[0].unsqueeze(-1)
-        for output, weight in zip(round_outputs[1:], round_weights[1:]):
-            attention.addcmul_(output, weight.unsqueeze(-1))
+        if not torch.is_tensor(confidences):
+            confidences = torch.stack(confidences, dim=1)
+        round_weights = torch.softmax(confidences, dim=1)  # [N, T, L]
+        if torch.is_grad_enabled():
+            # Training: one product and one sum, and as few operations in backward, whatever the number of
+            # rounds (GLA's forward and backward at batch 1 are bound by the host's kernel launches).
+            if not torch.is_tensor(attended):
+                attended = torch.stack(attended, dim=1)
+            attention = (attended * round_weights.unsqueeze(-1)).sum(1)
+        else:
+            # Inference: accumulated in place round by round, no [N, T, L, C] product: at large inputs
+            # every [L, C] temporary is a fresh allocation (and page faults) less.
+            rounds = attended.unbind(1) if torch.is_tensor(attended) else attended
+            weights = round_weights.unsqueeze(-1).unbind(1)
+            attention = rounds[0] * weights[0]
+            for output, weight in zip(rounds[1:], weights[1:]):
+                attention.addcmul_(output, weight)
+        # Added to x through a channels-last view.
         attention = attention.view(batch, height, width, channels).permute(0, 3, 1, 2)
         return torch.add(x, attention.to(x.dtype), alpha=self.res_scale)
 

@@ -1,0 +1,83 @@
+"""Count the operations one GLA forward+backward issues on the fused path: the host's work at batch 1.
+
+    python scripts/count_gla_operations.py            # on the CPU, a few seconds
+
+At batch 1 the paper layer's forward+backward on a GPU is bound by the host issuing kernels (on an H200,
+2026-11-27: 0.9 ms of GPU time in 6.2 ms), so what it costs is roughly the number of operations it
+issues. This script counts them on the CPU, as the GPU path runs them: the fused attention (its Triton
+launches counted, not run), rotations drawn as on a GPU (:func:`dlsn.models.gla.draw_rotations_on_device`),
+a small layer (the count does not depend on the sizes). Counted: every ATen operation that computes
+something (views, allocations and metadata left out), each custom op once (what runs inside it is not
+seen), and the fused kernel's launches. The loss (``square().mean()``, as ``benchmark_gla.py``) and the
+gradient accumulation into the parameters are included, as in the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dlsn.models import chunk_attention as fused
+from dlsn.models import gla
+
+# Operations that launch no kernel on a GPU: views, allocations, metadata.
+NOT_COMPUTING = {
+    "as_strided", "view", "reshape", "_reshape_alias", "_unsafe_view", "transpose", "permute", "expand", "expand_as",
+    "select", "slice", "unsqueeze", "squeeze", "t", "alias", "detach", "unbind", "split", "split_with_sizes",
+    "narrow", "diagonal", "resolve_conj", "resolve_neg", "set_", "lift_fresh", "empty", "empty_like",
+    "empty_strided", "new_empty", "new_empty_strided", "is_same_size",
+}
+
+
+class OperationLog(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def count(channels: int = 16, size: int = 12, chunk: int = 16) -> dict:
+    """Operations of one forward and one backward (after a warm-up call), and the fused kernel's launches."""
+    launches: list[str] = []
+    original_launch = fused._launch
+    fused._launch = lambda kernel_function, name, *args, **kwargs: launches.append(name)
+    try:
+        torch.manual_seed(0)
+        layer = gla.GLA(channels, chunk_size=chunk, n_hashes=3, attention_impl="fused")
+        layer._rotations = lambda n_buckets, rotations, device: gla.draw_rotations_on_device(
+            layer.n_hashes, layer.channels // layer.reduction, n_buckets, device)
+        x = torch.randn(1, channels, size, size).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        layer(x).square().mean().backward()  # warm-up: first-use checks
+        launches.clear()
+        with OperationLog() as log:
+            output = layer(x)
+            forward_count = len(log.names)
+            output.square().mean().backward()
+    finally:
+        fused._launch = original_launch
+    computing = [[name for name in part if name not in NOT_COMPUTING]
+                 for part in (log.names[:forward_count], log.names[forward_count:])]
+    return {"forward": computing[0], "backward": computing[1], "launches": launches}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
+    counted = count()
+    forward, backward, launches = counted["forward"], counted["backward"], counted["launches"]
+    print(f"GLA forward+backward, fused path: {len(forward) + len(backward)} operations "
+          f"({len(forward)} forward, {len(backward)} backward) and {len(launches)} fused-kernel launches "
+          f"({', '.join(launches)})")
+    for name, times in collections.Counter(forward + backward).most_common():
+        print(f"  {times:3d}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
