@@ -148,8 +148,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "gla-round-logits-scaled",
         "GLA mixes its hash rounds with the softmax of 0.9 x the log-sum-exp confidences",
-        (Patch("dlsn/models/gla.py", "round_weights = torch.softmax(torch.stack(round_confidences), dim=0)",
-               "round_weights = torch.softmax(0.9 * torch.stack(round_confidences), dim=0)"),),
+        (Patch("dlsn/models/gla.py", "round_weights = torch.softmax(confidences, dim=1)",
+               "round_weights = torch.softmax(0.9 * confidences, dim=1)"),),
         ("tests/test_model_official.py::test_tiny_dlsn_matches_published",),
         issue_row=True,
     ),
