@@ -289,6 +289,14 @@ MUTATIONS: tuple[Mutation, ...] = (
                "for channel_start in range(0, BLOCK_C, BLOCK_C):"),),
         ("tests/test_chunk_attention.py::test_values_kernel_modes_split_the_value_channels_into_blocks",),
     ),
+    Mutation(
+        "stored-ds-mirrored-neighbour",
+        "in the stored_dS backward the key kernel reads the dS the query kernel stored for the mirrored neighbour chunk",
+        (Patch("dlsn/models/chunk_attention.py",
+               "_grad_scores_tile(GRAD_SCORES, item_round, n_chunks, query_chunk, offset,\n",
+               "_grad_scores_tile(GRAD_SCORES, item_round, n_chunks, query_chunk, 2 - offset,\n"),),
+        ("tests/test_chunk_attention.py::test_fused_op_matches_reference_in_float32[stored_dS-padding, 3 chunks-cpu]",),
+    ),
 )
 
 

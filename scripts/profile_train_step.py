@@ -223,7 +223,7 @@ def section_backward_modes(args, device) -> None:
         print(f"{dtype}: " + "; ".join(timings), flush=True)
 
 
-KERNELS = ("forward", "queries", "keys", "values", "keys_no_values")
+KERNELS = ("forward", "queries", "keys", "values", "keys_no_values", "keys_from_dS", "keys_from_dS_no_values")
 
 
 def backward_kernels(mode: str, dtype: torch.dtype) -> list[str]:
@@ -232,7 +232,7 @@ def backward_kernels(mode: str, dtype: torch.dtype) -> list[str]:
     ``LAUNCH_CONFIGS`` entry), its key kernel and its values kernel."""
     atomic, values_kernel = mode.startswith("atomic"), mode.endswith("+values")
     queries = [] if atomic and dtype == torch.float32 else ["queries"]
-    return queries + (["values", "keys_no_values"] if values_kernel else ["keys"])
+    return queries + (["values"] if values_kernel else []) + [fused._key_kernel_name(mode)]
 
 
 def section_tune(args, device) -> list[dict]:
@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=["bf16", "float32"], default=["bf16", "float32"],
                         help="value precisions to tune (float32: TF32 dot products)")
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS),
-                        help="kernels to tune (keys_no_values: the key kernel of the +values modes)")
+                        help="kernels to tune (keys_no_values: the key kernel of the +values modes; keys_from_dS, "
+                             "keys_from_dS_no_values: those of the stored_dS modes)")
     parser.add_argument("--tune-repeats", type=int, default=10)
     parser.add_argument("--json", default=None, help="write the tuning results to this file")
     parser.add_argument("--max-seconds", type=float, default=None,

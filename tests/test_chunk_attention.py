@@ -340,7 +340,7 @@ _SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes per block: A100, H100
 
 
 def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False, config=None,
-                     dp_in_blocks: bool = False):
+                     dp_in_blocks: bool = False, store_ds: bool = False):
     """Ahead-of-time compile of one kernel for sm_``arch`` at the paper configuration (C=256, d=64,
     k=128) with ``config`` (rows, warps, stages; default its LAUNCH_CONFIGS entry): Triton's front end,
     LLVM and ptxas, no GPU needed."""
@@ -349,20 +349,23 @@ def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False
 
     function = {"forward": fused._forward_kernel, "queries": fused._backward_queries_kernel,
                 "keys": fused._backward_keys_kernel, "keys_no_values": fused._backward_keys_kernel,
+                "keys_from_dS": fused._backward_keys_kernel, "keys_from_dS_no_values": fused._backward_keys_kernel,
                 "values": fused._backward_values_kernel}[name]
     kernel = fused._kernel(function, False)
     rows, num_warps, num_stages = config or fused.LAUNCH_CONFIGS[arch][name, "half" if value_type == "bf16"
                                                                        else "float32"]
-    dp_in_blocks = dp_in_blocks or name == "keys_no_values"
+    dp_in_blocks = dp_in_blocks or name.endswith("_no_values")
     channel_block = {"forward": fused.FORWARD_CHANNEL_BLOCK, "values": fused.VALUES_CHANNEL_BLOCK}.get(
         name, fused.DP_CHANNEL_BLOCK if dp_in_blocks else {arch: 256})[arch]
     constants = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64, BLOCK_C=channel_block, PRECISION="tf32",
                      INTERPRETED=False)
     if name == "queries":
-        constants.update(EXACT_DELTA=value_type == "bf16", DELTA_ONLY=False, DP_IN_BLOCKS=dp_in_blocks)
+        constants.update(EXACT_DELTA=value_type == "bf16", DELTA_ONLY=False, DP_IN_BLOCKS=dp_in_blocks,
+                         STORE_DS=store_ds)
     if name.startswith("keys"):
-        constants.update(ATOMIC_GRAD_Q=atomic, WITH_GRAD_V=name == "keys")
-    float32_outputs = {"OUT", "LSE", "DELTA", "GRAD_Q", "GRAD_K", "GRAD_V", "GRAD_LS"}
+        constants.update(ATOMIC_GRAD_Q=atomic, WITH_GRAD_V=not name.endswith("_no_values"),
+                         LOAD_DS=name.startswith("keys_from_dS"))
+    float32_outputs = {"OUT", "LSE", "DELTA", "GRAD_Q", "GRAD_K", "GRAD_V", "GRAD_LS", "GRAD_SCORES"}
     signature, attributes = {}, {}
     for index, argument in enumerate(kernel.arg_names):
         if argument in constants:
@@ -408,7 +411,8 @@ def _register_spill_bytes(compiled) -> int | None:
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("value_type", ["bf16", "fp32"])
 @pytest.mark.parametrize("name", ["forward", "queries", "queries with dP in blocks", "keys", "keys with atomic dQ",
-                                  "values", "keys_no_values", "keys_no_values with atomic dQ"])
+                                  "values", "keys_no_values", "keys_no_values with atomic dQ", "queries storing dS",
+                                  "queries with dP in blocks storing dS", "keys_from_dS", "keys_from_dS_no_values"])
 def test_kernels_compile_for_gpus_within_their_resources(name, value_type, arch):
     """Catches what only a GPU compile would: Triton type/shape errors, shared memory over an A100's or
     H100's limit, and for the untimed sm_80 choices heavy register spilling (first seen as a fully
@@ -416,7 +420,7 @@ def test_kernels_compile_for_gpus_within_their_resources(name, value_type, arch)
     (Triton 3.9's ptxas reports 0-1 KB per thread for them), so only their fit is asserted."""
     pytest.importorskip("triton.backends.nvidia")
     compiled = _compile_for_gpu(name.split()[0], value_type, arch, atomic=name.endswith("atomic dQ"),
-                                dp_in_blocks=name.endswith("dP in blocks"))
+                                dp_in_blocks="dP in blocks" in name, store_ds=name.endswith("storing dS"))
     assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
     spill = _register_spill_bytes(compiled)
     assert arch >= 90 or spill is None or spill <= 256, f"{spill} bytes of register spills per thread"
@@ -541,3 +545,40 @@ def test_hash_kernel_compiles_for_gpus(arch):
     assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
     spill = _register_spill_bytes(compiled)
     assert spill is None or spill == 0, f"{spill} bytes of register spills per thread"
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixing the rounds (dlsn::mix_rounds).
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 3, 37, 20), (1, 2, 5, 300), (1, 1, 16, 256)],
+                         ids=["partial position block", "two channel blocks", "one round"])
+def test_mix_rounds_forward_and_backward_are_the_weighted_sum(shape, device):
+    generator = torch.Generator().manual_seed(0)
+    attended = torch.randn(*shape, generator=generator).to(device).requires_grad_(True)
+    weights = torch.softmax(torch.randn(*shape[:3], generator=generator), 1).to(device).requires_grad_(True)
+    mixed = fused.mix_rounds(attended, weights)
+    exact = [t.detach().double().requires_grad_(True) for t in (attended, weights)]
+    expected = (exact[0] * exact[1].unsqueeze(-1)).sum(1)
+    torch.testing.assert_close(mixed.double(), expected, rtol=1e-6, atol=1e-6)
+    grad = torch.randn(mixed.shape, generator=generator).to(device)
+    got = torch.autograd.grad(mixed, (attended, weights), grad)
+    want = torch.autograd.grad(expected, exact, grad.double())
+    for name, got_grad, want_grad in zip(("attended", "weights"), got, want):
+        torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_mix_rounds_failure_surfaces_or_falls_back(monkeypatch, fresh_fallback_state):
+    def broken_kernel(*args, **kwargs):
+        raise RuntimeError("out of cheese")
+
+    monkeypatch.setattr(fused, "_mix_launch", broken_kernel)
+    attended, weights = torch.randn(1, 2, 5, 4, requires_grad=True), torch.full((1, 2, 5), 0.5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="out of cheese"):
+        fused.mix_rounds(attended, weights)
+    with pytest.warns(RuntimeWarning, match=r"fused round-mixing kernel failed \(RuntimeError: out of cheese\)"):
+        mixed = fused.mix_rounds(attended, weights, fallback=True)
+    torch.testing.assert_close(mixed, 0.5 * attended.sum(1))
+    mixed.sum().backward()  # the backward computes it plainly as well
+    torch.testing.assert_close(weights.grad, attended.detach().sum(-1))

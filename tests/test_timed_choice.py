@@ -164,6 +164,7 @@ def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu,
     assert what.startswith("fused attention backward cpu torch.float32 ieee (2, 2, 96) 8 12 32"), what
     assert entry == {"choice": "atomic, keys 16/8/1", "ms": {
         "two_kernels": 2.0, "atomic": 1.0, "two_kernels+values": 3.0, "atomic+values": 2.0,
+        "stored_dS": 2.0, "stored_dS+values": 3.0,
         "two_kernels, keys 32/8/1": 2.0, "atomic, keys 32/8/1": 1.0,
         "two_kernels, keys 16/8/1": 2.0, "atomic, keys 16/8/1": 0.5}}
     assert launches[-1] == "keys-atomic@16/8/1", "the gradients returned are the chosen variant's"
@@ -179,12 +180,13 @@ def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu,
 def test_backward_variants_follow_the_precision_and_generation():
     gpu = torch.device("cpu")  # the interpreter stands for generation 90
     assert list(fused.backward_variants(gpu, torch.bfloat16)) == [
-        "two_kernels", "atomic", "two_kernels+values", "atomic+values"]
+        "two_kernels", "atomic", "two_kernels+values", "atomic+values", "stored_dS", "stored_dS+values"]
     float32 = fused.backward_variants(gpu, torch.float32)
     alternatives = fused.TIMED_KEY_CONFIGS[90]["float32"]
-    assert len(float32) == 4 + 2 * len(alternatives) and list(float32)[:4] == list(fused.BACKWARD_MODES)
+    assert len(float32) == 6 + 2 * len(alternatives) and list(float32)[:6] == list(fused.BACKWARD_MODES)
     assert {config for _, config in float32.values()} == {None, *alternatives}
-    assert all(config is None for mode, config in float32.values() if mode.endswith("+values"))
+    # the alternative configurations are the "keys" kernel's: not for the modes that run another key kernel
+    assert {mode for mode, config in float32.values() if config} == {"two_kernels", "atomic"}
 
 
 def test_backward_without_timing_runs_the_two_kernels(launches, monkeypatch):
@@ -202,11 +204,13 @@ def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches
     monkeypatch.setitem(fused.TIMED_KEY_CONFIGS, 90, {"float32": ((16, 8, 1),)})
     fused.self_check(CPU)
     assert launches == ["forward", "queries", "keys", "keys-atomic", "queries", "values", "keys_no_values",
-                        "values", "keys_no_values-atomic", "queries", "keys@16/8/1", "keys-atomic@16/8/1"]
+                        "values", "keys_no_values-atomic", "queries", "keys_from_dS", "queries", "values",
+                        "keys_from_dS_no_values", "queries", "keys@16/8/1", "keys-atomic@16/8/1"]
     launches.clear()
     fused.self_check(CPU, torch.bfloat16)  # no alternative configurations in half precision
     assert launches == ["forward", "queries", "keys", "queries", "keys-atomic", "queries", "values",
-                        "keys_no_values", "queries", "values", "keys_no_values-atomic"]
+                        "keys_no_values", "queries", "values", "keys_no_values-atomic", "queries", "keys_from_dS",
+                        "queries", "values", "keys_from_dS_no_values"]
     launches.clear()
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "two_kernels"))
     fused.self_check(CPU)

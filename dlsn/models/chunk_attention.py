@@ -44,7 +44,10 @@ required). Either way may also take dV out of the key kernel (``"two_kernels+val
 ``"atomic+values"``): a values kernel, one program per key block and block of value channels,
 accumulates ``dV_j = sum_i P_ij dy_i`` (recomputing ``P`` once more); the key kernel, holding no
 ``[keys, C]`` accumulator or values, and the query kernel, holding no incoming gradient rows, sum
-``dP`` over blocks of channels. By default (``"timed"``)
+``dP`` over blocks of channels. Or (``"stored_dS"``, ``"stored_dS+values"``) the query kernel stores
+``dS`` (``[N*T, n_chunks, 3, k, k]``, float32) and the key kernel reads it instead of computing ``dP``
+again, the largest of its products; it then needs no values, and with the values kernel computing dV
+it only sums ``dS^T q`` and ``dS``. By default (``"timed"``)
 the training steps time every way on first use (where no GPU sweep settled it, also a few launch
 configurations of the key kernel: ``TIMED_KEY_CONFIGS``) and keep the fastest
 (:mod:`dlsn.models.timed_choice`); elsewhere the two kernels run.
@@ -228,6 +231,13 @@ if triton is not None:
                        mask=slot_valid[:, None] & key_valid[None, :], other=0.0).to(tl.float32)
 
     @triton.jit
+    def _grad_scores_tile(GRAD_SCORES, item_round, n_chunks, query_chunk, offset, chunk, slots, key_slots):
+        """Addresses of ``dS[query slots, key slots]`` of query chunk ``query_chunk`` against its neighbour
+        ``offset`` (0, 1, 2: the previous, own, next chunk) in ``GRAD_SCORES [N*T, n_chunks, 3, k, k]``."""
+        tile = GRAD_SCORES + ((item_round * n_chunks + query_chunk) * 3 + offset) * chunk * chunk
+        return tile + slots[:, None] * chunk + key_slots[None, :]
+
+    @triton.jit
     def _grad_weights_in_blocks(GRAD_OUT, V, item, v_stride_n, v_stride_l, image_row, has_output, key_pos,
                                 key_valid, v_dim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
@@ -293,12 +303,12 @@ if triton is not None:
             tl.store(LSE + item_round * length + query_pos, running_max + tl.log(running_sum), mask=stored)
 
     def _backward_keys_kernel(
-        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, GRAD_K, GRAD_V, GRAD_LS, GRAD_Q,
+        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, GRAD_K, GRAD_V, GRAD_LS, GRAD_Q, GRAD_SCORES,
         q_stride_n, q_stride_l, k_stride_n, k_stride_l, v_stride_n, v_stride_l, ls_stride_n, ls_stride_l,
         length, padded_length, n_chunks, chunk, n_rounds, qk_dim, v_dim,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
         PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, ATOMIC_GRAD_Q: tl.constexpr,
-        WITH_GRAD_V: tl.constexpr,
+        WITH_GRAD_V: tl.constexpr, LOAD_DS: tl.constexpr,
     ):
         """dK, dls and (``WITH_GRAD_V``) dV of one key block, summed over the queries of the 3 chunks that
         see it.
@@ -308,6 +318,9 @@ if triton is not None:
         ``BLOCK_C`` channels re-read from the cache, so the program holds far fewer registers.
         With ``ATOMIC_GRAD_Q`` it also adds this key block's share ``dS K`` of every query's dQ to
         ``GRAD_Q`` (zeroed by the caller) with atomic additions, and the query kernel is not run.
+        With ``LOAD_DS`` it reads ``dS`` from ``GRAD_SCORES``, where the query kernel stored it, instead of
+        recomputing ``dP = dy V^T``: it then needs neither V nor delta, and without ``WITH_GRAD_V`` not
+        even the scores (only ``q`` and ``dS``).
         """
         item_round = tl.program_id(1).to(tl.int64)
         item = item_round // n_rounds
@@ -325,13 +338,15 @@ if triton is not None:
         if WITH_GRAD_V:
             channels = tl.arange(0, BLOCK_C)
             channel_valid = channels < v_dim
-            v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
+            if not LOAD_DS:
+                v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
             grad_v = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         grad_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for slot_start in range(0, chunk, BLOCK_M):
             slots = slot_start + tl.arange(0, BLOCK_M)
             slot_valid = slots < chunk
-            learned = _learned_scores(LS, item, ls_stride_n, ls_stride_l, key_pos, slots, key_valid, slot_valid)
+            if WITH_GRAD_V or not LOAD_DS:  # the scores are needed
+                learned = _learned_scores(LS, item, ls_stride_n, ls_stride_l, key_pos, slots, key_valid, slot_valid)
             grad_learned = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for offset in tl.static_range(3):  # the chunks whose neighbourhood holds this one
                 query_chunk = (key_chunk - offset + 1 + n_chunks) % n_chunks
@@ -340,20 +355,27 @@ if triton is not None:
                 query_pos = _positions(order_row, sorted_queries, slot_valid)
                 q = _rows(Q, item, q_stride_n, q_stride_l, query_pos, dims, slot_valid, dim_valid)
                 image_row = item_round * length + query_pos
-                lse = tl.load(LSE + image_row, mask=has_output, other=float("inf"))  # weights 0 without output
-                delta = tl.load(DELTA + image_row, mask=has_output, other=0.0)
-                scores = _dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned
-                weights = tl.exp(scores - lse[:, None])
+                if WITH_GRAD_V or not LOAD_DS:
+                    lse = tl.load(LSE + image_row, mask=has_output, other=float("inf"))  # weights 0 without output
+                    scores = _dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned
+                    weights = tl.exp(scores - lse[:, None])
                 if WITH_GRAD_V:
                     grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
                                        mask=has_output[:, None] & channel_valid[None, :], other=0.0)
                     grad_v += _dot(tl.trans(weights).to(grad_out.dtype), grad_out, PRECISION, INTERPRETED)
-                    grad_weights = _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
+                if LOAD_DS:  # this query block's scores against this key block, as the query kernel stored them
+                    grad_scores = tl.load(_grad_scores_tile(GRAD_SCORES, item_round, n_chunks, query_chunk, offset,
+                                                            chunk, slots, key_slots),
+                                          mask=slot_valid[:, None] & key_valid[None, :], other=0.0)
                 else:
-                    grad_weights = _grad_weights_in_blocks(GRAD_OUT, V, item, v_stride_n, v_stride_l, image_row,
-                                                           has_output, key_pos, key_valid, v_dim, BLOCK_M, BLOCK_N,
-                                                           BLOCK_C, PRECISION, INTERPRETED)
-                grad_scores = weights * (grad_weights - delta[:, None])
+                    delta = tl.load(DELTA + image_row, mask=has_output, other=0.0)
+                    if WITH_GRAD_V:
+                        grad_weights = _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
+                    else:
+                        grad_weights = _grad_weights_in_blocks(GRAD_OUT, V, item, v_stride_n, v_stride_l, image_row,
+                                                               has_output, key_pos, key_valid, v_dim, BLOCK_M,
+                                                               BLOCK_N, BLOCK_C, PRECISION, INTERPRETED)
+                    grad_scores = weights * (grad_weights - delta[:, None])
                 grad_k += _dot(tl.trans(grad_scores).to(q.dtype), q, PRECISION, INTERPRETED)
                 grad_learned += grad_scores
                 if ATOMIC_GRAD_Q:
@@ -415,12 +437,12 @@ if triton is not None:
                  mask=key_valid[:, None] & channel_valid[None, :])
 
     def _backward_queries_kernel(
-        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, GRAD_Q,
+        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, GRAD_Q, GRAD_SCORES,
         q_stride_n, q_stride_l, k_stride_n, k_stride_l, v_stride_n, v_stride_l, ls_stride_n, ls_stride_l,
         length, padded_length, n_chunks, chunk, n_rounds, qk_dim, v_dim,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
         PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, EXACT_DELTA: tl.constexpr,
-        DELTA_ONLY: tl.constexpr, DP_IN_BLOCKS: tl.constexpr,
+        DELTA_ONLY: tl.constexpr, DP_IN_BLOCKS: tl.constexpr, STORE_DS: tl.constexpr,
     ):
         """dQ of one query block, summed over the keys of its 3 neighbour chunks.
 
@@ -430,7 +452,9 @@ if triton is not None:
         With ``EXACT_DELTA`` (half-precision values), ``DELTA`` holds ``-dlse`` on entry and this
         kernel first adds ``sum_j P_ij dP_ij`` to it (one more pass over the keys) and stores it for
         the key kernel: ``y`` came from rounded weights, so ``dy . y`` would not match that sum.
-        ``DELTA_ONLY`` stops there (the key kernel computes dQ with atomic additions).
+        ``DELTA_ONLY`` stops there (the key kernel computes dQ with atomic additions). With ``STORE_DS``
+        it also stores ``dS`` (float32, zero for padded duplicate queries) in ``GRAD_SCORES`` for the key
+        kernel, which then does not recompute ``dP``.
         """
         item_round = tl.program_id(1).to(tl.int64)
         item = item_round // n_rounds
@@ -477,12 +501,50 @@ if triton is not None:
                     else:
                         grad_scores = weights * (grad_weights - delta[:, None])
                         grad_q += _dot(grad_scores.to(k.dtype), k, PRECISION, INTERPRETED)
+                        if STORE_DS:
+                            tl.store(_grad_scores_tile(GRAD_SCORES, item_round, n_chunks, query_chunk, offset, chunk,
+                                                       slots, key_slots),
+                                     grad_scores, mask=slot_valid[:, None] & key_valid[None, :])
             if pass_index == 0:
                 tl.store(DELTA + image_row, delta, mask=has_output)
         if not DELTA_ONLY:  # image-order rows; a padded duplicate's dQ is zero (no output): not stored
             query_row = item_round * padded_length + query_pos
             tl.store(GRAD_Q + query_row[:, None] * qk_dim + dims[None, :], grad_q,
                      mask=has_output[:, None] & dim_valid[None, :])
+
+    def _mix_rounds_kernel(ATTENDED, WEIGHTS, OUT, length, n_rounds, v_dim,
+                           BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+        """``out[n, l] = sum_t w[n, t, l] attended[n, t, l]`` for a block of positions and channels."""
+        item = tl.program_id(1).to(tl.int64)
+        positions = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+        channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        valid = (positions < length)[:, None] & (channels < v_dim)[None, :]
+        mixed = tl.zeros([BLOCK_L, BLOCK_C], tl.float32)
+        for hash_round in range(n_rounds):
+            row = (item * n_rounds + hash_round) * length + positions
+            weight = tl.load(WEIGHTS + row, mask=positions < length, other=0.0)
+            attended = tl.load(ATTENDED + row[:, None] * v_dim + channels[None, :], mask=valid, other=0.0)
+            mixed += attended * weight[:, None]
+        tl.store(OUT + (item * length + positions)[:, None] * v_dim + channels[None, :], mixed, mask=valid)
+
+    def _mix_rounds_backward_kernel(GRAD_OUT, ATTENDED, WEIGHTS, GRAD_ATTENDED, GRAD_WEIGHTS, length, n_rounds, v_dim,
+                                    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+        """``d attended[n, t, l] = w[n, t, l] g[n, l]`` and ``d w[n, t, l] = g[n, l] . attended[n, t, l]``
+        for a block of positions, all channels (``BLOCK_C >= v_dim``): ``g`` is read once."""
+        item = tl.program_id(1).to(tl.int64)
+        positions = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+        channels = tl.arange(0, BLOCK_C)
+        position_valid = positions < length
+        valid = position_valid[:, None] & (channels < v_dim)[None, :]
+        grad_out = tl.load(GRAD_OUT + (item * length + positions)[:, None] * v_dim + channels[None, :], mask=valid,
+                           other=0.0)
+        for hash_round in range(n_rounds):
+            row = (item * n_rounds + hash_round) * length + positions
+            weight = tl.load(WEIGHTS + row, mask=position_valid, other=0.0)
+            tiles = row[:, None] * v_dim + channels[None, :]
+            attended = tl.load(ATTENDED + tiles, mask=valid, other=0.0)
+            tl.store(GRAD_WEIGHTS + row, tl.sum(grad_out * attended, axis=1), mask=position_valid)
+            tl.store(GRAD_ATTENDED + tiles, grad_out * weight[:, None], mask=valid)
 
     def _hash_codes_kernel(
         MATCH, ROTATIONS, CODES, match_stride_n, match_stride_l, length, n_rounds, dim, n_buckets,
@@ -572,14 +634,20 @@ LAUNCH_CONFIGS = {
          # sm_90 without spills (Triton 3.9; the float32 key kernel without dV: 28 KB of shared memory
          # and no spills, against 124 KB and 984 bytes per thread with it).
          ("keys_no_values", "half"): (64, 8, 1), ("keys_no_values", "float32"): (32, 4, 1),
-         ("values", "half"): (64, 4, 1), ("values", "float32"): (32, 8, 1)},
+         ("values", "half"): (64, 4, 1), ("values", "float32"): (32, 8, 1),
+         # The "stored_dS" modes' key kernels, not timed yet: the largest blocks that compile for sm_90
+         # with at most about 100 bytes of spills per thread (Triton 3.9; with dV 32 rows, as the "keys" kernel).
+         ("keys_from_dS", "half"): (32, 8, 1), ("keys_from_dS", "float32"): (32, 8, 1),
+         ("keys_from_dS_no_values", "half"): (64, 8, 1), ("keys_from_dS_no_values", "float32"): (64, 8, 1)},
     # Older GPUs (A100): first choices, not timed, that compile within an A100's shared memory with at
     # most a few register spills (tests/test_chunk_attention.py compiles them for sm_80 without a GPU).
     80: {("forward", "half"): (64, 8, 2), ("forward", "float32"): (32, 8, 2),
          ("queries", "half"): (32, 8, 2), ("queries", "float32"): (32, 8, 2),
          ("keys", "half"): (32, 8, 1), ("keys", "float32"): (16, 8, 2),
          ("keys_no_values", "half"): (32, 8, 1), ("keys_no_values", "float32"): (32, 8, 1),
-         ("values", "half"): (64, 8, 2), ("values", "float32"): (32, 8, 2)},
+         ("values", "half"): (64, 8, 2), ("values", "float32"): (32, 8, 2),
+         ("keys_from_dS", "half"): (32, 8, 1), ("keys_from_dS", "float32"): (32, 8, 1),
+         ("keys_from_dS_no_values", "half"): (64, 8, 1), ("keys_from_dS_no_values", "float32"): (32, 8, 1)},
 }
 # Value channels per forward program: a second block of a wider layer recomputes the scores. On the
 # H200 all 256 channels of the paper layer in one block beat blocks of 128 in both precisions.
@@ -595,13 +663,18 @@ DP_CHANNEL_BLOCK = {90: 64, 80: 64}
 # dV: from the key kernel, which then holds a [keys, C] accumulator and the keys' values (C=256: the
 # float32 key kernel spills on sm_90), or with "+values" from a values kernel per block of channels
 # (recomputing P once more, 64 multiply-adds per query-key pair against dV's 256) while the query and
-# key kernels sum dP over blocks of channels (DP_CHANNEL_BLOCK), holding no [rows, C] tiles. "timed": every way is timed on first use at each size where cuDNN's
-# autotuner is on (the training steps; see dlsn.models.timed_choice) and the fastest kept; "two_kernels"
-# elsewhere. Runs that ask for deterministic algorithms get "two_kernels".
+# key kernels sum dP over blocks of channels (DP_CHANNEL_BLOCK), holding no [rows, C] tiles.
+# "stored_dS" (deterministic): the query kernel stores dS for the key kernel, which then neither
+# recomputes dP = dy V^T (256 of its 640 multiply-adds per query-key pair in float32) nor holds the keys'
+# values, at the price of writing and reading dS ([N*T, L, 3k] float32: 170 MB per layer at the
+# training size); with "+values" the key kernel is left with dK and dls from q and dS alone. "timed":
+# every way is timed on first use at each size where cuDNN's autotuner is on (the training steps; see
+# dlsn.models.timed_choice) and the fastest kept; "two_kernels" elsewhere. Runs that ask for
+# deterministic algorithms get "two_kernels".
 BACKWARD_MODE = {90: "timed", 80: "timed"}
-BACKWARD_MODES = ("two_kernels", "atomic", "two_kernels+values", "atomic+values")
+BACKWARD_MODES = ("two_kernels", "atomic", "two_kernels+values", "atomic+values", "stored_dS", "stored_dS+values")
 BACKWARD_MODE_CHOICES = (*BACKWARD_MODES, "timed")
-# Key-kernel launch configurations that the "timed" backward also tries (with dV in the key kernel),
+# Key-kernel launch configurations that the "timed" backward also tries (the "keys" kernel: dV in it, dP recomputed),
 # beside LAUNCH_CONFIGS' own, where no GPU sweep settled the choice. sm_90, float32: the H200 sweep of 2026-11-27 was cut off after
 # timing LAUNCH_CONFIGS' (32, 4, 1) (whole backward 3.4 ms per layer); compiled for sm_90 (Triton 3.9,
 # cuobjdump) it spills 984 bytes per thread, (32, 8, 1) 128 and (16, 8, 1) 8.
@@ -611,6 +684,12 @@ _working_rows: dict[tuple, int] = {}
 
 def _precision_class(dtype: torch.dtype) -> str:
     return "float32" if dtype == torch.float32 else "half"
+
+
+def _key_kernel_name(mode: str) -> str:
+    """The ``LAUNCH_CONFIGS`` name of the key kernel that backward ``mode`` runs."""
+    name = "keys_from_dS" if mode.startswith("stored_dS") else "keys"
+    return name + "_no_values" if mode.endswith("+values") else name
 
 
 def _launch(kernel_function, name: str, grid_of_rows, tensors, sizes, *, channel_block: int | None,
@@ -707,12 +786,12 @@ def _fused_forward(queries, keys, learned_score, values, order, inverse):
 
 def backward_variants(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[str, tuple | None]]:
     """The ways the "timed" backward chooses from, by name: (mode, key-kernel launch configuration, where
-    ``None`` is ``LAUNCH_CONFIGS``'), the first the default. ``TIMED_KEY_CONFIGS`` apply to the key
-    kernel that computes dV."""
+    ``None`` is ``LAUNCH_CONFIGS``'), the first the default. ``TIMED_KEY_CONFIGS`` apply to the modes
+    whose key kernel is ``"keys"`` (dV in it, dP recomputed)."""
     alternatives = TIMED_KEY_CONFIGS[_generation(device)].get(_precision_class(dtype), ())
     variants = {mode: (mode, None) for mode in BACKWARD_MODES}
     variants.update({f"{mode}, keys {'/'.join(map(str, config))}": (mode, config)
-                     for config in alternatives for mode in BACKWARD_MODES if not mode.endswith("+values")})
+                     for config in alternatives for mode in BACKWARD_MODES if _key_kernel_name(mode) == "keys"})
     return variants
 
 
@@ -748,6 +827,11 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
         delta = delta + (grad_attended * attended).sum(-1)
     delta = delta.contiguous()
     atomic, values_kernel = mode.startswith("atomic"), mode.endswith("+values")
+    stored = mode.startswith("stored_dS")
+    # dS of every query against its 3k keys, per round and chunk: [N*T, n_chunks, 3, k, k] (e.g. 170 MB
+    # per layer at the training size in float32), written by the query kernel, read by the key kernel.
+    grad_scores = (queries.new_empty(batch * rounds * n_chunks * 3 * chunk * chunk, dtype=torch.float32) if stored
+                   else delta)  # an unused pointer otherwise
     # Per round, rows 0 .. L-1 are the positions in image order; rows L .. P-1 the padded duplicate keys.
     grad = dict(
         queries=(queries.new_zeros if atomic else queries.new_empty)(batch, rounds, padded, qk_dim,
@@ -769,15 +853,16 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     dp_channel_block = min(DP_CHANNEL_BLOCK[generation], _power_of_two(v_dim)) if values_kernel else None
     with _on_device(values.device):  # queries first: with exact_delta it completes delta
         if exact_delta or not atomic:
-            _launch(_backward_queries_kernel, "queries", grid, (*inputs, grad["queries"]), sizes,
+            _launch(_backward_queries_kernel, "queries", grid, (*inputs, grad["queries"], grad_scores), sizes,
                     channel_block=dp_channel_block, EXACT_DELTA=exact_delta, DELTA_ONLY=atomic,
-                    DP_IN_BLOCKS=values_kernel)
+                    DP_IN_BLOCKS=values_kernel, STORE_DS=stored)
         if values_kernel:
             _launch(_backward_values_kernel, "values", grid_by_channels, (*inputs, grad["values"]), sizes,
                     channel_block=min(VALUES_CHANNEL_BLOCK[generation], _power_of_two(v_dim)))
-        _launch(_backward_keys_kernel, "keys_no_values" if values_kernel else "keys", grid,
-                (*inputs, grad["keys"], grad["values"], grad["learned"], grad["queries"]), sizes,
-                channel_block=dp_channel_block, config=keys_config, ATOMIC_GRAD_Q=atomic, WITH_GRAD_V=not values_kernel)
+        _launch(_backward_keys_kernel, _key_kernel_name(mode), grid,
+                (*inputs, grad["keys"], grad["values"], grad["learned"], grad["queries"], grad_scores), sizes,
+                channel_block=dp_channel_block, config=keys_config, ATOMIC_GRAD_Q=atomic, WITH_GRAD_V=not values_kernel,
+                LOAD_DS=stored)
 
     length = sizes["length"]
     if padded > length:  # fold the padded duplicates' key gradients (rows L .. P-1) into their positions'
@@ -987,6 +1072,102 @@ def chunk_attention(queries: torch.Tensor, keys: torch.Tensor, learned_score: to
     docstring. Arguments as in :func:`chunk_attention_reference`. ``fallback=True``: self-check on first
     CUDA use and the reference instead of an error if the kernel fails (warned once)."""
     return _chunk_attention_op(queries, keys, learned_score, values, order, inverse, fallback)
+
+
+# --------------------------------------------------------------------------------------------
+# Mixing the rounds in one pass (training with autograd, eager): no [N, T, L, C] temporaries.
+# --------------------------------------------------------------------------------------------
+
+MIX_BLOCK_POSITIONS, MIX_BLOCK_CHANNELS, MIX_WARPS = 16, 256, 4  # not timed on a GPU
+
+
+def _mix_rounds_plain(attended: torch.Tensor, round_weights: torch.Tensor) -> torch.Tensor:
+    return (attended * round_weights.unsqueeze(-1)).sum(1)
+
+
+def _mix_launch(kernel_function, grid, tensors, length, n_rounds, v_dim, block_c):
+    interpreted = tensors[0].device.type != "cuda"
+    options = {} if interpreted else dict(num_warps=MIX_WARPS)
+    with _on_device(tensors[0].device), (_library_functions_interpreted() if interpreted
+                                         else contextlib.nullcontext()):
+        _kernel(kernel_function, interpreted)[grid](*tensors, length, n_rounds, v_dim, BLOCK_L=MIX_BLOCK_POSITIONS,
+                                                    BLOCK_C=block_c, **options)
+
+
+@torch.library.custom_op("dlsn::mix_rounds", mutates_args=())
+def _mix_rounds_op(attended: torch.Tensor, round_weights: torch.Tensor, fallback: bool) -> torch.Tensor:
+    batch, rounds, length, v_dim = attended.shape
+    if _failure is not None:
+        return _mix_rounds_plain(attended, round_weights)
+    attended, round_weights = attended.contiguous(), round_weights.contiguous()
+    mixed = attended.new_empty(batch, length, v_dim)
+    block_c = min(MIX_BLOCK_CHANNELS, _power_of_two(v_dim))
+    grid = (triton.cdiv(length, MIX_BLOCK_POSITIONS), batch, triton.cdiv(v_dim, block_c))
+    try:
+        _mix_launch(_mix_rounds_kernel, grid, (attended, round_weights, mixed), length, rounds, v_dim, block_c)
+    except Exception as error:
+        if not fallback:
+            raise
+        _give_up(error, "round-mixing")
+        return _mix_rounds_plain(attended, round_weights)
+    return mixed
+
+
+@_mix_rounds_op.register_fake
+def _(attended, round_weights, fallback):
+    batch, rounds, length, v_dim = attended.shape
+    return attended.new_empty(batch, length, v_dim)
+
+
+@torch.library.custom_op("dlsn::mix_rounds_backward", mutates_args=())
+def _mix_rounds_backward_op(grad_mixed: torch.Tensor, attended: torch.Tensor, round_weights: torch.Tensor,
+                            fallback: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, rounds, length, v_dim = attended.shape
+    if _failure is None:
+        grad_mixed, attended, round_weights = (t.contiguous() for t in (grad_mixed, attended, round_weights))
+        grad_attended, grad_weights = torch.empty_like(attended), torch.empty_like(round_weights)
+        grid = (triton.cdiv(length, MIX_BLOCK_POSITIONS), batch)
+        try:
+            _mix_launch(_mix_rounds_backward_kernel, grid,
+                        (grad_mixed, attended, round_weights, grad_attended, grad_weights), length, rounds, v_dim,
+                        _power_of_two(v_dim))
+            return grad_attended, grad_weights
+        except Exception as error:
+            if not fallback:
+                raise
+            _give_up(error, "round-mixing")
+    grad_mixed = grad_mixed.unsqueeze(1)
+    return grad_mixed * round_weights.unsqueeze(-1), (grad_mixed * attended).sum(-1)
+
+
+@_mix_rounds_backward_op.register_fake
+def _(grad_mixed, attended, round_weights, fallback):
+    return torch.empty_like(attended), torch.empty_like(round_weights)
+
+
+def _mix_rounds_setup_context(ctx, inputs, output):
+    attended, round_weights, ctx.fallback = inputs
+    ctx.save_for_backward(attended, round_weights)
+
+
+def _mix_rounds_backward(ctx, grad_mixed):
+    attended, round_weights = ctx.saved_tensors
+    return (*_mix_rounds_backward_op(grad_mixed, attended, round_weights, ctx.fallback), None)
+
+
+_mix_rounds_op.register_autograd(_mix_rounds_backward, setup_context=_mix_rounds_setup_context)
+
+
+def mix_rounds(attended: torch.Tensor, round_weights: torch.Tensor, *, fallback: bool = False) -> torch.Tensor:
+    """``sum_t round_weights[:, t, :, None] * attended[:, t]``: ``[N, T, L, C]`` and ``[N, T, L]`` float32 to
+    ``[N, L, C]``, forward and backward each in one pass of one kernel (the plain formula takes a
+    ``[N, T, L, C]`` product and a sum, and in backward two broadcast products and a sum: at batch 16,
+    96x96, about 4.2 GB of memory traffic against 1.7 GB). Under ``torch.compile`` the plain formula
+    (Inductor fuses it itself); after a fused kernel failed too, and ``fallback=True`` turns a failure of
+    this kernel into a warning and the plain formula, as for :func:`chunk_attention`."""
+    if torch.compiler.is_compiling() or triton is None:
+        return _mix_rounds_plain(attended, round_weights)
+    return _mix_rounds_op(attended, round_weights, fallback)
 
 
 # --------------------------------------------------------------------------------------------
