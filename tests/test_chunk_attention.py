@@ -582,3 +582,27 @@ def test_mix_rounds_failure_surfaces_or_falls_back(monkeypatch, fresh_fallback_s
     torch.testing.assert_close(mixed, 0.5 * attended.sum(1))
     mixed.sum().backward()  # the backward computes it plainly as well
     torch.testing.assert_close(weights.grad, attended.detach().sum(-1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("name", ["forward", "backward"])
+def test_mix_rounds_kernels_compile_for_gpus(name, arch):
+    """Both mixing kernels at the paper layer's C=256 (the backward holds all channels) for sm_80 and sm_90."""
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    function = {"forward": fused._mix_rounds_kernel, "backward": fused._mix_rounds_backward_kernel}[name]
+    kernel = fused._kernel(function, False)
+    constants = dict(BLOCK_L=fused.MIX_BLOCK_POSITIONS, BLOCK_C=256)
+    pointers = [argument for argument in kernel.arg_names if argument.isupper() and argument not in constants]
+    signature = {argument: "constexpr" if argument in constants else "*fp32" if argument in pointers else "i32"
+                 for argument in kernel.arg_names}
+    attributes = {(index,): [["tt.divisibility", 16]] for index, argument in enumerate(kernel.arg_names)
+                  if argument in pointers}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes)
+    compiled = triton_compile(source, GPUTarget("cuda", arch, 32), fused.MIX_WARPS, 1)
+    assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
+    spill = _register_spill_bytes(compiled)
+    assert spill is None or spill == 0, f"{spill} bytes of register spills per thread"
