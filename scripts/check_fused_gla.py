@@ -220,6 +220,10 @@ def main() -> None:
         # The training size's match convolution (batch 16, 48x48): information, each method's time.
         timed_input = torch.relu(torch.randn(16, channels, 48, 48, device=device)).contiguous(
             memory_format=torch.channels_last) if cuda else None
+        # Whole images as evaluation convolves them (cuDNN's heuristics, nothing timed): what
+        # SPLIT_TF32_MIN_POSITIONS decides between (128x128 below it, 360x360 above).
+        image_inputs = {size: torch.relu(torch.randn(1, channels, size, size, device=device)).contiguous(
+            memory_format=torch.channels_last) for size in (128, 360)} if cuda else {}
         try:
             for method in float32_ops.FLOAT32_CONV_METHODS:
                 float32_ops.FLOAT32_CONV_METHOD = method
@@ -233,6 +237,9 @@ def main() -> None:
                             median_cuda_ms(lambda: conv2d_float32(timed_input, weight.float(), bias.float(), 1)), 4)
                     finally:
                         torch.backends.cudnn.benchmark = benchmark
+                for size, image in image_inputs.items():
+                    details[f"{method}_ms_at_1x{channels}x{size}x{size}"] = round(
+                        median_cuda_ms(lambda: conv2d_float32(image, weight.float(), bias.float(), 1)), 4)
             plain = F.conv2d(x.float(), weight.float(), bias.float(), padding=1)
             details["tf32_conv2d_error"] = (plain.double() - exact).abs().max().item()
             still_on = torch.backends.cudnn.allow_tf32

@@ -239,3 +239,21 @@ def test_timed_float32_convolution_keeps_the_faster_method(timing_on_the_cpu, mo
     torch.testing.assert_close(float32_ops.conv2d_float32(x, weight, bias, 1),
                                torch.nn.functional.conv2d(x, weight, bias, padding=1))
     assert runs == ["ieee"]
+
+
+def test_untimed_float32_convolution_splits_large_inputs_only(monkeypatch):
+    """Where nothing is timed (evaluation; here the CPU), the method follows the input's positions:
+    cuDNN without TF32 for a batch-1 training patch, the split TF32 products for a batch of them and for
+    a 360x360 image (their timed and measured winners on an H200)."""
+    monkeypatch.setattr(float32_ops, "FLOAT32_CONV_METHOD", "timed")
+    weight, bias = torch.empty(64, 256, 3, 3, device="meta"), torch.empty(64, device="meta")
+
+    def method(batch, height, width):
+        return float32_ops.float32_conv_method(torch.empty(batch, 256, height, width, device="meta"), weight, bias, 1)
+
+    assert method(1, 48, 48) == "ieee"
+    assert method(1, 128, 128) == "ieee"
+    assert method(16, 48, 48) == "split_tf32"
+    assert method(1, 360, 360) == "split_tf32"
+    assert method(1, 182, 182) == "split_tf32" and method(1, 181, 181) == "ieee"  # 181^2 = 32761 < 32768 <= 182^2
+    assert timed_choice.choices() == {}

@@ -15,7 +15,8 @@ buckets (on an H200 the layer's output differed from the published one by up to 
   weights stacked) instead of a float32 one, which GPUs run without tensor cores (an H200 took
   0.45 ms per GLA layer at the training size). By default (``"timed"``) the training steps time both
   methods on first use and keep the faster (:mod:`dlsn.models.timed_choice`); elsewhere (evaluation)
-  cuDNN without TF32 runs. ``check_fused_gla.py`` measures both methods' error and time.
+  large inputs take the split products and small ones cuDNN without TF32 (``SPLIT_TF32_MIN_POSITIONS``).
+  ``check_fused_gla.py`` measures both methods' error and time.
 * ``projections_float32`` (``dlsn::projections_float32``, no autograd): the hash projections
   ``einsum("nld,tdb->ntlb")`` with TF32 matrix products switched off just for it.
 
@@ -98,11 +99,16 @@ def _in_layout(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # How conv2d_float32 computes on CUDA: "ieee" (cuDNN with TF32 off) or "split_tf32" (see the module
 # docstring); both are float32-accurate. "timed": the faster of the two, timed on first use at each
-# size where cuDNN's autotuner is on (the training steps; dlsn.models.timed_choice), "ieee" elsewhere.
-# The CPU always computes plain float32.
+# size where cuDNN's autotuner is on (the training steps; dlsn.models.timed_choice); elsewhere
+# (evaluation: images of varying size, no timing) "split_tf32" from SPLIT_TF32_MIN_POSITIONS positions
+# (batch x height x width) on, "ieee" below. On an H200 (2026-11-27) the timed choice kept "ieee" at
+# 1 x 48x48 (0.18 against 0.33 ms: a few small launches) and "split_tf32" at 16 x 48x48 = 36864
+# positions (0.27-0.31 against 0.49 ms), and the untimed "ieee" took 0.92 ms per layer of a 360x360
+# image. The CPU always computes plain float32.
 FLOAT32_CONV_METHODS = ("ieee", "split_tf32")
 FLOAT32_CONV_METHOD_CHOICES = (*FLOAT32_CONV_METHODS, "timed")
 FLOAT32_CONV_METHOD = "timed"
+SPLIT_TF32_MIN_POSITIONS = 32768
 
 
 def tf32_split(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,10 +146,12 @@ def float32_conv_method(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
         return FLOAT32_CONV_METHOD
     key = ("float32 convolution", input.device, input.dtype, tuple(input.shape), tuple(weight.shape),
            _memory_format(input))
+    batch, _, height, width = input.shape
+    untimed = "split_tf32" if batch * height * width >= SPLIT_TF32_MIN_POSITIONS else "ieee"
     return timed_choice.fastest(
         key, lambda: {method: functools.partial(_conv2d_float32_by, method, input, weight, bias, padding)
                       for method in FLOAT32_CONV_METHODS},
-        device=input.device, default="ieee")
+        device=input.device, default=untimed)
 
 
 @torch.library.custom_op("dlsn::conv2d_float32", mutates_args=())
