@@ -5,9 +5,8 @@
 At batch 1 the paper layer's forward+backward on a GPU is bound by the host issuing kernels (on an H200,
 2026-11-27: 0.9 ms of GPU time in 6.2 ms), so what it costs is roughly the number of operations it
 issues. This script counts them on the CPU, as the GPU path runs them: the fused attention (its Triton
-launches counted, not run; the rounds' mixing kernels not run either, each counted as its custom op),
-rotations drawn as on a GPU (:func:`dlsn.models.gla.draw_rotations_on_device`), a small layer (the
-count does not depend on the sizes). Counted: every ATen operation that computes
+launches counted, not run), rotations drawn as on a GPU (:func:`dlsn.models.gla.draw_rotations_on_device`),
+a small layer (the count does not depend on the sizes). Counted: every ATen operation that computes
 something (views, allocations and metadata left out), each custom op once (what runs inside it is not
 seen), and the fused kernel's launches. The loss (``square().mean()``, as ``benchmark_gla.py``) and the
 gradient accumulation into the parameters are included, as in the benchmark.
@@ -46,9 +45,8 @@ class OperationLog(TorchDispatchMode):
 def count(channels: int = 16, size: int = 12, chunk: int = 16) -> dict:
     """Operations of one forward and one backward (after a warm-up call), and the fused kernel's launches."""
     launches: list[str] = []
-    original_launch, original_mix_launch = fused._launch, fused._mix_launch
+    original_launch = fused._launch
     fused._launch = lambda kernel_function, name, *args, **kwargs: launches.append(name)
-    fused._mix_launch = lambda *args, **kwargs: None  # counted as its op (dlsn::mix_rounds), not run
     try:
         torch.manual_seed(0)
         layer = gla.GLA(channels, chunk_size=chunk, n_hashes=3, attention_impl="fused")
@@ -62,7 +60,7 @@ def count(channels: int = 16, size: int = 12, chunk: int = 16) -> dict:
             forward_count = len(log.names)
             output.square().mean().backward()
     finally:
-        fused._launch, fused._mix_launch = original_launch, original_mix_launch
+        fused._launch = original_launch
     computing = [[name for name in part if name not in NOT_COMPUTING]
                  for part in (log.names[:forward_count], log.names[forward_count:])]
     return {"forward": computing[0], "backward": computing[1], "launches": launches}

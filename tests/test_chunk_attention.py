@@ -242,6 +242,30 @@ def test_fused_gla_matches_reference(batch, height, width):
                                 _gla_outputs_and_gradients(reference, x, rotations), 1e-4)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+def test_fused_gla_mixes_large_outputs_with_the_kernel(monkeypatch, grad):
+    """Outputs of at least MIX_KERNEL_MIN_ELEMENTS go through the mixing kernel (lowered here), smaller ones
+    through PyTorch operations (batch 1 is host-bound); either way the layer equals the reference's."""
+    torch.manual_seed(0)
+    config = dict(channels=8, chunk_size=16, n_hashes=2, reduction=2, res_scale=0.5)
+    fused_layer, reference = _fused_and_reference(config)
+    rotations = torch.nn.init.orthogonal_(torch.empty(2, 4, number_of_buckets(35, 16)))
+    x = torch.randn(2, 8, 5, 7)  # [N, T, L, C] = 2 x 2 x 35 x 8 = 1120 elements
+    mixed = []
+    original = fused._MixRounds.apply
+    monkeypatch.setattr(fused._MixRounds, "apply", lambda *args: mixed.append(args[0].shape) or original(*args))
+    for threshold, calls in ((1121, []), (1120, [(2, 2, 35, 8)])):
+        monkeypatch.setattr(fused, "MIX_KERNEL_MIN_ELEMENTS", threshold)
+        mixed.clear()
+        if grad:
+            _assert_gla_gradients_close(_gla_outputs_and_gradients(fused_layer, x, rotations),
+                                        _gla_outputs_and_gradients(reference, x, rotations), 1e-4)
+        else:
+            with torch.no_grad():
+                torch.testing.assert_close(fused_layer(x, rotations), reference(x, rotations), rtol=1e-4, atol=1e-4)
+        assert mixed == calls, threshold
+
+
 def test_fused_gla_under_bfloat16_autocast_is_as_accurate_as_the_reference():
     """Errors against float32 (norm of the difference over the norm) about those of the reference path
     under the same autocast, for the output and every gradient. The learned score's gradient sums

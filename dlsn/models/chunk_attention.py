@@ -1079,6 +1079,10 @@ def chunk_attention(queries: torch.Tensor, keys: torch.Tensor, learned_score: to
 # --------------------------------------------------------------------------------------------
 
 MIX_BLOCK_POSITIONS, MIX_BLOCK_CHANNELS, MIX_WARPS = 16, 256, 4  # not timed on a GPU
+# Smallest [N, T, L, C] output mixed by the kernel in GLA (mix_in_one_kernel): below it the layer is bound
+# by the host issuing kernels (an H200 at batch 1, 48x48 and 96x96: 0.9 and 2.4 ms of GPU time in 6.2
+# and 6.8 ms), where a Triton launch costs more than the PyTorch operations it replaces.
+MIX_KERNEL_MIN_ELEMENTS = 2**24
 
 
 def _mix_rounds_plain(attended: torch.Tensor, round_weights: torch.Tensor) -> torch.Tensor:
@@ -1094,68 +1098,49 @@ def _mix_launch(kernel_function, grid, tensors, length, n_rounds, v_dim, block_c
                                                     BLOCK_C=block_c, **options)
 
 
-@torch.library.custom_op("dlsn::mix_rounds", mutates_args=())
-def _mix_rounds_op(attended: torch.Tensor, round_weights: torch.Tensor, fallback: bool) -> torch.Tensor:
-    batch, rounds, length, v_dim = attended.shape
-    if _failure is not None:
+class _MixRounds(torch.autograd.Function):
+    """The kernels with their backward: an autograd.Function, not a custom op, since only eager code calls
+    it (torch.compile gets the plain formula) and a custom op's Python dispatch cost about 75 us more per
+    forward and backward (CPU, torch 2.13) on a path whose cost is the host's."""
+
+    @staticmethod
+    def forward(ctx, attended, round_weights, fallback):
+        attended, round_weights = attended.contiguous(), round_weights.contiguous()
+        ctx.save_for_backward(attended, round_weights)
+        ctx.fallback = fallback
+        if _failure is None:
+            batch, rounds, length, v_dim = attended.shape
+            mixed = attended.new_empty(batch, length, v_dim)
+            block_c = min(MIX_BLOCK_CHANNELS, _power_of_two(v_dim))
+            grid = (triton.cdiv(length, MIX_BLOCK_POSITIONS), batch, triton.cdiv(v_dim, block_c))
+            try:
+                _mix_launch(_mix_rounds_kernel, grid, (attended, round_weights, mixed), length, rounds, v_dim,
+                            block_c)
+                return mixed
+            except Exception as error:
+                if not fallback:
+                    raise
+                _give_up(error, "round-mixing")  # as the attention kernel: warned once, then plain PyTorch
         return _mix_rounds_plain(attended, round_weights)
-    attended, round_weights = attended.contiguous(), round_weights.contiguous()
-    mixed = attended.new_empty(batch, length, v_dim)
-    block_c = min(MIX_BLOCK_CHANNELS, _power_of_two(v_dim))
-    grid = (triton.cdiv(length, MIX_BLOCK_POSITIONS), batch, triton.cdiv(v_dim, block_c))
-    try:
-        _mix_launch(_mix_rounds_kernel, grid, (attended, round_weights, mixed), length, rounds, v_dim, block_c)
-    except Exception as error:
-        if not fallback:
-            raise
-        _give_up(error, "round-mixing")
-        return _mix_rounds_plain(attended, round_weights)
-    return mixed
 
-
-@_mix_rounds_op.register_fake
-def _(attended, round_weights, fallback):
-    batch, rounds, length, v_dim = attended.shape
-    return attended.new_empty(batch, length, v_dim)
-
-
-@torch.library.custom_op("dlsn::mix_rounds_backward", mutates_args=())
-def _mix_rounds_backward_op(grad_mixed: torch.Tensor, attended: torch.Tensor, round_weights: torch.Tensor,
-                            fallback: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, rounds, length, v_dim = attended.shape
-    if _failure is None:
-        grad_mixed, attended, round_weights = (t.contiguous() for t in (grad_mixed, attended, round_weights))
-        grad_attended, grad_weights = torch.empty_like(attended), torch.empty_like(round_weights)
-        grid = (triton.cdiv(length, MIX_BLOCK_POSITIONS), batch)
-        try:
-            _mix_launch(_mix_rounds_backward_kernel, grid,
-                        (grad_mixed, attended, round_weights, grad_attended, grad_weights), length, rounds, v_dim,
-                        _power_of_two(v_dim))
-            return grad_attended, grad_weights
-        except Exception as error:
-            if not fallback:
-                raise
-            _give_up(error, "round-mixing")
-    grad_mixed = grad_mixed.unsqueeze(1)
-    return grad_mixed * round_weights.unsqueeze(-1), (grad_mixed * attended).sum(-1)
-
-
-@_mix_rounds_backward_op.register_fake
-def _(grad_mixed, attended, round_weights, fallback):
-    return torch.empty_like(attended), torch.empty_like(round_weights)
-
-
-def _mix_rounds_setup_context(ctx, inputs, output):
-    attended, round_weights, ctx.fallback = inputs
-    ctx.save_for_backward(attended, round_weights)
-
-
-def _mix_rounds_backward(ctx, grad_mixed):
-    attended, round_weights = ctx.saved_tensors
-    return (*_mix_rounds_backward_op(grad_mixed, attended, round_weights, ctx.fallback), None)
-
-
-_mix_rounds_op.register_autograd(_mix_rounds_backward, setup_context=_mix_rounds_setup_context)
+    @staticmethod
+    def backward(ctx, grad_mixed):
+        attended, round_weights = ctx.saved_tensors
+        if _failure is None:
+            batch, rounds, length, v_dim = attended.shape
+            grad_mixed = grad_mixed.contiguous()
+            grad_attended, grad_weights = torch.empty_like(attended), torch.empty_like(round_weights)
+            try:
+                _mix_launch(_mix_rounds_backward_kernel, (triton.cdiv(length, MIX_BLOCK_POSITIONS), batch),
+                            (grad_mixed, attended, round_weights, grad_attended, grad_weights), length, rounds,
+                            v_dim, _power_of_two(v_dim))
+                return grad_attended, grad_weights, None
+            except Exception as error:
+                if not ctx.fallback:
+                    raise
+                _give_up(error, "round-mixing")
+        grad_mixed = grad_mixed.unsqueeze(1)
+        return grad_mixed * round_weights.unsqueeze(-1), (grad_mixed * attended).sum(-1), None
 
 
 def mix_rounds(attended: torch.Tensor, round_weights: torch.Tensor, *, fallback: bool = False) -> torch.Tensor:
@@ -1167,7 +1152,14 @@ def mix_rounds(attended: torch.Tensor, round_weights: torch.Tensor, *, fallback:
     this kernel into a warning and the plain formula, as for :func:`chunk_attention`."""
     if torch.compiler.is_compiling() or triton is None:
         return _mix_rounds_plain(attended, round_weights)
-    return _mix_rounds_op(attended, round_weights, fallback)
+    return _MixRounds.apply(attended, round_weights, fallback)
+
+
+def mix_in_one_kernel(attended: torch.Tensor) -> bool:
+    """Whether GLA mixes this fused-kernel output with :func:`mix_rounds`: large enough
+    (``MIX_KERNEL_MIN_ELEMENTS``), not under ``torch.compile``, the kernels working."""
+    return (attended.numel() >= MIX_KERNEL_MIN_ELEMENTS and triton is not None and _failure is None
+            and not torch.compiler.is_compiling())
 
 
 # --------------------------------------------------------------------------------------------

@@ -545,19 +545,22 @@ class GLA(nn.Module):
         if not torch.is_tensor(confidences):
             confidences = torch.stack(confidences, dim=1)
         round_weights = torch.softmax(confidences, dim=1)  # [N, T, L]
-        if torch.is_tensor(attended):
-            # The fused kernel's [N, T, L, C] output: one kernel forward and one backward, no temporaries.
+        if torch.is_tensor(attended) and fused.mix_in_one_kernel(attended):
+            # A large fused-kernel output [N, T, L, C]: one kernel forward and one backward, no temporaries.
             attention = fused.mix_rounds(attended, round_weights, fallback=self.attention_impl == "auto")
         elif torch.is_grad_enabled():
             # Training: one product and one sum, and as few operations in backward, whatever the number of
             # rounds (GLA's forward and backward at batch 1 are bound by the host's kernel launches).
-            attention = (torch.stack(attended, dim=1) * round_weights.unsqueeze(-1)).sum(1)
+            if not torch.is_tensor(attended):
+                attended = torch.stack(attended, dim=1)
+            attention = (attended * round_weights.unsqueeze(-1)).sum(1)
         else:
             # Inference: accumulated in place round by round, no [N, T, L, C] product: at large inputs
             # every [L, C] temporary is a fresh allocation (and page faults) less.
+            rounds = attended.unbind(1) if torch.is_tensor(attended) else attended
             weights = round_weights.unsqueeze(-1).unbind(1)
-            attention = attended[0] * weights[0]
-            for output, weight in zip(attended[1:], weights[1:]):
+            attention = rounds[0] * weights[0]
+            for output, weight in zip(rounds[1:], weights[1:]):
                 attention.addcmul_(output, weight)
         # Added to x through a channels-last view.
         attention = attention.view(batch, height, width, channels).permute(0, 3, 1, 2)
