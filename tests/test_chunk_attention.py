@@ -527,7 +527,7 @@ def test_bucket_codes_op_on_the_cpu_is_the_plain_argmax():
     match, rotations = torch.randn(2, 40, 8), torch.randn(3, 8, 5)
     codes = fused.bucket_codes(match, rotations)
     assert torch.equal(codes, torch.einsum("nld,tdb->ntlb", match, rotations).argmax(-1))
-    torch.library.opcheck(fused.bucket_codes, (match, rotations))
+    torch.library.opcheck(fused.bucket_codes_op, (match, rotations))
 
 
 def test_hash_self_check_catches_a_wrong_kernel(monkeypatch):

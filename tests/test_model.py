@@ -431,6 +431,7 @@ def test_cuda_training_rotations_need_no_host_synchronisation_and_can_be_graphed
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_float32_convolution_equals_conv2d(memory_format, dtype):
+    from dlsn.models import float32_ops
     from dlsn.models.float32_ops import conv2d_float32
 
     torch.manual_seed(0)
@@ -449,7 +450,10 @@ def test_float32_convolution_equals_conv2d(memory_format, dtype):
     assert grads[0].dtype == dtype
     for got, want in zip(grads, expected_grads):  # the input's gradient in the input's dtype
         torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-6, atol=1e-6)
-    torch.library.opcheck(conv2d_float32, (x, weight, bias, 1))
+    torch.library.opcheck(float32_ops.conv2d_float32_op, (x, weight, bias, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # true float32 under autocast too (was bfloat16)
+        for convolve in (conv2d_float32, float32_ops.conv2d_float32_op):
+            torch.testing.assert_close(convolve(x, weight, bias, 1), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

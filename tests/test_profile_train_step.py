@@ -73,8 +73,10 @@ def test_the_sweep_can_be_narrowed_to_one_precision_and_kernel(tmp_path):
 def test_gla_forward_backward_issues_few_operations():
     """The batch-1 GLA rows are bound by the host issuing kernels: scripts/count_gla_operations.py counts what one
     fused-path forward+backward issues (105 before the rounds were mixed with one product and one sum and the
-    keys normalised with a hand-written backward, 79 after). A change that adds operations to the layer's
-    training path shows here first."""
+    keys normalised with a hand-written backward, 79 after; 87 since the fused attention and the match
+    convolution are autograd.Functions in eager mode, whose inner operations the count sees, where the
+    custom ops hid about ten). A change that adds operations to the layer's training path shows here
+    first."""
     if not fused.triton_available():
         pytest.skip("triton is not importable")
     spec = importlib.util.spec_from_file_location("count_gla_operations", SCRIPT.parent / "count_gla_operations.py")
@@ -83,6 +85,8 @@ def test_gla_forward_backward_issues_few_operations():
     counted = script.count()
     assert counted["launches"] == ["forward", "queries", "keys"]
     total = len(counted["forward"]) + len(counted["backward"])
-    assert total <= 80, (total, counted)
-    assert counted["forward"].count("chunk_attention") == 1 and counted["backward"].count("chunk_attention_backward") == 1
+    assert total <= 88, (total, counted)
+    # eager mode: no custom op's dispatch on this path (the hashing is counted as its one kernel)
+    assert not {"chunk_attention", "chunk_attention_backward", "conv2d_float32"} & set(counted["forward"] + counted["backward"])
+    assert counted["forward"].count("bucket_codes") == 1
     assert fused._launch.__name__ == "_launch"  # put back

@@ -65,8 +65,10 @@ must not depend on rounding) and keeps only the argmax, so the ``[N, T, L, b]`` 
 written (cuBLAS's float32 GEMM for this thin product alone took 0.13 ms per layer on an H200 at the
 training size, before a transpose and an argmax).
 
-:func:`chunk_attention` is a ``torch.library`` custom op (``dlsn::chunk_attention``) with its
-backward registered, so ``torch.compile`` and CUDA graphs see one opaque op. On the CPU the same
+Under ``torch.compile``, :func:`chunk_attention` is a ``torch.library`` custom op
+(``dlsn::chunk_attention``) with its backward registered, so the compiled graph holds one opaque op;
+in eager mode the same code runs as an autograd.Function (a custom op's dispatch costs the host about
+0.1 ms per forward and backward, and the batch-1 training steps are bound by the host). On the CPU the same
 kernels run in Triton's interpreter (slow: tests only). With ``fallback=True`` (GLA's ``auto``), the
 first CUDA use runs a small self-check against the reference, and any compile or launch failure
 warns once and computes the reference instead (:func:`chunk_attention_reference`, plain PyTorch).
@@ -822,9 +824,10 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     # dy_i . y_i - dlse_i; for half precision the query kernel computes the sum (see its docstring).
     grad_attended = grad_attended.to(values.dtype).contiguous()
     exact_delta = values.element_size() < 4
-    delta = -grad_confidence.float()
-    if not exact_delta:
-        delta = delta + (grad_attended * attended).sum(-1)
+    if exact_delta:
+        delta = -grad_confidence.float()
+    else:
+        delta = (grad_attended * attended).sum(-1).sub_(grad_confidence)
     delta = delta.contiguous()
     atomic, values_kernel = mode.startswith("atomic"), mode.endswith("+values")
     stored = mode.startswith("stored_dS")
@@ -995,10 +998,7 @@ def _check_inputs(queries, keys, learned_score, values, order, inverse) -> None:
                          f"positions padded to a multiple of the chunk size {chunk}")
 
 
-@torch.library.custom_op("dlsn::chunk_attention", mutates_args=())
-def _chunk_attention_op(queries: torch.Tensor, keys: torch.Tensor, learned_score: torch.Tensor,
-                        values: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
-                        fallback: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend(queries, keys, learned_score, values, order, inverse, fallback):
     _check_inputs(queries, keys, learned_score, values, order, inverse)
     if _fused_allowed(values, fallback):
         try:
@@ -1011,6 +1011,13 @@ def _chunk_attention_op(queries: torch.Tensor, keys: torch.Tensor, learned_score
     return attended.float(), confidence.float()
 
 
+@torch.library.custom_op("dlsn::chunk_attention", mutates_args=())
+def _chunk_attention_op(queries: torch.Tensor, keys: torch.Tensor, learned_score: torch.Tensor,
+                        values: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
+                        fallback: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attend(queries, keys, learned_score, values, order, inverse, fallback)
+
+
 @_chunk_attention_op.register_fake
 def _(queries, keys, learned_score, values, order, inverse, fallback):
     batch, rounds, length = inverse.shape
@@ -1018,12 +1025,8 @@ def _(queries, keys, learned_score, values, order, inverse, fallback):
             values.new_empty(batch, rounds, length, dtype=torch.float32))
 
 
-@torch.library.custom_op("dlsn::chunk_attention_backward", mutates_args=())
-def _chunk_attention_backward_op(
-    grad_attended: torch.Tensor, grad_confidence: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
-    learned_score: torch.Tensor, values: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
-    attended: torch.Tensor, confidence: torch.Tensor, fallback: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attend_backward(grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
+                     attended, confidence, fallback):
     inputs = (queries, keys, learned_score, values, order, inverse)
     if _fused_allowed(values, fallback):
         try:
@@ -1033,6 +1036,16 @@ def _chunk_attention_backward_op(
                 raise
             _give_up(error)
     return chunk_attention_reference_backward(grad_attended, grad_confidence, *inputs)
+
+
+@torch.library.custom_op("dlsn::chunk_attention_backward", mutates_args=())
+def _chunk_attention_backward_op(
+    grad_attended: torch.Tensor, grad_confidence: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
+    learned_score: torch.Tensor, values: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
+    attended: torch.Tensor, confidence: torch.Tensor, fallback: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attend_backward(grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
+                            attended, confidence, fallback)
 
 
 @_chunk_attention_backward_op.register_fake
@@ -1048,7 +1061,7 @@ def _setup_context(ctx, inputs, output):
     ctx.fallback = fallback
 
 
-def _backward(ctx, grad_attended, grad_confidence):
+def _backward(ctx, grad_attended, grad_confidence, backward=_chunk_attention_backward_op):
     queries, keys, learned_score, values, order, inverse, attended, confidence = ctx.saved_tensors
     if grad_attended is None:
         grad_attended = torch.zeros_like(attended)
@@ -1057,12 +1070,28 @@ def _backward(ctx, grad_attended, grad_confidence):
     # dy enters the kernels in the values' precision. Cast here, outside the opaque op, torch.compile
     # writes it in that precision straight from the round mixing's backward (half the bytes, one pass less).
     grad_attended = grad_attended.to(values.dtype)
-    grads = _chunk_attention_backward_op(grad_attended, grad_confidence, queries, keys, learned_score,
-                                         values, order, inverse, attended, confidence, ctx.fallback)
+    grads = backward(grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
+                     attended, confidence, ctx.fallback)
     return (*grads, None, None, None)
 
 
 _chunk_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _ChunkAttention(torch.autograd.Function):
+    """The eager path of :func:`chunk_attention`: the same forward and backward as the custom ops, without
+    their dispatch (on the CPU about 105 us more per forward and backward: the batch-1 rows are bound by
+    the host issuing work)."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, learned_score, values, order, inverse, fallback):
+        output = _attend(queries, keys, learned_score, values, order, inverse, fallback)
+        _setup_context(ctx, (queries, keys, learned_score, values, order, inverse, fallback), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_attended, grad_confidence):
+        return _backward(ctx, grad_attended, grad_confidence, backward=_attend_backward)
 
 
 def chunk_attention(queries: torch.Tensor, keys: torch.Tensor, learned_score: torch.Tensor,
@@ -1070,8 +1099,12 @@ def chunk_attention(queries: torch.Tensor, keys: torch.Tensor, learned_score: to
                     *, fallback: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attended values ``[N, T, L, C]`` and log-sum-exp ``[N, T, L]``, float32, fused; see the module
     docstring. Arguments as in :func:`chunk_attention_reference`. ``fallback=True``: self-check on first
-    CUDA use and the reference instead of an error if the kernel fails (warned once)."""
-    return _chunk_attention_op(queries, keys, learned_score, values, order, inverse, fallback)
+    CUDA use and the reference instead of an error if the kernel fails (warned once). The custom op
+    ``dlsn::chunk_attention`` (backward ``dlsn::chunk_attention_backward``) under ``torch.compile``, which
+    sees it as one opaque operation; an autograd.Function in eager mode."""
+    if torch.compiler.is_compiling():
+        return _chunk_attention_op(queries, keys, learned_score, values, order, inverse, fallback)
+    return _ChunkAttention.apply(queries, keys, learned_score, values, order, inverse, fallback)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1212,16 +1245,23 @@ def hash_self_check(device: torch.device) -> None:
                            f"projection")
 
 
-@torch.library.custom_op("dlsn::bucket_codes", mutates_args=())
 def bucket_codes(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """SB-LSH buckets ``argmax_b (match[n, l] . rotations[t, :, b])``, ``[N, T, L]`` int64, in true
     float32. On CUDA one Triton kernel (self-checked on first use; after any failure, warned once, the
-    plain path); elsewhere :func:`projections_float32` and ``argmax``.
+    plain path); elsewhere :func:`projections_float32` and ``argmax``. The custom op
+    ``dlsn::bucket_codes`` under ``torch.compile``, a plain call in eager mode (no dispatch cost)."""
+    if torch.compiler.is_compiling():
+        return bucket_codes_op(match, rotations)
+    with torch.autocast(match.device.type, enabled=False):
+        return _bucket_codes(match, rotations)
 
-    Autocast is turned off here, inside the op: the operations of a custom op's implementation still see
-    the caller's autocast in eager mode. Doing it here and not around the call keeps autocast's
-    enter/exit out of ``torch.compile``'s graph, which AOTAutograd's on-disk cache refuses to store
-    (a later process would compile the training step from scratch)."""
+
+@torch.library.custom_op("dlsn::bucket_codes", mutates_args=())
+def bucket_codes_op(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """:func:`bucket_codes` as a custom op. Autocast is turned off here, inside the op: the operations of
+    a custom op's implementation still see the caller's autocast. Doing it here and not around the call
+    keeps autocast's enter/exit out of ``torch.compile``'s graph, which AOTAutograd's on-disk cache
+    refuses to store (a later process would compile the training step from scratch)."""
     with torch.autocast(match.device.type, enabled=False):
         return _bucket_codes(match, rotations)
 
@@ -1239,6 +1279,6 @@ def _bucket_codes(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     return projections_float32(match, rotations).argmax(dim=-1)
 
 
-@bucket_codes.register_fake
+@bucket_codes_op.register_fake
 def _(match, rotations):
     return match.new_empty(match.shape[0], rotations.shape[0], match.shape[1], dtype=torch.int64)

@@ -154,14 +154,29 @@ def float32_conv_method(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
         device=input.device, default=untimed)
 
 
-@torch.library.custom_op("dlsn::conv2d_float32", mutates_args=())
+def _conv2d_float32(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
+    # Autocast off here: the operations inside a custom op (and an autograd.Function's forward) still see
+    # the caller's autocast, which would run this convolution in bfloat16.
+    with torch.autocast(input.device.type, enabled=False):
+        method = float32_conv_method(input, weight, bias, padding) if input.is_cuda else "ieee"
+        return _conv2d_float32_by(method, input, weight, bias, padding)
+
+
 def conv2d_float32(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
-    """``F.conv2d(input, weight, bias, padding=padding)`` to float32 accuracy (TF32 off, or on CUDA split
-    products on TF32 tensor cores: ``FLOAT32_CONV_METHOD``); float32 output in the input's memory
-    format (channels-last stays channels-last)."""
-    method = float32_conv_method(input, weight, bias, padding) if input.is_cuda else "ieee"
-    output = _conv2d_float32_by(method, input, weight, bias, padding)
-    return _in_layout(output, _empty_output(input, weight, padding, device="meta"))
+    """``F.conv2d(input, weight, bias, padding=padding)`` to float32 accuracy, under autocast too (TF32
+    off, or on CUDA split products on TF32 tensor cores: ``FLOAT32_CONV_METHOD``); float32 output in the
+    input's memory format (channels-last stays channels-last). The custom op ``dlsn::conv2d_float32``
+    under ``torch.compile``; in eager mode an autograd.Function (on the CPU a custom op's dispatch cost
+    about 130 us more per call, on a path that is bound by the host at batch 1)."""
+    if torch.compiler.is_compiling():
+        return conv2d_float32_op(input, weight, bias, padding)
+    return _Conv2dFloat32.apply(input, weight, bias, padding)
+
+
+@torch.library.custom_op("dlsn::conv2d_float32", mutates_args=())
+def conv2d_float32_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int) -> torch.Tensor:
+    """:func:`conv2d_float32` as a custom op, its output strides exactly those of its fake implementation."""
+    return _in_layout(_conv2d_float32(input, weight, bias, padding), _empty_output(input, weight, padding, device="meta"))
 
 
 def _empty_output(input, weight, padding, device=None):
@@ -171,22 +186,27 @@ def _empty_output(input, weight, padding, device=None):
     return torch.empty(shape, dtype=torch.float32, device=device or input.device, memory_format=_memory_format(input))
 
 
-@conv2d_float32.register_fake
+@conv2d_float32_op.register_fake
 def _(input, weight, bias, padding):
     return _empty_output(input, weight, padding)
+
+
+def _conv2d_float32_gradients(grad_output, input, weight, bias, padding):
+    # Only the forward decides buckets: the gradients run with the user's TF32 setting like every other
+    # convolution's (in true float32, cuDNN took FFT and NCHW kernels: ~0.5 ms per GLA layer on an H200).
+    grads = torch.ops.aten.convolution_backward(
+        grad_output.float(), input.float(), weight.float(), [weight.shape[0]], stride=[1, 1],
+        padding=[padding, padding], dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=1,
+        output_mask=[True, True, True])
+    return tuple(grad.to(like.dtype) for grad, like in zip(grads, (input, weight, bias)))
 
 
 @torch.library.custom_op("dlsn::conv2d_float32_backward", mutates_args=())
 def _conv2d_float32_backward(grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
                              bias: torch.Tensor, padding: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Only the forward decides buckets: the gradients run with the user's TF32 setting like every other
-    # convolution's (in true float32, cuDNN took FFT and NCHW kernels: ~0.5 ms per GLA layer on an H200).
-    grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad_output.float(), input.float(), weight.float(), [weight.shape[0]], stride=[1, 1],
-        padding=[padding, padding], dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=1,
-        output_mask=[True, True, True])
-    return tuple(_in_layout(grad.to(like.dtype), torch.empty_like(like, device="meta"))
-                 for grad, like in ((grad_input, input), (grad_weight, weight), (grad_bias, bias)))
+    return tuple(_in_layout(grad, torch.empty_like(like, device="meta"))
+                 for grad, like in zip(_conv2d_float32_gradients(grad_output, input, weight, bias, padding),
+                                       (input, weight, bias)))
 
 
 @_conv2d_float32_backward.register_fake
@@ -205,4 +225,22 @@ def _backward(ctx, grad_output):
     return (*_conv2d_float32_backward(grad_output, input, weight, bias, ctx.padding), None)
 
 
-conv2d_float32.register_autograd(_backward, setup_context=_setup_context)
+conv2d_float32_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Conv2dFloat32(torch.autograd.Function):
+    """The eager path of :func:`conv2d_float32`: the same computation without a custom op's dispatch."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, padding):
+        ctx.save_for_backward(input, weight, bias)
+        ctx.padding = padding
+        output = _conv2d_float32(input, weight, bias, padding)
+        memory_format = _memory_format(input)
+        return output if output.is_contiguous(memory_format=memory_format) else output.contiguous(
+            memory_format=memory_format)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias = ctx.saved_tensors
+        return (*_conv2d_float32_gradients(grad_output, input, weight, bias, ctx.padding), None)

@@ -52,7 +52,7 @@ and log-sum-exp run in float32.
 
 **Two implementations of the chunk attention** (``attention_impl``): ``"reference"`` is the
 PyTorch code below (``_attend_round``), ``"fused"`` the Triton kernel of
-:mod:`dlsn.models.chunk_attention` (one custom op per layer, no gathered copies; on the CPU it runs
+:mod:`dlsn.models.chunk_attention` (one fused operation per layer, no gathered copies; on the CPU it runs
 in Triton's interpreter, for tests only). ``"auto"`` (default) takes the fused kernel on CUDA when
 Triton is installed, for half-precision (autocast) values and for float32 ones where TF32 matrix
 products are allowed (``torch.set_float32_matmul_precision("high")``), else the reference; a kernel
@@ -150,7 +150,7 @@ def hash_codes(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     (:func:`dlsn.models.chunk_attention.bucket_codes`) whatever ``attention_impl`` is, so that the fused
     and the reference attention always see the same buckets.
     """
-    return fused.bucket_codes(match.detach(), rotations)  # the op itself turns autocast off
+    return fused.bucket_codes(match.detach(), rotations)  # bucket_codes turns autocast off itself
 
 
 def sort_into_chunks(codes: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
