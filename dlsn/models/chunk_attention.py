@@ -1108,7 +1108,7 @@ def chunk_attention(queries: torch.Tensor, keys: torch.Tensor, learned_score: to
 
 
 # --------------------------------------------------------------------------------------------
-# Mixing the rounds in one pass (training with autograd, eager): no [N, T, L, C] temporaries.
+# Mixing the rounds in one pass (eager training and inference): no [N, T, L, C] temporaries.
 # --------------------------------------------------------------------------------------------
 
 MIX_BLOCK_POSITIONS, MIX_BLOCK_CHANNELS, MIX_WARPS = 16, 256, 4  # not timed on a GPU
