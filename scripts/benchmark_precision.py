@@ -28,7 +28,12 @@ Two parts:
    The runs stay under ``--run-dir`` (default ``logs/benchmark_precision/<time>/``). With
    ``--seeds N`` every precision trains with N seeds: each precision's PSNR is compared with 32-true's of
    the same seed (same initial weights and batches), the target judged on the mean of those differences,
-   and 32-true's later seeds against its first show float32's own spread after so short a run. With
+   and 32-true's later seeds against its first show float32's own spread after so short a run;
+   ``--repeat-float32`` trains 32-true once more with the first seed and the same settings, the
+   measurement's own noise (on an H200 on 2026-11-28 two such runs ended 0.64 dB apart: the reference
+   attention's backward adds with atomics, so no two float32 runs are identical, and after 200 steps at
+   a constant rate any rounding difference has sent training elsewhere). A bf16 difference over the
+   target that this noise matches is reported INCONCLUSIVE, not FAIL. With
    ``--parallel-runs`` they run at the same time (they share the device; their PSNR does not depend on
    it: cuDNN's autotuner, and with it GLA's timed choices, is off in these runs unless
    ``--cudnn-benchmark``, so no run's arithmetic depends on a timing).
@@ -85,6 +90,8 @@ SHORT_RUN_LR = {"paper": 1e-4, "small": 2e-3}
 THROUGHPUT_LR = 1e-4
 TARGET_SPEEDUP = 1.8
 TARGET_PSNR_DELTA_DB = 0.05
+# --repeat-float32's run: 32-true again with the first seed and the same settings.
+REPEAT_LABEL = f"{BASELINE} repeat"
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -150,6 +157,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--noise-run", action="store_true",
                         help="also train 32-true with seed+1: the PSNR spread of float32 itself, "
                              "to judge the 0.05 dB target (implied by --seeds 2 or more)")
+    parser.add_argument("--repeat-float32", action="store_true",
+                        help="also train 32-true a second time with the first seed and the same settings: the "
+                             "measurement's own noise (nondeterministic kernels, such as index_add_'s atomic "
+                             "additions, send a short run elsewhere as any rounding does)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="train every precision with this many seeds (--seed, --seed + 1, ...): the PSNR "
                              "target is judged on the mean of the paired differences, and 32-true's runs show "
@@ -412,12 +423,15 @@ def run_training(args: argparse.Namespace, precision: str, seed: int, run_dir: P
 
 def accuracy_runs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
     """(label, precision, seed) of every train.py run: each precision with each of the ``--seeds`` seeds
-    (labelled by the precision alone for the first seed), and with ``--noise-run`` 32-true with one more."""
+    (labelled by the precision alone for the first seed), with ``--noise-run`` 32-true with one more, and with
+    ``--repeat-float32`` 32-true once more with the first seed (``REPEAT_LABEL``)."""
     seeds = range(args.seed, args.seed + args.seeds)
     runs = [(precision if seed == args.seed else f"{precision} seed {seed}", precision, seed)
             for seed in seeds for precision in args.precisions]
     if args.noise_run and args.seeds == 1:
         runs.append((f"{BASELINE} seed {args.seed + 1}", BASELINE, args.seed + 1))
+    if args.repeat_float32:
+        runs.append((REPEAT_LABEL, BASELINE, args.seed))
     return runs
 
 
@@ -425,9 +439,10 @@ def psnr_deltas(results: dict[str, dict[str, Any]]) -> None:
     """Every finished run's PSNR difference to a 32-true run (``psnr_delta_vs_32_true_db``, and which one:
     ``delta_against``): another precision against 32-true with the same seed (same initial weights and
     batches: the precision's effect, plus how far rounding sent training elsewhere); 32-true with another
-    seed against the first seed's 32-true (float32's own spread after so short a run)."""
+    seed against the first seed's 32-true (float32's own spread after so short a run), and the repeated 32-true
+    run against the first (the same settings twice: the measurement's noise)."""
     float32_by_seed = {numbers["seed"]: (label, numbers) for label, numbers in results.items()
-                       if numbers.get("precision") == BASELINE and "val_psnr" in numbers}
+                       if numbers.get("precision") == BASELINE and "val_psnr" in numbers and label != REPEAT_LABEL}
     first_seed = min(float32_by_seed, default=None)
     for numbers in results.values():
         paired_seed = first_seed if numbers.get("precision") == BASELINE else numbers.get("seed")
@@ -484,12 +499,22 @@ def evaluate_targets(report: dict[str, Any]) -> dict[str, Any]:
     speedup = report["throughput"].get("bf16-mixed", {}).get("speedup_vs_32_true")
     deltas = paired_deltas(report["accuracy"], "bf16-mixed")
     delta = statistics.fmean(deltas) if deltas else None
+    noise = report["accuracy"].get(REPEAT_LABEL, {}).get("psnr_delta_vs_32_true_db")
     return {
         "throughput": {"target_speedup": TARGET_SPEEDUP, "speedup": speedup,
                        "pass": None if speedup is None else speedup >= TARGET_SPEEDUP},
         "accuracy": {"target_abs_delta_db": TARGET_PSNR_DELTA_DB, "delta_db": delta, "paired_deltas_db": deltas,
-                     "pass": None if delta is None else abs(delta) <= TARGET_PSNR_DELTA_DB},
+                     "pass": None if delta is None else abs(delta) <= TARGET_PSNR_DELTA_DB,
+                     "repeat_delta_db": noise,
+                     "inconclusive": inconclusive(delta, noise)},
     }
+
+
+def inconclusive(delta: float | None, noise: float | None) -> bool:
+    """Whether a PSNR difference over the target says nothing: float32 run twice with the same settings
+    (``--repeat-float32``) differed by at least as much."""
+    return (delta is not None and noise is not None and abs(delta) > TARGET_PSNR_DELTA_DB
+            and abs(noise) >= abs(delta))
 
 
 def fmt(value: Any, spec: str, suffix: str = "") -> str:
@@ -582,9 +607,13 @@ def verdict_lines(report: dict[str, Any]) -> list[str]:
         deltas = accuracy.get("paired_deltas_db") or []
         seeds = (f" (mean over {len(deltas)} seeds: " + ", ".join(f"{d:+.4f}" for d in deltas) + ")"
                  if len(deltas) > 1 else "")
-        accuracy_line = (f"- **{'PASS' if accuracy['pass'] else 'FAIL'}** accuracy: bf16-mixed validation PSNR "
+        verdict = "PASS" if accuracy["pass"] else "INCONCLUSIVE" if accuracy.get("inconclusive") else "FAIL"
+        accuracy_line = (f"- **{verdict}** accuracy: bf16-mixed validation PSNR "
                          f"differs from 32-true by {accuracy['delta_db']:+.4f} dB{seeds} "
                          f"(target |Δ| <= {TARGET_PSNR_DELTA_DB} dB)")
+        if accuracy.get("repeat_delta_db") is not None:
+            accuracy_line += (f"; 32-true run again with the same seed and settings differs from itself by "
+                              f"{accuracy['repeat_delta_db']:+.4f} dB")
     return [speed_line, accuracy_line]
 
 
@@ -627,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
             "strict_fp32": args.strict_fp32, "cudnn_benchmark": args.cudnn_benchmark,
             "skip_accuracy": args.skip_accuracy, "skip_throughput": args.skip_throughput,
             "parallel_runs": args.parallel_runs, "train_steps": args.train_steps, "lr": args.lr,
-            "noise_run": args.noise_run, "seeds": args.seeds, "train_overrides": args.train_overrides, "run_dir": str(args.run_dir),
+            "noise_run": args.noise_run, "repeat_float32": args.repeat_float32, "seeds": args.seeds, "train_overrides": args.train_overrides, "run_dir": str(args.run_dir),
         },
         "tf32": tf32_settings(),
         "memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "process_peak_rss_cumulative",

@@ -18,7 +18,8 @@ Checks, each printed as PASS/FAIL with its numbers:
    the training size (CUDA); the hashing kernel (``bucket_codes``): every bucket it picks attains the
    float64 maximum to float32 rounding at the paper layer's sizes, and its time against the einsum and
    argmax it replaces (CUDA);
-4. training-time rotations drawn on the GPU: no host synchronisation, capturable in a CUDA graph;
+4. training-time rotations drawn on the GPU: no host synchronisation, capturable in a CUDA graph, the
+   orthonormalisation kernel equal to Cholesky QR;
 5. a GLA training forward+backward (fused, rotations drawn inside, cuDNN's autotuner on as in the
    training steps, so the timed choices are made in the warm-up and kept) without host
    synchronisation (``torch.cuda.set_sync_debug_mode("error")``), and captured and replayed as a CUDA
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from dlsn.models import GLA
 from dlsn.models import chunk_attention, conv_epilogue, float32_ops, timed_choice
 from dlsn.models.float32_ops import conv2d_float32, projections_float32
-from dlsn.models.gla import draw_rotations, draw_rotations_on_device, number_of_buckets
+from dlsn.models.gla import draw_rotations, draw_rotations_on_device, number_of_buckets, orthonormal_columns
 
 # The self-check's precisions (dtype, float32 matmul precision), and the GLA problems of check 2 (channels,
 # chunk size, [(batch, size)]), at the paper layer's sizes and at --small's: scripts/warm_kernel_cache.py
@@ -306,7 +307,7 @@ def main() -> None:
             return details
 
     if cuda:
-        @check("rotations drawn on the GPU: no host synchronisation, CUDA-graph capture")
+        @check("rotations drawn on the GPU: no host synchronisation, CUDA-graph capture, kernel = Cholesky QR")
         def _():
             draw_rotations_on_device(3, 64, 18, device=device)  # warm-up: handles, workspaces
             torch.cuda.synchronize()
@@ -326,7 +327,17 @@ def main() -> None:
                 draws.append(graphed.clone())
             error = (draws[0].mT @ draws[0] - torch.eye(18, device=device)).abs().max().item()
             assert error < 1e-5 and not torch.equal(draws[0], draws[1]), (error, "replays drew the same matrices")
-            return {"orthonormality_error": error}
+            # Eager CUDA draws orthonormalise with one kernel (Gram-Schmidt twice, float64): Cholesky QR's Q.
+            agreement, milliseconds = {}, {}
+            for shape in ((3, 64, 18), (3, 128, 64)):
+                gaussian = torch.randn(*shape, device=device)
+                kernel_q = chunk_attention.orthonormal_columns_fused(gaussian)
+                agreement[str(shape)] = (kernel_q - orthonormal_columns(gaussian)).abs().max().item()
+                milliseconds[f"kernel {shape}"] = round(median_cuda_ms(
+                    lambda: chunk_attention.orthonormal_columns_fused(gaussian)), 4)
+                milliseconds[f"cholesky_qr {shape}"] = round(median_cuda_ms(lambda: orthonormal_columns(gaussian)), 4)
+            assert max(agreement.values()) < 1e-5 and chunk_attention.fused_kernel_failure() is None, agreement
+            return {"orthonormality_error": error, "kernel_vs_cholesky_qr": agreement, "gpu_ms": milliseconds}
 
         # Defined before the check below: @check runs its function at once.
         def graphed_training_step():

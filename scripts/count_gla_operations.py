@@ -6,12 +6,14 @@ At batch 1 the paper layer's forward+backward on a GPU is bound by the host issu
 2026-11-27: 0.9 ms of GPU time in 6.2 ms), so what it costs is roughly the number of operations it
 issues. This script counts them on the CPU, as the GPU path runs them: the fused attention (its Triton
 launches counted, not run), the hashing as the one kernel it is on a GPU, rotations drawn as on a GPU
-(:func:`dlsn.models.gla.draw_rotations_on_device`), a small layer (the count does not depend on the
-sizes). Counted: every ATen operation that computes something (views, allocations and metadata left
+(:func:`dlsn.models.gla.draw_rotations_on_device`: a ``randn`` and the orthonormalisation as its one
+kernel), a small layer (the count does not depend on the sizes). Counted: every ATen operation that computes something (views, allocations and metadata left
 out), each custom op once (what runs inside it is not seen), and the fused kernel's launches. The
 fused attention and the match convolution are autograd.Functions in eager mode (custom ops only under
 ``torch.compile``), so the operations around their kernels are counted too: 87 operations where 79 were
-seen while they were custom ops (they hid about ten, and cost the host more to dispatch). The loss (``square().mean()``, as ``benchmark_gla.py``) and the
+seen while they were custom ops (they hid about ten, and cost the host more to dispatch); 73 since the
+rotations are orthonormalised by one kernel instead of Cholesky QR (14 operations here, about thirty
+kernels on a GPU, where cuSOLVER and cuBLAS launch several per call). The loss (``square().mean()``, as ``benchmark_gla.py``) and the
 gradient accumulation into the parameters are included, as in the benchmark.
 """
 
@@ -57,13 +59,27 @@ def hashing_as_one_operation(log: OperationLog, hashing):
     return logged
 
 
+def rotations_as_one_operation(log: OperationLog):
+    """The orthonormalisation of the rotations' Gaussian draw logged as the one kernel it is on a GPU in eager
+    mode (:func:`dlsn.models.chunk_attention.orthonormal_columns_fused`): on the CPU, Cholesky QR."""
+    def logged(matrix, plain):
+        with _disable_current_modes():
+            q = plain(matrix)
+        log.names.append("orthonormal_columns")
+        return q
+
+    return logged
+
+
 def count(channels: int = 16, size: int = 12, chunk: int = 16) -> dict:
     """Operations of one forward and one backward (after a warm-up call), and the fused kernel's launches."""
     launches: list[str] = []
     original_launch, original_hashing = fused._launch, fused._bucket_codes
+    original_orthonormal = fused.orthonormal_columns_fast
     fused._launch = lambda kernel_function, name, *args, **kwargs: launches.append(name)
     log = OperationLog()
     fused._bucket_codes = hashing_as_one_operation(log, original_hashing)
+    fused.orthonormal_columns_fast = rotations_as_one_operation(log)
     try:
         torch.manual_seed(0)
         layer = gla.GLA(channels, chunk_size=chunk, n_hashes=3, attention_impl="fused")
@@ -79,6 +95,7 @@ def count(channels: int = 16, size: int = 12, chunk: int = 16) -> dict:
             output.square().mean().backward()
     finally:
         fused._launch, fused._bucket_codes = original_launch, original_hashing
+        fused.orthonormal_columns_fast = original_orthonormal
     computing = [[name for name in part if name not in NOT_COMPUTING]
                  for part in (log.names[:forward_count], log.names[forward_count:])]
     return {"forward": computing[0], "backward": computing[1], "launches": launches}

@@ -146,6 +146,39 @@ def test_seeds_pair_each_precision_with_float32_of_the_same_seed_and_judge_the_m
     assert one_seed == [("32-true", "32-true", 7), ("bf16-mixed", "bf16-mixed", 7), ("32-true seed 8", "32-true", 8)]
 
 
+def test_a_repeated_float32_run_measures_the_noise_and_can_make_a_difference_inconclusive(tmp_path):
+    """--repeat-float32: 32-true once more with the first seed, paired with the first 32-true run (not
+    replacing it as the baseline); a bf16 difference over the target that float32 matches against itself is
+    INCONCLUSIVE, in the script's verdict and in gpu_check.sh's summary; one larger than that is still a FAIL."""
+    script = load_script()
+    runs = script.accuracy_runs(script.parse_args(["--device", "cpu", "--seeds", "2", "--seed", "7", "--repeat-float32"]))
+    assert runs[-1] == ("32-true repeat", "32-true", 7) and len(runs) == 5
+    for repeat_psnr, verdict, status in ((29.60, "INCONCLUSIVE", "INCONCLUSIVE (float32 differs from itself as much)"),
+                                         (29.95, "FAIL", "NOT MET")):
+        psnr = {"32-true": 30.00, "bf16-mixed": 30.20, "32-true seed 8": 30.10, "bf16-mixed seed 8": 30.30,
+                "32-true repeat": repeat_psnr}
+        accuracy = {label: {"precision": precision, "seed": seed, "val_psnr": psnr[label]}
+                    for label, precision, seed in runs}
+        script.psnr_deltas(accuracy)
+        assert accuracy["32-true repeat"]["delta_against"] == "32-true"
+        assert accuracy["bf16-mixed"]["psnr_delta_vs_32_true_db"] == pytest.approx(0.2)  # the first run stays the baseline
+        report = {"throughput": {}, "accuracy": accuracy, "settings": {"skip_throughput": True, "skip_accuracy": False}}
+        report["targets"] = script.evaluate_targets(report)
+        assert report["targets"]["accuracy"]["repeat_delta_db"] == pytest.approx(repeat_psnr - 30.0)
+        accuracy_line = script.verdict_lines(report)[1]
+        assert accuracy_line.startswith(f"- **{verdict}** accuracy: bf16-mixed validation PSNR differs from 32-true by "
+                                        "+0.2000 dB"), accuracy_line
+        assert f"differs from itself by {repeat_psnr - 30.0:+.4f} dB" in accuracy_line
+
+        (tmp_path / "precision.json").write_text(json.dumps({"settings": {"device": "cuda"}, "accuracy": accuracy}))
+        summary = subprocess.run([sys.executable, str(SCRIPT.parent / "gpu_check_summary.py"), str(tmp_path)],
+                                 capture_output=True, text=True, check=True, cwd=SCRIPT.parent).stdout
+        rows = [line for line in summary.splitlines() if line.startswith("| val PSNR")]
+        assert rows[0].endswith(f"| within 0.05 dB | {status} |"), rows
+        assert (f"| val PSNR 32-true run again vs 32-true (same seed and settings: the measurement's noise) | | | "
+                f"{repeat_psnr - 30.0:+.4f} dB | | | (information) |") in rows
+
+
 @functools.cache
 def load_script():
     spec = importlib.util.spec_from_file_location("benchmark_precision", SCRIPT)

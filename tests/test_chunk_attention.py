@@ -572,6 +572,93 @@ def test_hash_kernel_compiles_for_gpus(arch):
 
 
 # ------------------------------------------------------------------------------------------------
+# Orthonormal rotations in one kernel (training on CUDA in eager mode).
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(3, 64, 18), (2, 128, 64), (3, 50, 18), (2, 18, 18), (1, 4, 1)],
+                         ids=["paper 48x48", "paper 128 buckets", "partial tile", "square", "one column"])
+def test_orthonormal_kernel_gives_cholesky_qrs_q(shape, device):
+    """Gram-Schmidt twice in float64 and Cholesky QR: the same Q (unique with diag(R) > 0) to float32."""
+    from dlsn.models.gla import orthonormal_columns
+
+    gaussian = torch.randn(*shape, generator=torch.Generator().manual_seed(4)).to(device)
+    q = fused.orthonormal_columns_fused(gaussian)
+    assert q.dtype == torch.float32 and q.shape == shape
+    torch.testing.assert_close(q, orthonormal_columns(gaussian), rtol=0, atol=1e-6)
+
+
+def test_orthonormal_kernel_survives_nearly_dependent_columns():
+    torch.manual_seed(0)
+    matrix = torch.randn(2, 64, 64, dtype=torch.float64)
+    matrix[:, :, 1] = matrix[:, :, 0] + 1e-10 * torch.randn(2, 64, dtype=torch.float64)  # condition ~1e11
+    q = fused.orthonormal_columns_fused(matrix)
+    torch.testing.assert_close(q.mT @ q, torch.eye(64, dtype=torch.float64).expand(2, -1, -1), rtol=0, atol=1e-12)
+    r = q.mT @ matrix  # the QR factor: upper triangular with a positive diagonal
+    assert torch.tril(r, diagonal=-1).abs().max() < 1e-12 and (torch.diagonal(r, dim1=-2, dim2=-1) > 0).all()
+    with pytest.raises(ValueError, match="expected tall matrices"):
+        fused.orthonormal_columns_fused(matrix[:, :10])
+
+
+def test_orthonormal_columns_fast_checks_the_kernel_and_falls_back(monkeypatch, fresh_fallback_state):
+    """The kernel is taken for CUDA tensors with small tiles only; its self-check catches a wrong Q; a failure
+    warns once and the plain function computes the result."""
+    plain_calls = []
+
+    def plain(matrix):
+        plain_calls.append(matrix.shape)
+        from dlsn.models.gla import orthonormal_columns
+        return orthonormal_columns(matrix)
+
+    gaussian = torch.randn(3, 64, 18)
+    torch.testing.assert_close(fused.orthonormal_columns_fast(gaussian, plain), plain(gaussian))  # CPU: plain
+    fused.orthonormal_self_check(torch.device("cpu"), plain)  # the real kernel passes
+    monkeypatch.setattr(fused, "orthonormal_columns_fused", lambda matrix: matrix)  # not orthonormal
+    with pytest.raises(RuntimeError, match="rotation self-check: the kernel's Q is .* away from Cholesky QR's"):
+        fused.orthonormal_self_check(torch.device("cpu"), plain)
+
+    class CudaLooking:  # an object that says it is on CUDA, to reach the kernel path without a GPU
+        is_cuda = True
+        device = torch.device("cpu")
+
+        def __init__(self, *shape):
+            self.shape = shape
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tile over ORTHONORMAL_MAX_TILE never reaches the kernel
+        assert fused.orthonormal_columns_fast(CudaLooking(3, 128, 64), lambda matrix: "plain result") == "plain result"
+        assert fused.orthonormal_columns_fast(CudaLooking(3, 64, 33), lambda matrix: "plain result") == "plain result"
+    with pytest.warns(RuntimeWarning, match="fused rotation kernel failed"):
+        result = fused.orthonormal_columns_fast(CudaLooking(3, 64, 18), lambda matrix: "plain result")
+    assert result == "plain result" and fused.fused_kernel_failure() is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("tile, max_spill", [((64, 32), 0), ((128, 64), 128)],
+                         ids=["48x48 (18 buckets)", "128 buckets"])
+def test_orthonormal_kernel_compiles_for_gpus(arch, tile, max_spill):
+    """The orthonormalisation kernel for sm_80 and sm_90 at the paper layer's tiles (float64): no register
+    spills at the training size, a few (80 bytes per thread, Triton 3.9) at the largest, 128 buckets."""
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = fused._kernel(fused._orthonormal_columns_kernel, False)
+    constants = dict(BLOCK_M=tile[0], BLOCK_N=tile[1])
+    signature = {name: "constexpr" if name in constants else "*fp32" if name.isupper() else "i32"
+                 for name in kernel.arg_names}
+    attributes = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names)
+                  if name.isupper() and name not in constants}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes)
+    compiled = triton_compile(source, GPUTarget("cuda", arch, 32), fused.ORTHONORMAL_WARPS, 1)
+    assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
+    spill = _register_spill_bytes(compiled)
+    assert spill is None or spill <= max_spill, f"{spill} bytes of register spills per thread"
+
+
+# ------------------------------------------------------------------------------------------------
 # Mixing the rounds (dlsn::mix_rounds).
 # ------------------------------------------------------------------------------------------------
 

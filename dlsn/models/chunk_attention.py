@@ -65,6 +65,11 @@ must not depend on rounding) and keeps only the argmax, so the ``[N, T, L, b]`` 
 written (cuBLAS's float32 GEMM for this thin product alone took 0.13 ms per layer on an H200 at the
 training size, before a transpose and an argmax).
 
+**Rotations** (:func:`orthonormal_columns_fast`): the training-time SB-LSH matrices drawn on the GPU are
+orthonormalised by one kernel (Gram-Schmidt twice, float64, a program per round) where the matrices are
+small (at most 64 x 32: the paper layer's inputs up to about 64x64), instead of Cholesky QR's thirty-odd
+launches, a tenth of a batch-1 layer's host time.
+
 Under ``torch.compile``, :func:`chunk_attention` is a ``torch.library`` custom op
 (``dlsn::chunk_attention``) with its backward registered, so the compiled graph holds one opaque op;
 in eager mode the same code runs as an autograd.Function (a custom op's dispatch costs the host about
@@ -569,6 +574,24 @@ if triton is not None:
         projections = tl.where(bucket_valid[None, :], projections, float("-inf"))
         codes = tl.argmax(projections, axis=1, tie_break_left=True)
         tl.store(CODES + item_round * length + positions, codes.to(tl.int64), mask=position_valid)
+
+    def _orthonormal_columns_kernel(MATRIX, Q, rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``Q`` of ``matrix = Q R`` (``diag(R) > 0``) for one ``[rows, cols]`` matrix (``rows >= cols``) of
+        the batch, by classical Gram-Schmidt with one reorthogonalisation ("twice is enough"), in float64.
+        Columns of ``q`` not yet computed are zero, so each projection can run over the whole tile."""
+        offset = tl.program_id(0).to(tl.int64) * rows * cols
+        row_ids = tl.arange(0, BLOCK_M)
+        col_ids = tl.arange(0, BLOCK_N)[None, :]
+        q = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
+        for column in range(cols):
+            here = col_ids == column
+            # Each column is read when its turn comes: only q is held in registers.
+            vector = tl.load(MATRIX + offset + row_ids * cols + column, mask=row_ids < rows, other=0.0).to(tl.float64)
+            for _ in tl.static_range(2):
+                vector -= tl.sum(q * tl.sum(q * vector[:, None], axis=0)[None, :], axis=1)
+            vector = vector / tl.sqrt(tl.sum(vector * vector, axis=0))
+            q = tl.where(here, vector[:, None], q)
+        tl.store(Q + offset + row_ids[:, None] * cols + col_ids, q, mask=(row_ids[:, None] < rows) & (col_ids < cols))
 
 
 @functools.cache
@@ -1282,3 +1305,64 @@ def _bucket_codes(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
 @bucket_codes_op.register_fake
 def _(match, rotations):
     return match.new_empty(match.shape[0], rotations.shape[0], match.shape[1], dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Orthonormal SB-LSH rotations in one kernel (CUDA training): a randn and one launch per layer.
+# --------------------------------------------------------------------------------------------
+
+# Warps per matrix: no register spills at the training size's 64 x 32 float64 tile (sm_80, sm_90; Triton
+# 3.9), 80 bytes per thread at the largest, 128 buckets (8 and 16 warps spilled more).
+ORTHONORMAL_WARPS = 4
+# The largest tile (rows, columns, as powers of two) the kernel takes: one program per matrix walks its
+# columns one after another, so its time grows with the tile. On an H200 (2026-11-28, check_fused_gla.py):
+# 3 x [64, 18] (48x48 inputs) 0.060 ms against Cholesky QR's 0.148 ms (and about thirty fewer launches);
+# 3 x [128, 64] (128 buckets) 0.78 ms against 0.35 ms, so larger draws keep Cholesky QR.
+ORTHONORMAL_MAX_TILE = (64, 32)
+
+
+def orthonormal_columns_fused(matrix: torch.Tensor) -> torch.Tensor:
+    """``Q`` of ``matrix = Q R`` with ``diag(R) > 0`` for a batch of tall matrices ``[T, m, n]`` (``m >= n``), in
+    ``matrix``'s dtype, computed in float64 by one Triton kernel (a program per matrix; CPU tensors:
+    Triton's interpreter, for tests). The same ``Q`` as :func:`dlsn.models.gla.orthonormal_columns`, whose
+    Cholesky QR takes about thirty kernel launches: at batch 1 they cost the host more than the GPU."""
+    rounds, rows, cols = matrix.shape
+    if rows < cols:
+        raise ValueError(f"orthonormal_columns_fused: expected tall matrices (rows >= columns), got {rows} x {cols}")
+    matrix = matrix.contiguous()
+    q = torch.empty_like(matrix)
+    interpreted = matrix.device.type != "cuda"
+    options = {} if interpreted else dict(num_warps=ORTHONORMAL_WARPS, num_stages=1)
+    with _on_device(matrix.device), _library_functions_interpreted() if interpreted else contextlib.nullcontext():
+        _kernel(_orthonormal_columns_kernel, interpreted)[(rounds,)](
+            matrix, q, rows, cols, BLOCK_M=_power_of_two(rows, 2), BLOCK_N=_power_of_two(cols, 2), **options)
+    return q
+
+
+def orthonormal_self_check(device: torch.device, plain) -> None:
+    """Raises unless :func:`orthonormal_columns_fused` agrees with ``plain`` (Cholesky QR) to 1e-5 on a
+    partial tile."""
+    gaussian = torch.randn(3, 50, 18, generator=torch.Generator().manual_seed(0)).to(device)
+    error = (orthonormal_columns_fused(gaussian) - plain(gaussian)).abs().max().item()
+    if not error <= 1e-5:
+        raise RuntimeError(f"rotation self-check: the kernel's Q is {error:.3g} away from Cholesky QR's")
+
+
+def orthonormal_columns_fast(matrix: torch.Tensor, plain) -> torch.Tensor:
+    """:func:`orthonormal_columns_fused` for CUDA tensors in eager mode whose tile is at most
+    ``ORTHONORMAL_MAX_TILE`` (self-checked on first use; after any failure, warned once, ``plain``),
+    ``plain(matrix)`` elsewhere and under ``torch.compile`` (which runs the random draw and the plain
+    formula inside its CUDA graph)."""
+    if torch.compiler.is_compiling() or not matrix.is_cuda or triton is None or _failure is not None:
+        return plain(matrix)
+    rows, cols = matrix.shape[-2:]
+    if _power_of_two(rows, 2) <= ORTHONORMAL_MAX_TILE[0] and _power_of_two(cols, 2) <= ORTHONORMAL_MAX_TILE[1]:
+        key = (matrix.device, "orthonormal")
+        try:
+            if key not in _checked and not torch.cuda.is_current_stream_capturing():
+                _checked.add(key)
+                orthonormal_self_check(matrix.device, plain)
+            return orthonormal_columns_fused(matrix)
+        except Exception as error:  # noqa: BLE001 - any failure means: do not use the kernel
+            _give_up(error, "rotation")
+    return plain(matrix)
