@@ -10,7 +10,9 @@ precision of ``--precisions`` and prints a markdown report with PASS/FAIL lines 
     python scripts/benchmark_precision.py --skip-accuracy           # throughput and memory only
     python scripts/benchmark_precision.py --json $OUT/precision.json --noise-run
     python scripts/benchmark_precision.py --skip-throughput --parallel-runs --seeds 2   # accuracy only, two
-                                                                    # seeds, the train.py runs at once (gpu_check.sh)
+                                                                    # seeds, the train.py runs at once
+    python scripts/benchmark_precision.py --skip-throughput --parallel-runs --repeat-float32   # float32 run
+                                                                    # twice: the measurement's noise (gpu_check.sh)
     python scripts/benchmark_precision.py --device cpu --model small --batch 2 --patch 16 \\
         --warmup 1 --steps 2 --train-steps 4                        # a CPU check of the whole pipeline
 
