@@ -116,18 +116,25 @@ def outputs_and_gradients(layer, x, rotations, bf16=False):
 @contextlib.contextmanager
 def backward_variant(device: torch.device, dtype: torch.dtype, name: str):
     """The fused backward as the variant ``name`` of ``chunk_attention.backward_variants`` (its mode, and
-    its key kernel's launch configuration for ``dtype``), restored after."""
-    mode, keys_config = chunk_attention.backward_variants(device, dtype)[name]
+    its key or values kernel's launch configuration for ``dtype``), restored after."""
+    mode, variant_configs = chunk_attention.backward_variants(device, dtype)[name]
+    generation = chunk_attention._generation(device)
     saved_modes = dict(chunk_attention.BACKWARD_MODE)
-    configs = chunk_attention.LAUNCH_CONFIGS[chunk_attention._generation(device)]
+    saved_channels = dict(chunk_attention.VALUES_CHANNEL_BLOCK)
+    configs = chunk_attention.LAUNCH_CONFIGS[generation]
     saved_configs = dict(configs)
     chunk_attention.BACKWARD_MODE.update(dict.fromkeys(saved_modes, mode))
-    if keys_config:
-        configs["keys", "float32" if dtype == torch.float32 else "half"] = keys_config
+    precision = "float32" if dtype == torch.float32 else "half"
+    if "keys" in variant_configs:
+        configs["keys", precision] = variant_configs["keys"]
+    if "values" in variant_configs:
+        configs["values", precision] = variant_configs["values"][:3]
+        chunk_attention.VALUES_CHANNEL_BLOCK[generation] = variant_configs["values"][3]
     try:
         yield
     finally:
         chunk_attention.BACKWARD_MODE.update(saved_modes)
+        chunk_attention.VALUES_CHANNEL_BLOCK.update(saved_channels)
         configs.update(saved_configs)
 
 

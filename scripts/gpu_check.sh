@@ -5,12 +5,13 @@
 #                                    # an offline GPU image may lack (Hydra, OmegaConf) into .whl/, and
 #                                    # the authors' code (laoyangui/DLSN; or DLSN_MIRROR=<a clone>) into
 #                                    # .published/DLSN (git-ignored: carry it, never commit it)
-#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine; every target in about 5 minutes on
-#                                    # an H200 (expected; 515 s on 2026-11-27 with every step in turn),
-#                                    # then the information steps (GPU_CHECK_BUDGET_S cuts them)
-#   OUT=/tmp/rehearsal scripts/gpu_check.sh --rehearse   # the same steps on the CPU at toy sizes (a few
-#                                    # minutes): every command line still matches its script and every
-#                                    # output reaches summary.md; measures nothing (tests/test_gpu_check.py)
+#   OUT=/path/to/results scripts/gpu_check.sh   # on the GPU machine: every target, in at most 6 minutes
+#                                    # on an H100/H200 (the target; summary.md's last row says how long)
+#   OUT=/path/to/results scripts/gpu_check.sh --information   # then also the information steps (about
+#                                    # a minute more): profiles and bf16 rows that explain the targets
+#   OUT=/tmp/rehearsal scripts/gpu_check.sh --rehearse [--information]   # the same steps on the CPU at toy
+#                                    # sizes (minutes): every command line still matches its script and
+#                                    # every output reaches summary.md; measures nothing (tests/test_gpu_check.py)
 #
 # The GPU machine needs python3 with a CUDA build of torch (with its triton), lightning, torchmetrics,
 # scikit-image, rich and safetensors. Whatever .whl/ holds is installed into /tmp/site first (no
@@ -25,8 +26,8 @@
 #                       torch.compile cache (the target; an upper bound, measured beside the other steps;
 #                       the fused GLA kernels come compiled from the warm step, as on a user's second run),
 #                       and the compiled graphs left in Inductor's on-disk cache for train_step
-#   precision.{txt,json}    scripts/benchmark_precision.py: validation PSNR after a short train.py run in
-#                       float32 and bf16-mixed, and float32 repeated with the same seed (the
+#   precision.{txt,json}    scripts/benchmark_precision.py: validation PSNR after a short train.py run (rate
+#                       decaying to 0) in float32 and bf16-mixed, and float32 repeated with the same seed (the
 #                       measurement's noise); the three runs at once, cuDNN's autotuner and GLA's timed
 #                       choices off in them
 #   check.{txt,json}    scripts/check_fused_gla.py: the fused kernel against the reference (float32,
@@ -40,7 +41,8 @@
 #                       authors' code (with .published), the published layout, the reference and the
 #                       fused implementation, float32 with TF32 matrix products on all of them, each
 #                       case with its ten largest GPU kernels
-# and the information steps:
+#   duration.json       seconds from the start to the last target's end (issue 9: at most 6 minutes)
+# and with --information the information steps:
 #   gla_batch1_profile.txt   scripts/profile_train_step.py --sections gla_batch1 backward_modes: where the
 #                       batch-1 GLA rows spend host and device time, this project against the published
 #                       layout; the fused backward's time as each variant the timed choice tries
@@ -79,10 +81,17 @@ fi
 OUT="${OUT:?set OUT to the folder for the results}"
 # Toy sizes for --rehearse, appended after the real options (argparse keeps the last value), so that the
 # rehearsal runs the very command lines of the GPU run.
-device=cuda
+device=cuda information=false
 toy_warm=() toy_check=() toy_train_step=() toy_gla=() toy_profile=() toy_precision=()
-if [[ "${1:-}" == "--rehearse" ]]; then
-    device=cpu
+for option in "$@"; do
+    case "$option" in
+        --rehearse) device=cpu ;;
+        --information) information=true ;;
+        *) echo "gpu_check.sh: unknown option '$option' (expected --fetch alone, or --rehearse and/or --information)" >&2
+           exit 2 ;;
+    esac
+done
+if [[ $device == cpu ]]; then
     toy_warm=(--small --workers 2 --max-tasks 2)  # the interpreter compiles nothing: two tasks test the plumbing
     toy_check=(--small)
     toy_train_step=(--n-feats 8 --n-resgroups 1 --n-resblocks 1 --chunk-size 16 --n-hashes 1 --batch 2 --patch 12
@@ -91,9 +100,6 @@ if [[ "${1:-}" == "--rehearse" ]]; then
     toy_profile=(--device cpu --small)
     toy_precision=(--model small --batch 2 --patch 16 --warmup 1 --steps 2 --train-steps 4
                    --train-timeout 900 --run-dir "$OUT/precision_runs")
-elif [[ -n "${1:-}" ]]; then
-    echo "gpu_check.sh: unknown option '$1' (expected --fetch, --rehearse or nothing)" >&2
-    exit 2
 fi
 
 mkdir -p "$OUT"
@@ -178,10 +184,10 @@ for precision in bf16-mixed 32-true; do
         "${toy_train_step[@]}"
 done
 # bf16 against float32 validation PSNR after a short train.py run (the target), and float32 once more with the
-# same seed and settings (the measurement's noise: on 2026-11-28 such float32 runs ended 33.39 to 34.30 dB, the
-# reference attention's atomic additions sending each elsewhere, so a bf16 difference as large is INCONCLUSIVE;
-# two seeds per precision, as run that day, took 193 s for five runs, over this step's share of 6 minutes, and
-# averaging two such differences does not resolve 0.05 dB either). The three runs at once: cuDNN's
+# same seed and settings (the measurement's noise: on 2026-11-28 such float32 runs at a constant rate ended 33.39
+# to 34.30 dB, the reference attention's atomic additions sending each elsewhere; a bf16 difference no larger is
+# INCONCLUSIVE). The runs' rate decays to 0 (benchmark_precision.py's default --schedule cosine), which on the
+# CPU cut the spread of such differences about nineteenfold, to 0.048 dB. The three runs at once: cuDNN's
 # autotuner and the timed choices are off in them, so sharing the GPU changes their time only. The step's
 # speed is measured by train_step.
 start_step precision python3 scripts/benchmark_precision.py --device $device --train-steps 200 \
@@ -202,7 +208,21 @@ step train_step python3 scripts/benchmark_train_step.py --device $device "${publ
 step gla_targets python3 scripts/benchmark_gla.py --device $device --targets "${published[@]}" --repeats 10 \
     --warmup 3 --matmul-precision high --kernel-table 10 --json "$OUT/gla_targets.json" --markdown "${toy_gla[@]}"
 
-# Information. Why the batch-1 GLA rows are slow (host time, kernel launches, profiler tables), and the fused
+# Every target measured: how long that took, from the start (wheels installed, kernels compiled), for the summary.
+duration() {  # duration INFORMATION_SECONDS_OR_null: write $OUT/duration.json
+    printf '{"device": "%s", "targets_s": %d, "information_s": %s}\n' "$device" "$targets_s" "$1" >"$OUT/duration.json"
+}
+finish() {  # write and print the summary; exit with the run's status
+    python3 scripts/gpu_check_summary.py "$OUT" >"$OUT/summary.md" 2>&1 || status=1
+    echo
+    cat "$OUT/summary.md"
+    exit $status
+}
+targets_s=$SECONDS
+duration null
+[[ $information == true ]] || finish
+
+# Information (--information). Why the batch-1 GLA rows are slow (host time, kernel launches, profiler tables), and the fused
 # kernel's backward as each variant the training steps' timed choice tries (dQ by two kernels or atomic
 # additions; key kernel configurations).
 step gla_batch1_profile python3 scripts/profile_train_step.py --sections gla_batch1 backward_modes "${toy_profile[@]}"
@@ -212,8 +232,5 @@ step gla_targets_bf16 python3 scripts/benchmark_gla.py --device $device --target
 # What cuDNN's autotuner (on in train_step, as in the paper recipes) gains over its heuristics: eager steps.
 step train_step_heuristics python3 scripts/benchmark_train_step.py --device $device --cases project --warmup 4 \
     --steps 12 --matmul-precision high --cudnn-autotune off --json "$OUT/train_step_heuristics.json" "${toy_train_step[@]}"
-
-python3 scripts/gpu_check_summary.py "$OUT" >"$OUT/summary.md" 2>&1 || status=1
-echo
-cat "$OUT/summary.md"
-exit $status
+duration $((SECONDS - targets_s))
+finish

@@ -215,9 +215,9 @@ def section_backward_modes(args, device) -> None:
         attended, confidence = fused._fused_forward(*inputs)
         grads = (torch.randn_like(attended), torch.randn_like(confidence))
         timings = []
-        for name, (mode, keys_config) in fused.backward_variants(device, dtype).items():
+        for name, (mode, configs) in fused.backward_variants(device, dtype).items():
             def run():
-                fused._fused_backward(*grads, *inputs, attended, confidence, mode=mode, keys_config=keys_config)
+                fused._fused_backward(*grads, *inputs, attended, confidence, mode=mode, configs=configs)
 
             timings.append(f"{name} {median_ms(run, device, args.warmup, args.repeats):.3f} ms")
         print(f"{dtype}: " + "; ".join(timings), flush=True)

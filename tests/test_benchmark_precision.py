@@ -205,3 +205,33 @@ def test_bad_arguments_are_refused_with_a_message(args, message, capsys):
         load_script().parse_args(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_the_short_runs_rate_decays_to_zero_by_their_last_step_by_default(schedule):
+    """The train.py runs compose the schedule --schedule names: by default a cosine from the full rate at the
+    first step to 0 after the last (stepped per iteration), which ends every run at rest; or no scheduler."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    script = load_script()
+    args = script.parse_args(["--device", "cpu", "--model", "small", "--train-steps", "8", "--lr", "0.01",
+                              *(["--schedule", schedule] if schedule == "constant" else [])])
+    assert args.schedule == schedule
+    overrides = [o for o in script.train_overrides(args, "32-true", 42, Path("/tmp/unused"))
+                 if not o.startswith("hydra.")]
+    with initialize_config_dir(version_base="1.3", config_dir=str(script.PROJECT_ROOT / "configs")):
+        cfg = compose("train", overrides=overrides)
+    if schedule == "constant":
+        assert cfg.module.scheduler is None
+        return
+    assert cfg.module.scheduler_interval == "step"
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.module.optimizer.lr)
+    scheduler = instantiate(cfg.module.scheduler)(optimizer)
+    rates = []
+    for _ in range(args.train_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.01) and rates[4] == pytest.approx(0.005)  # half way: half the rate
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)

@@ -364,7 +364,7 @@ _SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes per block: A100, H100
 
 
 def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False, config=None,
-                     dp_in_blocks: bool = False, store_ds: bool = False):
+                     dp_in_blocks: bool = False, store_ds: bool = False, channel_block: int | None = None):
     """Ahead-of-time compile of one kernel for sm_``arch`` at the paper configuration (C=256, d=64,
     k=128) with ``config`` (rows, warps, stages; default its LAUNCH_CONFIGS entry): Triton's front end,
     LLVM and ptxas, no GPU needed."""
@@ -379,7 +379,7 @@ def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False
     rows, num_warps, num_stages = config or fused.LAUNCH_CONFIGS[arch][name, "half" if value_type == "bf16"
                                                                        else "float32"]
     dp_in_blocks = dp_in_blocks or name.endswith("_no_values")
-    channel_block = {"forward": fused.FORWARD_CHANNEL_BLOCK, "values": fused.VALUES_CHANNEL_BLOCK}.get(
+    channel_block = channel_block or {"forward": fused.FORWARD_CHANNEL_BLOCK, "values": fused.VALUES_CHANNEL_BLOCK}.get(
         name, fused.DP_CHANNEL_BLOCK if dp_in_blocks else {arch: 256})[arch]
     constants = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64, BLOCK_C=channel_block, PRECISION="tf32",
                      INTERPRETED=False)
@@ -464,6 +464,23 @@ def test_timed_key_configurations_compile_within_the_gpus_resources(arch, value_
     assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
     spill = _register_spill_bytes(compiled)
     assert spill is None or spill <= 256, f"{spill} bytes of register spills per thread"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "value_type", "config"), [
+    (arch, {"float32": "fp32", "half": "bf16"}[precision], config)
+    for arch, by_precision in fused.TIMED_VALUES_CONFIGS.items() for precision, configs in by_precision.items()
+    for config in configs])
+def test_timed_values_configurations_compile_to_hopper_matrix_instructions(arch, value_type, config):
+    """The values-kernel configurations the timed backward tries (TIMED_VALUES_CONFIGS) fit the GPU's shared
+    memory, spill little, and on sm_90 use wgmma, the point of their 64-row blocks (LAUNCH_CONFIGS' 32 rows
+    compile to mma.sync)."""
+    pytest.importorskip("triton.backends.nvidia")
+    compiled = _compile_for_gpu("values", value_type, arch, config=config[:3], channel_block=config[3])
+    assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
+    spill = _register_spill_bytes(compiled)
+    assert spill is None or spill <= 128, f"{spill} bytes of register spills per thread"
+    assert arch < 90 or "wgmma.mma_async" in compiled.asm["ptx"]
 
 
 @pytest.mark.parametrize(("capability", "generation"), [((8, 0), 80), ((8, 9), 80), ((9, 0), 90), ((10, 0), 90)])

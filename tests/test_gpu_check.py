@@ -21,26 +21,27 @@ SCRIPT = PROJECT_ROOT / "scripts" / "gpu_check.sh"
 
 
 # In the order they start: the kernels' compilation; then at once the compile warm-ups, the PSNR runs and the
-# checks; then alone on the GPU the timed targets; then the information steps.
-STEPS = ("warm", "compile_bf16", "compile_32", "precision", "check", "train_step", "gla_targets", "gla_batch1_profile",
-         "gla_targets_bf16", "train_step_heuristics")
+# checks; then alone on the GPU the timed targets; then, with --information, the information steps.
+TARGET_STEPS = ("warm", "compile_bf16", "compile_32", "precision", "check", "train_step", "gla_targets")
+INFORMATION_STEPS = ("gla_batch1_profile", "gla_targets_bf16", "train_step_heuristics")
+STEPS = TARGET_STEPS + INFORMATION_STEPS
 CONCURRENT = ("compile_bf16", "compile_32", "precision", "check")
 TEXT_ONLY = ("warm", "gla_batch1_profile")  # steps that write no JSON
 
 
-def rehearse(out: Path, **variables: str) -> subprocess.CompletedProcess:
+def rehearse(out: Path, *options: str, **variables: str) -> subprocess.CompletedProcess:
     # python3 of this environment first; one OpenMP thread (a 2-core machine shared with other jobs)
     inherited = {key: value for key, value in os.environ.items() if key != "GPU_CHECK_BUDGET_S"}
     env = {**inherited, "OUT": str(out), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **variables}
-    return subprocess.run(["bash", str(SCRIPT), "--rehearse"], capture_output=True, text=True, env=env,
+    return subprocess.run(["bash", str(SCRIPT), "--rehearse", *options], capture_output=True, text=True, env=env,
                           timeout=900, check=False)
 
 
 @pytest.mark.slow
 def test_rehearsal_runs_every_step_and_fills_the_summary(tmp_path):
     out = tmp_path / "results"
-    proc = rehearse(out)
+    proc = rehearse(out, "--information")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     for step in STEPS:
         assert f"== {step} (at most " in proc.stdout and (out / f"{step}.txt").is_file(), step
@@ -78,6 +79,10 @@ def test_rehearsal_runs_every_step_and_fills_the_summary(tmp_path):
     compiled = [r for r in json.loads((out / "train_step.json").read_text()) if r["case"] == "project-compiled"]
     assert {r["precision"] for r in compiled} == {"bf16-mixed", "32-true"}
     assert all(r["cudnn_autotune"] for r in compiled)
+    duration = json.loads((out / "duration.json").read_text())
+    assert duration["device"] == "cpu" and 0 < duration["targets_s"] and duration["information_s"] >= 0, duration
+    assert rows[-1].startswith(f"| gpu_check.sh: every target measured | | | {duration['targets_s']} s from the start; "
+                               f"the information steps {duration['information_s']} s more |"), rows[-1]
 
 
 @pytest.mark.slow
@@ -85,13 +90,16 @@ def test_a_spent_budget_cuts_the_step_skips_the_rest_and_still_writes_the_summar
     """A lent machine stops the command at a hard limit: gpu_check.sh must end first, with its summary.
 
     With 40 s, the first step (the kernels' compilation) gets what the start-up left minus the 15 s kept
-    for the summary (about 20 s: it may be cut), and the later steps nothing."""
+    for the summary (about 20 s: it may be cut), and the later steps nothing. Without --information the
+    information steps do not start at all, and the summary does not count them missing."""
     out = tmp_path / "results"
     proc = rehearse(out, GPU_CHECK_BUDGET_S="40")
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
-    skipped = [step for step in STEPS if (out / f"{step}.txt").read_text().startswith("skipped: the budget of 40 s")]
-    assert skipped and skipped == list(STEPS[len(STEPS) - len(skipped):]), skipped  # the last ones
-    for step in STEPS[:len(STEPS) - len(skipped)]:
+    assert not [step for step in INFORMATION_STEPS if (out / f"{step}.txt").exists() or f"== {step}" in proc.stdout]
+    skipped = [step for step in TARGET_STEPS
+               if (out / f"{step}.txt").read_text().startswith("skipped: the budget of 40 s")]
+    assert skipped and skipped == list(TARGET_STEPS[len(TARGET_STEPS) - len(skipped):]), skipped  # the last ones
+    for step in TARGET_STEPS[:len(TARGET_STEPS) - len(skipped)]:
         limit = re.search(rf"== {step} \(at most (\d+) s\): ", proc.stdout)
         assert limit and int(limit.group(1)) <= 40 - 15, proc.stdout
         status = re.search(rf"exit status (\d+) after \d+ s \(output: \S+/{step}.txt\)", proc.stdout)
@@ -100,6 +108,7 @@ def test_a_spent_budget_cuts_the_step_skips_the_rest_and_still_writes_the_summar
     missing = [row for row in (out / "summary.md").read_text().splitlines() if row.endswith("| MISSING |")]
     assert [step for step in STEPS if any(f"({step}.json)" in row for row in missing)] == [
         step for step in skipped if step not in TEXT_ONLY], missing
+    assert json.loads((out / "duration.json").read_text())["information_s"] is None
 
 
 def _statements_in_order(body):
@@ -138,3 +147,38 @@ def test_every_check_uses_only_helpers_defined_before_it():
                 assert not late, f"{script.name}: check at line {statement.lineno} calls {late}, defined below it"
             defined.add(statement.name)
     assert checks >= 8, f"found only {checks} @check functions in main(): did the script's structure change?"
+
+
+def summarise(folder: Path) -> list[str]:
+    proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "gpu_check_summary.py"), str(folder)],
+                          capture_output=True, text=True, timeout=120, check=True)
+    return [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+
+
+@pytest.mark.parametrize(("targets_s", "information_s", "status"), [(331, None, "MET"), (361, None, "NOT MET"),
+                                                                     (300, 70, "MET")])
+def test_the_summary_judges_how_long_the_targets_took_and_asks_for_information_only_when_run(
+        tmp_path, targets_s, information_s, status):
+    """Issue 9: every target in at most 6 minutes. The information steps are not part of that, and only run with
+    --information: without it their results are not reported missing."""
+    (tmp_path / "duration.json").write_text(json.dumps(
+        {"device": "cuda", "targets_s": targets_s, "information_s": information_s}))
+    rows = summarise(tmp_path)
+    duration = [row for row in rows if row.startswith("| gpu_check.sh: every target measured |")]
+    assert len(duration) == 1 and duration[0].endswith(f"| <= 360 s | {status} |"), duration
+    assert f"| {targets_s} s from the start;" in duration[0]
+    information_missing = [row for row in rows if "gla_targets_bf16.json" in row or "train_step_heuristics.json" in row]
+    assert len(information_missing) == (0 if information_s is None else 2), information_missing
+    assert any("(gla_targets.json)" in row and row.endswith("| MISSING |") for row in rows)  # a target's file is
+
+
+def test_the_summary_reports_a_missing_duration(tmp_path):
+    rows = summarise(tmp_path)
+    assert "| gpu_check.sh: every target measured (duration.json) | | | | | <= 360 s | MISSING |" in rows
+
+
+def test_an_unknown_option_is_refused_by_name(tmp_path):
+    proc = subprocess.run(["bash", str(SCRIPT), "--informaton"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "OUT": str(tmp_path / "results")})
+    assert proc.returncode == 2 and "unknown option '--informaton'" in proc.stderr, proc.stderr
+    assert not (tmp_path / "results").exists()

@@ -126,14 +126,15 @@ def test_capture_keeps_an_earlier_choice_and_times_nothing(timing_on_the_cpu, mo
 @pytest.fixture
 def launches(monkeypatch):
     """The fused kernels launched: name, "-atomic" for the key kernel's atomic dQ, "@rows/warps/stages"
-    for a configuration other than LAUNCH_CONFIGS'."""
+    for a configuration other than LAUNCH_CONFIGS' (the values kernel's with "/C" and its channels per program)."""
     launched: list[str] = []
     original = fused._launch
 
     def recording_launch(function, name, *args, **kwargs):
         config = kwargs.get("config")
+        channels = f"/C{kwargs['channel_block']}" if config and name == "values" else ""
         launched.append(name + ("-atomic" if kwargs.get("ATOMIC_GRAD_Q") else "")
-                        + (f"@{'/'.join(map(str, config))}" if config else ""))
+                        + (f"@{'/'.join(map(str, config))}{channels}" if config else ""))
         return original(function, name, *args, **kwargs)
 
     monkeypatch.setattr(fused, "_launch", recording_launch)
@@ -142,8 +143,9 @@ def launches(monkeypatch):
 
 def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu, launches, monkeypatch):
     """float32 on generation 90 (the interpreter's): every mode, the two with dV in the key kernel also
-    with TIMED_KEY_CONFIGS' key kernels. The fake clock charges a launch 1 ms, the atomic key kernel with
-    16 rows 0.5 ms: "timed" keeps that variant, and the gradients it returns are the reference's."""
+    with TIMED_KEY_CONFIGS' key kernels, the three with the values kernel also with TIMED_VALUES_CONFIGS'.
+    The fake clock charges a launch 1 ms, the atomic key kernel with 16 rows 0.5 ms: "timed" keeps that
+    variant, and the gradients it returns are the reference's."""
     runs, costs = timing_on_the_cpu
     recording_launch = fused._launch
 
@@ -155,6 +157,7 @@ def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu,
     costs["keys-atomic@16/8/1"] = 0.5
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
     monkeypatch.setitem(fused.TIMED_KEY_CONFIGS, 90, {"float32": ((32, 8, 1), (16, 8, 1))})
+    monkeypatch.setitem(fused.TIMED_VALUES_CONFIGS, 90, {"float32": ((16, 4, 1, 8),)})
     inputs, order, inverse = random_problem(2, 2, 70, 32, 8, 12)  # 32-row chunks: the 16-row blocks differ
     outputs = fused._fused_forward(*inputs, order, inverse)
     grads = [torch.randn_like(outputs[0]), torch.randn_like(outputs[1])]
@@ -166,11 +169,43 @@ def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu,
         "two_kernels": 2.0, "atomic": 1.0, "two_kernels+values": 3.0, "atomic+values": 2.0,
         "stored_dS": 2.0, "stored_dS+values": 3.0,
         "two_kernels, keys 32/8/1": 2.0, "atomic, keys 32/8/1": 1.0,
-        "two_kernels, keys 16/8/1": 2.0, "atomic, keys 16/8/1": 0.5}}
+        "two_kernels, keys 16/8/1": 2.0, "atomic, keys 16/8/1": 0.5,
+        "two_kernels+values, values 16/4/1 C8": 3.0, "atomic+values, values 16/4/1 C8": 2.0,
+        "stored_dS+values, values 16/4/1 C8": 3.0}}
     assert launches[-1] == "keys-atomic@16/8/1", "the gradients returned are the chosen variant's"
     launches.clear()
     fused._fused_backward(*grads, *inputs, order, inverse, *outputs)
     assert launches == ["keys-atomic@16/8/1"], "the kept choice runs alone"
+    want = fused.chunk_attention_reference_backward(*[g.double() for g in grads],
+                                                    *[t.double() for t in inputs], order, inverse)
+    for name, got_grad, want_grad in zip(("queries", "keys", "learned", "values"), got, want):
+        torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_a_timed_values_configuration_runs_with_its_channel_blocks_and_is_exact(timing_on_the_cpu, launches,
+                                                                                 monkeypatch):
+    """A values-kernel configuration the timed backward picks is launched as chosen, its rows and its value
+    channels per program (8 of 12: a second, part-masked block), and the gradients are the reference's."""
+    runs, costs = timing_on_the_cpu
+    recording_launch = fused._launch
+
+    def charged_launch(*args, **kwargs):
+        recording_launch(*args, **kwargs)
+        runs.append(launches[-1])
+
+    monkeypatch.setattr(fused, "_launch", charged_launch)
+    costs.update({"values@16/4/1/C8": 0.0, "keys_no_values-atomic": 0.5})
+    monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
+    monkeypatch.setitem(fused.TIMED_KEY_CONFIGS, 90, {})
+    monkeypatch.setitem(fused.TIMED_VALUES_CONFIGS, 90, {"float32": ((16, 4, 1, 8),)})
+    inputs, order, inverse = random_problem(2, 2, 70, 32, 8, 12)
+    outputs = fused._fused_forward(*inputs, order, inverse)
+    grads = [torch.randn_like(outputs[0]), torch.randn_like(outputs[1])]
+    launches.clear()
+    got = fused._fused_backward(*grads, *inputs, order, inverse, *outputs)
+    [entry] = timed_choice.choices().values()
+    assert entry["choice"] == "atomic+values, values 16/4/1 C8", entry
+    assert launches[-2:] == ["values@16/4/1/C8", "keys_no_values-atomic"]
     want = fused.chunk_attention_reference_backward(*[g.double() for g in grads],
                                                     *[t.double() for t in inputs], order, inverse)
     for name, got_grad, want_grad in zip(("queries", "keys", "learned", "values"), got, want):
@@ -182,11 +217,15 @@ def test_backward_variants_follow_the_precision_and_generation():
     assert list(fused.backward_variants(gpu, torch.bfloat16)) == [
         "two_kernels", "atomic", "two_kernels+values", "atomic+values", "stored_dS", "stored_dS+values"]
     float32 = fused.backward_variants(gpu, torch.float32)
-    alternatives = fused.TIMED_KEY_CONFIGS[90]["float32"]
-    assert len(float32) == 6 + 2 * len(alternatives) and list(float32)[:6] == list(fused.BACKWARD_MODES)
-    assert {config for _, config in float32.values()} == {None, *alternatives}
-    # the alternative configurations are the "keys" kernel's: not for the modes that run another key kernel
-    assert {mode for mode, config in float32.values() if config} == {"two_kernels", "atomic"}
+    keys, values = fused.TIMED_KEY_CONFIGS[90]["float32"], fused.TIMED_VALUES_CONFIGS[90]["float32"]
+    assert len(float32) == 6 + 2 * len(keys) + 3 * len(values) and list(float32)[:6] == list(fused.BACKWARD_MODES)
+    assert [configs for _, configs in float32.values()] == [{}] * 6 + [{"keys": c} for c in keys for _ in "12"] + [
+        {"values": c} for c in values for _ in "123"]
+    # the key configurations are the "keys" kernel's: not for the modes that run another key kernel; the values
+    # configurations are for the modes that run the values kernel
+    assert {mode for mode, configs in float32.values() if "keys" in configs} == {"two_kernels", "atomic"}
+    assert {mode for mode, configs in float32.values() if "values" in configs} == {
+        "two_kernels+values", "atomic+values", "stored_dS+values"}
 
 
 def test_backward_without_timing_runs_the_two_kernels(launches, monkeypatch):
@@ -202,10 +241,13 @@ def test_backward_without_timing_runs_the_two_kernels(launches, monkeypatch):
 def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches, monkeypatch):
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
     monkeypatch.setitem(fused.TIMED_KEY_CONFIGS, 90, {"float32": ((16, 8, 1),)})
+    monkeypatch.setitem(fused.TIMED_VALUES_CONFIGS, 90, {"float32": ((16, 4, 1, 8),)})
     fused.self_check(CPU)
     assert launches == ["forward", "queries", "keys", "keys-atomic", "queries", "values", "keys_no_values",
                         "values", "keys_no_values-atomic", "queries", "keys_from_dS", "queries", "values",
-                        "keys_from_dS_no_values", "queries", "keys@16/8/1", "keys-atomic@16/8/1"]
+                        "keys_from_dS_no_values", "queries", "keys@16/8/1", "keys-atomic@16/8/1",
+                        "queries", "values@16/4/1/C8", "keys_no_values", "values@16/4/1/C8", "keys_no_values-atomic",
+                        "queries", "values@16/4/1/C8", "keys_from_dS_no_values"]
     launches.clear()
     fused.self_check(CPU, torch.bfloat16)  # no alternative configurations in half precision
     assert launches == ["forward", "queries", "keys", "queries", "keys-atomic", "queries", "values",

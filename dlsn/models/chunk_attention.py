@@ -49,7 +49,7 @@ accumulates ``dV_j = sum_i P_ij dy_i`` (recomputing ``P`` once more); the key ke
 again, the largest of its products; it then needs no values, and with the values kernel computing dV
 it only sums ``dS^T q`` and ``dS``. By default (``"timed"``)
 the training steps time every way on first use (where no GPU sweep settled it, also a few launch
-configurations of the key kernel: ``TIMED_KEY_CONFIGS``) and keep the fastest
+configurations of the key and values kernels: ``TIMED_KEY_CONFIGS``, ``TIMED_VALUES_CONFIGS``) and keep the fastest
 (:mod:`dlsn.models.timed_choice`); elsewhere the two kernels run.
 
 Everything accumulates in float32; inputs may be float32, bfloat16 or float16 (query and key of
@@ -704,6 +704,14 @@ BACKWARD_MODE_CHOICES = (*BACKWARD_MODES, "timed")
 # timing LAUNCH_CONFIGS' (32, 4, 1) (whole backward 3.4 ms per layer); compiled for sm_90 (Triton 3.9,
 # cuobjdump) it spills 984 bytes per thread, (32, 8, 1) 128 and (16, 8, 1) 8.
 TIMED_KEY_CONFIGS = {90: {"float32": ((32, 8, 1), (16, 8, 1))}, 80: {}}
+# Values-kernel launch configurations (rows, warps, stages, value channels per program) that the "timed" backward
+# also tries for the "+values" modes. sm_90, float32: LAUNCH_CONFIGS' 32 rows run Ampere-style mma.sync dot
+# products, and the values kernel took 3.3 of the 20.1 ms of kernels of the batch-16 96x96 GLA forward+backward on
+# the H200 (2026-11-28), the largest. 64-row blocks use Hopper's wgmma (Triton 3.9 for sm_90, cuobjdump: 64 rows,
+# 8 warps, 64 channels: no spills; 64/4/1 with 128 channels: 104 bytes per thread; all 256 channels spill 0.7 KB
+# and more), and each key block re-reads its queries' incoming gradient rows half as often; narrower channel blocks
+# recompute P once more per block (64 multiply-adds per query-key pair, against dV's 256 in all).
+TIMED_VALUES_CONFIGS = {90: {"float32": ((64, 8, 1, 64), (64, 4, 1, 128))}, 80: {}}
 _working_rows: dict[tuple, int] = {}
 
 
@@ -728,7 +736,7 @@ def _launch(kernel_function, name: str, grid_of_rows, tensors, sizes, *, channel
     generation = _generation(device)
     config = config or LAUNCH_CONFIGS[generation][name, _precision_class(sizes["value_dtype"])]
     rows, num_warps, num_stages = config
-    key = (name, generation, config, sizes["value_dtype"], sizes["precision"], chunk, qk_dim, v_dim,
+    key = (name, generation, config, channel_block, sizes["value_dtype"], sizes["precision"], chunk, qk_dim, v_dim,
            tuple(sorted(constants.items())))
     rows = _working_rows.get(key, min(rows, _power_of_two(chunk)))
     while True:
@@ -809,22 +817,29 @@ def _fused_forward(queries, keys, learned_score, values, order, inverse):
     return attended, confidence
 
 
-def backward_variants(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[str, tuple | None]]:
-    """The ways the "timed" backward chooses from, by name: (mode, key-kernel launch configuration, where
-    ``None`` is ``LAUNCH_CONFIGS``'), the first the default. ``TIMED_KEY_CONFIGS`` apply to the modes
-    whose key kernel is ``"keys"`` (dV in it, dP recomputed)."""
-    alternatives = TIMED_KEY_CONFIGS[_generation(device)].get(_precision_class(dtype), ())
-    variants = {mode: (mode, None) for mode in BACKWARD_MODES}
-    variants.update({f"{mode}, keys {'/'.join(map(str, config))}": (mode, config)
-                     for config in alternatives for mode in BACKWARD_MODES if _key_kernel_name(mode) == "keys"})
+def backward_variants(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[str, dict[str, tuple]]]:
+    """The ways the "timed" backward chooses from, by name: (mode, launch configurations other than
+    ``LAUNCH_CONFIGS``' by kernel: ``{"keys": (rows, warps, stages)}`` or ``{"values": (rows, warps, stages,
+    channels)}``), the first the default. ``TIMED_KEY_CONFIGS`` apply to the modes whose key kernel is
+    ``"keys"`` (dV in it, dP recomputed), ``TIMED_VALUES_CONFIGS`` to those with the values kernel."""
+    generation, precision = _generation(device), _precision_class(dtype)
+    variants = {mode: (mode, {}) for mode in BACKWARD_MODES}
+    for config in TIMED_KEY_CONFIGS[generation].get(precision, ()):
+        variants.update({f"{mode}, keys {'/'.join(map(str, config))}": (mode, {"keys": config})
+                         for mode in BACKWARD_MODES if _key_kernel_name(mode) == "keys"})
+    for config in TIMED_VALUES_CONFIGS[generation].get(precision, ()):
+        rows_warps_stages, channels = "/".join(map(str, config[:3])), config[3]
+        variants.update({f"{mode}, values {rows_warps_stages} C{channels}": (mode, {"values": config})
+                         for mode in BACKWARD_MODES if mode.endswith("+values")})
     return variants
 
 
 def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
-                    attended, confidence, mode: str | None = None, keys_config: tuple | None = None):
+                    attended, confidence, mode: str | None = None, configs: dict[str, tuple] | None = None):
     """Gradients of queries, keys, learned score and values; ``mode`` one of ``BACKWARD_MODE_CHOICES``
-    (default: the device's ``BACKWARD_MODE``), ``keys_config`` the key kernel's launch configuration
-    (default: ``LAUNCH_CONFIGS``'). "timed" picks both (:func:`backward_variants`)."""
+    (default: the device's ``BACKWARD_MODE``), ``configs`` launch configurations other than
+    ``LAUNCH_CONFIGS``' for the ``"keys"`` kernel (rows, warps, stages) and the ``"values"`` kernel (also
+    its value channels per program). "timed" picks both (:func:`backward_variants`)."""
     arguments = (grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
                  attended, confidence)
     queries, keys, learned_score, values = map(_unit_column_stride, (queries, keys, learned_score, values))
@@ -835,10 +850,10 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
         key = ("fused attention backward", values.device, values.dtype, sizes["precision"], tuple(order.shape),
                sizes["qk_dim"], sizes["v_dim"], sizes["chunk"])
         variants = backward_variants(values.device, values.dtype)
-        mode, keys_config = variants[timed_choice.fastest(
+        mode, configs = variants[timed_choice.fastest(
             key, lambda: {name: functools.partial(_fused_backward, *arguments, mode=variant_mode,
-                                                  keys_config=variant_config)
-                          for name, (variant_mode, variant_config) in variants.items()},
+                                                  configs=variant_configs)
+                          for name, (variant_mode, variant_configs) in variants.items()},
             device=values.device, default=next(iter(variants)))]
     batch, rounds, padded = order.shape
     n_chunks, chunk, qk_dim, v_dim = sizes["n_chunks"], sizes["chunk"], sizes["qk_dim"], sizes["v_dim"]
@@ -875,6 +890,11 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
 
     inputs = (queries, keys, values, learned_score, order32, grad_attended, confidence, delta)
     generation = _generation(values.device)
+    configs = configs or {}
+    # The values kernel's (rows, warps, stages) and value channels per program: LAUNCH_CONFIGS' and
+    # VALUES_CHANNEL_BLOCK's unless a timed variant says otherwise.
+    values_launch, values_channels = ((configs["values"][:3], configs["values"][3]) if "values" in configs
+                                      else (None, VALUES_CHANNEL_BLOCK[generation]))
     # The "+values" modes' query and key kernels sum dP over blocks of channels; the others hold all.
     dp_channel_block = min(DP_CHANNEL_BLOCK[generation], _power_of_two(v_dim)) if values_kernel else None
     with _on_device(values.device):  # queries first: with exact_delta it completes delta
@@ -884,10 +904,11 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
                     DP_IN_BLOCKS=values_kernel, STORE_DS=stored)
         if values_kernel:
             _launch(_backward_values_kernel, "values", grid_by_channels, (*inputs, grad["values"]), sizes,
-                    channel_block=min(VALUES_CHANNEL_BLOCK[generation], _power_of_two(v_dim)))
+                    channel_block=min(values_channels, _power_of_two(v_dim)), config=values_launch)
         _launch(_backward_keys_kernel, _key_kernel_name(mode), grid,
                 (*inputs, grad["keys"], grad["values"], grad["learned"], grad["queries"], grad_scores), sizes,
-                channel_block=dp_channel_block, config=keys_config, ATOMIC_GRAD_Q=atomic, WITH_GRAD_V=not values_kernel,
+                channel_block=dp_channel_block, config=configs.get("keys"), ATOMIC_GRAD_Q=atomic,
+                WITH_GRAD_V=not values_kernel,
                 LOAD_DS=stored)
 
     length = sizes["length"]
@@ -975,10 +996,10 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.float32) -> None
     compare(("attended", "confidence"), fused, expected, dtype)
     configured = _backward_mode(device)
     variants = (backward_variants(device, dtype) if configured == "timed"  # every way the backward may run
-                else {configured: (configured, None)})
-    for name, (mode, keys_config) in variants.items():
+                else {configured: (configured, {})})
+    for name, (mode, configs) in variants.items():
         fused_grads = _fused_backward(grad_attended, grad_confidence, *inputs, order, inverse, *fused, mode=mode,
-                                      keys_config=keys_config)
+                                      configs=configs)
         compare(("grad queries", "grad keys", "grad learned score", "grad values"), fused_grads, expected_grads,
                 f"{dtype}, backward {name}")
 

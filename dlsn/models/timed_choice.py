@@ -5,7 +5,7 @@ rounding, but whose speed depends on the GPU, its libraries and the sizes:
 
 * the fused attention's backward (``BACKWARD_MODE`` in :mod:`dlsn.models.chunk_attention`): dQ from
   its own kernel, or added by the key kernel with atomic additions (about 30% fewer multiply-adds,
-  but contended atomics); in float32, each with a few launch configurations of the key kernel;
+  but contended atomics); in float32, each with a few launch configurations of the key or values kernel;
 * the match embedding's float32 convolution (``FLOAT32_CONV_METHOD`` in
   :mod:`dlsn.models.float32_ops`): cuDNN without TF32, or TF32 tensor-core products of split operands.
 
