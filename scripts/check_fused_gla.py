@@ -124,7 +124,7 @@ def backward_variant(device: torch.device, dtype: torch.dtype, name: str):
     configs = chunk_attention.LAUNCH_CONFIGS[generation]
     saved_configs = dict(configs)
     chunk_attention.BACKWARD_MODE.update(dict.fromkeys(saved_modes, mode))
-    precision = "float32" if dtype == torch.float32 else "half"
+    precision = chunk_attention._precision_class(dtype)
     if "keys" in variant_configs:
         configs["keys", precision] = variant_configs["keys"]
     if "values" in variant_configs:

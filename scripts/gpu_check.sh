@@ -224,7 +224,7 @@ duration null
 
 # Information (--information). Why the batch-1 GLA rows are slow (host time, kernel launches, profiler tables), and the fused
 # kernel's backward as each variant the training steps' timed choice tries (dQ by two kernels or atomic
-# additions; key kernel configurations).
+# additions; key and values kernel configurations).
 step gla_batch1_profile python3 scripts/profile_train_step.py --sections gla_batch1 backward_modes "${toy_profile[@]}"
 # The model-level rows under bf16 autocast (no kernel tables, the float32 ones above suffice).
 step gla_targets_bf16 python3 scripts/benchmark_gla.py --device $device --targets "${published[@]}" --repeats 10 \

@@ -285,11 +285,12 @@ def main(folder: Path) -> None:
     information = duration is None or duration.get("information_s") is not None
     train_step = load(folder, "train_step.json")
     rows += train_step_rows(train_step, {precision: load(folder, name) for precision, name in COLD_COMPILE_FILES.items()})
-    rows += target_rows(load(folder, "gla_targets.json"), "gla_targets.json", judging=True)
+    gla_targets = load(folder, "gla_targets.json")
+    rows += target_rows(gla_targets, "gla_targets.json", judging=True)
     if information:
         rows += target_rows(load(folder, "gla_targets_bf16.json"), "gla_targets_bf16.json", judging=False)
         rows += autotune_rows(train_step, load(folder, "train_step_heuristics.json"))
-    rows += timed_choice_rows(train_step, (load(folder, "gla_targets.json") or {}).get("cases"))
+    rows += timed_choice_rows(train_step, (gla_targets or {}).get("cases"))
 
     precision = load(folder, "precision.json")
     for name, numbers in (precision or {}).get("throughput", {}).items():
@@ -304,7 +305,7 @@ def main(folder: Path) -> None:
     rows += duration_rows(duration)
     if any(row.endswith("| REHEARSAL |") for row in rows):
         rows.insert(0, "Rehearsal: numbers from the CPU at toy sizes check the plumbing and judge no target.\n")
-    rows += kernel_lines(load(folder, "gla_targets.json"))
+    rows += kernel_lines(gla_targets)
     print("\n".join(rows))
 
 
