@@ -116,7 +116,7 @@ def outputs_and_gradients(layer, x, rotations, bf16=False):
 @contextlib.contextmanager
 def backward_variant(device: torch.device, dtype: torch.dtype, name: str):
     """The fused backward as the variant ``name`` of ``chunk_attention.backward_variants`` (its mode, and
-    its key or values kernel's launch configuration for ``dtype``), restored after."""
+    its key, query or values kernel's launch configurations for ``dtype``), restored after."""
     mode, variant_configs = chunk_attention.backward_variants(device, dtype)[name]
     generation = chunk_attention._generation(device)
     saved_modes = dict(chunk_attention.BACKWARD_MODE)
@@ -125,8 +125,9 @@ def backward_variant(device: torch.device, dtype: torch.dtype, name: str):
     saved_configs = dict(configs)
     chunk_attention.BACKWARD_MODE.update(dict.fromkeys(saved_modes, mode))
     precision = chunk_attention._precision_class(dtype)
-    if "keys" in variant_configs:
-        configs["keys", precision] = variant_configs["keys"]
+    for kernel in ("keys", "queries"):
+        if kernel in variant_configs:
+            configs[kernel, precision] = variant_configs[kernel]
     if "values" in variant_configs:
         configs["values", precision] = variant_configs["values"][:3]
         chunk_attention.VALUES_CHANNEL_BLOCK[generation] = variant_configs["values"][3]

@@ -28,7 +28,10 @@ Sections (``--sections``), each printed as soon as it is done:
   median milliseconds, best first; ``--json`` writes them.
   ``--dtypes`` and ``--kernels`` narrow the sweep, e.g. to the float32 key kernel, the largest share of
   the float32 step's attention whose configurations a cut-short sweep never reached:
-  ``--sections tune --dtypes float32 --kernels keys``.
+  ``--sections tune --dtypes float32 --kernels keys``; or to the kernels of the backward the timed choice
+  picked at batch 16, at gpu_check's 96x96 row, each with 64, 128 and 256 value channels per program where
+  it holds them: ``--sections tune --dtypes float32 --patch 96 --backward-modes stored_dS+values --kernels
+  queries values keys_from_dS_no_values --channel-blocks 64 128 256 --rows-options 32 64``.
   The numbers feed ``LAUNCH_CONFIGS`` and ``BACKWARD_MODE`` (the GPU's generation) in
   ``dlsn/models/chunk_attention.py``.
 """
@@ -246,17 +249,21 @@ def section_tune(args, device) -> list[dict]:
         generation = fused._generation(device)
         configs = fused.LAUNCH_CONFIGS[generation]
         original = dict(configs)
-        original_channel_block = fused.FORWARD_CHANNEL_BLOCK[generation]
+        # Value channels per program of the kernels that hold a [rows, C] accumulator (--channel-blocks).
+        channel_block_tables = {"forward": fused.FORWARD_CHANNEL_BLOCK, "values": fused.VALUES_CHANNEL_BLOCK}
+        original_channel_blocks = {name: table[generation] for name, table in channel_block_tables.items()}
+        original_channel_block = original_channel_blocks["forward"]
         original_mode = fused.BACKWARD_MODE[generation]
         defaults = ", ".join(f"{kernel} {'/'.join(map(str, original[kernel, precision_class]))}" for kernel in KERNELS)
         print(f"\n## fused kernel launch configurations (LAUNCH_CONFIGS[{generation}]), {dtype}, batch {args.batch}, "
               f"L={args.patch ** 2}, C={args.channels}, k={args.chunk} (defaults: {defaults}; forward channel block "
-              f"{original_channel_block}, backward {original_mode})", flush=True)
+              f"{original_channel_block}, values {original_channel_blocks['values']}, backward {original_mode})",
+              flush=True)
         sweeps = [("forward", None)] + [(name, mode) for mode in args.backward_modes
                                          for name in backward_kernels(mode, dtype)]
         sweeps = [(name, mode) for name, mode in sweeps if name in args.kernels]
         for name, mode in sweeps:
-            channel_blocks = args.channel_blocks if name == "forward" else [None]
+            channel_blocks = args.channel_blocks if name in channel_block_tables else [None]
             if mode:
                 fused.BACKWARD_MODE[generation] = mode
             timings = []
@@ -267,7 +274,7 @@ def section_tune(args, device) -> list[dict]:
                     break
                 configs[name, precision_class] = (rows, warps, stages)
                 if channel_block:
-                    fused.FORWARD_CHANNEL_BLOCK[generation] = channel_block
+                    channel_block_tables[name][generation] = channel_block
                 fused._working_rows.clear()
                 if name == "forward":
                     def run():
@@ -286,7 +293,8 @@ def section_tune(args, device) -> list[dict]:
                 timings.append(label)
                 results.append(label)
                 configs.update(original)
-                fused.FORWARD_CHANNEL_BLOCK[generation] = original_channel_block
+                for table_name, table in channel_block_tables.items():
+                    table[generation] = original_channel_blocks[table_name]
             fused.BACKWARD_MODE[generation] = original_mode
             timings.sort(key=lambda r: float("inf") if r["ms"] is None else r["ms"])
             what = "forward" if name == "forward" else f"backward ({mode}, {name} varied)"
@@ -312,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-options", type=int, nargs="+", default=[32, 64, 16])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--channel-blocks", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--channel-blocks", type=int, nargs="+", default=None,
+                        help="value channels per program swept for the forward and values kernels (default 128 "
+                             "256; --small: 16)")
+    parser.add_argument("--patch", type=int, default=None,
+                        help="LR patch side of the step, gla and tune sections (default 48, the training size; "
+                             "96: the batch-16 96x96 GLA row of gpu_check)")
     parser.add_argument("--backward-modes", nargs="+", choices=fused.BACKWARD_MODES, default=list(fused.BACKWARD_MODES),
                         help="ways of computing dQ and dV to sweep (dlsn/models/chunk_attention.py BACKWARD_MODE)")
     parser.add_argument("--dtypes", nargs="+", choices=["bf16", "float32"], default=["bf16", "float32"],
@@ -330,10 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_float32_matmul_precision("high")  # as train.py's paper recipes: TF32 matrix products
     if args.small:
         args.__dict__.update(channels=16, chunk=8, groups=1, blocks=1, batch=2, patch=6, batch1_sizes=[6], warmup=1, repeats=2,
-                             profile_steps=1, rows_options=[8, 16], warps=[4], stages=[1], channel_blocks=[16],
-                             tune_repeats=1)
+                             profile_steps=1, rows_options=[8, 16], warps=[4], stages=[1],
+                             channel_blocks=args.channel_blocks or [16], tune_repeats=1)
     else:
-        args.__dict__.update(channels=256, chunk=128, groups=10, blocks=4, batch=16, patch=48, batch1_sizes=[48, 96])
+        args.__dict__.update(channels=256, chunk=128, groups=10, blocks=4, batch=16, patch=args.patch or 48,
+                             batch1_sizes=[48, 96], channel_blocks=args.channel_blocks or [128, 256])
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
     results = []

@@ -471,16 +471,32 @@ def test_timed_key_configurations_compile_within_the_gpus_resources(arch, value_
     (arch, {"float32": "fp32", "half": "bf16"}[precision], config)
     for arch, by_precision in fused.TIMED_VALUES_CONFIGS.items() for precision, configs in by_precision.items()
     for config in configs])
-def test_timed_values_configurations_compile_to_hopper_matrix_instructions(arch, value_type, config):
+def test_timed_values_configurations_compile_within_the_gpus_resources(arch, value_type, config):
     """The values-kernel configurations the timed backward tries (TIMED_VALUES_CONFIGS) fit the GPU's shared
-    memory, spill little, and on sm_90 use wgmma, the point of their 64-row blocks (LAUNCH_CONFIGS' 32 rows
-    compile to mma.sync)."""
+    memory, spill little, and on sm_90 the 64-row ones use wgmma, the point of them (32 rows compile to
+    mma.sync)."""
     pytest.importorskip("triton.backends.nvidia")
     compiled = _compile_for_gpu("values", value_type, arch, config=config[:3], channel_block=config[3])
     assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
     spill = _register_spill_bytes(compiled)
     assert spill is None or spill <= 128, f"{spill} bytes of register spills per thread"
-    assert arch < 90 or "wgmma.mma_async" in compiled.asm["ptx"]
+    if arch >= 90:
+        assert ("wgmma.mma_async" in compiled.asm["ptx"]) == (config[0] >= 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("arch", "value_type", "config"), [
+    (arch, {"float32": "fp32", "half": "bf16"}[precision], config)
+    for arch, by_precision in fused.TIMED_QUERIES_CONFIGS.items() for precision, configs in by_precision.items()
+    for config in configs])
+def test_timed_query_configurations_compile_without_spills(arch, value_type, config):
+    """The query-kernel configurations the timed backward tries with TIMED_CONFIGS_MODE (dP over blocks of
+    channels, dS stored) fit the GPU's shared memory and spill nothing, unlike LAUNCH_CONFIGS' (64, 4, 1)."""
+    pytest.importorskip("triton.backends.nvidia")
+    assert fused.TIMED_CONFIGS_MODE == "stored_dS+values"
+    compiled = _compile_for_gpu("queries", value_type, arch, config=config, dp_in_blocks=True, store_ds=True)
+    assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
+    assert _register_spill_bytes(compiled) in (None, 0)
 
 
 @pytest.mark.parametrize(("capability", "generation"), [((8, 0), 80), ((8, 9), 80), ((9, 0), 90), ((10, 0), 90)])
@@ -712,25 +728,44 @@ def test_mix_rounds_failure_surfaces_or_falls_back(monkeypatch, fresh_fallback_s
     torch.testing.assert_close(weights.grad, attended.detach().sum(-1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 3, 37, 20), (1, 2, 5, 300), (1, 1, 16, 256)],
+                         ids=["partial row block", "two channel blocks", "one block"])
+def test_the_float32_backwards_delta_is_each_rows_dot_product_less_the_log_sum_exps_gradient(shape, device):
+    """``_delta`` (one kernel): ``dy . y - dlse`` per row, what the float32 backward's softmax term needs, for
+    rows that fill no whole block, channels over two blocks (the second part-masked) and a strided ``dlse``."""
+    generator = torch.Generator().manual_seed(0)
+    grad_attended, attended = (torch.randn(*shape, generator=generator).to(device) for _ in range(2))
+    grad_confidence = torch.randn(*shape[:2], 2 * shape[2], generator=generator).to(device)[..., ::2]
+    delta = fused._delta(grad_attended, attended, grad_confidence)
+    expected = (grad_attended.double() * attended.double()).sum(-1) - grad_confidence.double()
+    assert delta.shape == shape[:3] and delta.dtype == torch.float32
+    torch.testing.assert_close(delta.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("name", ["forward", "backward"])
+@pytest.mark.parametrize("name", ["forward", "backward", "delta"])
 def test_mix_rounds_kernels_compile_for_gpus(name, arch):
-    """Both mixing kernels at the paper layer's C=256 (the backward holds all channels) for sm_80 and sm_90."""
+    """Both mixing kernels at the paper layer's C=256 (the backward holds all channels), and the float32
+    backward's delta kernel, for sm_80 and sm_90: no spills."""
     pytest.importorskip("triton.backends.nvidia")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    function = {"forward": fused._mix_rounds_kernel, "backward": fused._mix_rounds_backward_kernel}[name]
+    function = {"forward": fused._mix_rounds_kernel, "backward": fused._mix_rounds_backward_kernel,
+                "delta": fused._delta_kernel}[name]
     kernel = fused._kernel(function, False)
-    constants = dict(BLOCK_L=fused.MIX_BLOCK_POSITIONS, BLOCK_C=256)
+    constants = (dict(BLOCK_R=fused.DELTA_BLOCK_ROWS, BLOCK_C=fused.DELTA_BLOCK_CHANNELS) if name == "delta"
+                 else dict(BLOCK_L=fused.MIX_BLOCK_POSITIONS, BLOCK_C=256))
     pointers = [argument for argument in kernel.arg_names if argument.isupper() and argument not in constants]
     signature = {argument: "constexpr" if argument in constants else "*fp32" if argument in pointers else "i32"
                  for argument in kernel.arg_names}
     attributes = {(index,): [["tt.divisibility", 16]] for index, argument in enumerate(kernel.arg_names)
                   if argument in pointers}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes)
-    compiled = triton_compile(source, GPUTarget("cuda", arch, 32), fused.MIX_WARPS, 1)
+    compiled = triton_compile(source, GPUTarget("cuda", arch, 32),
+                              fused.DELTA_WARPS if name == "delta" else fused.MIX_WARPS, 1)
     assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
     spill = _register_spill_bytes(compiled)
     assert spill is None or spill == 0, f"{spill} bytes of register spills per thread"

@@ -143,9 +143,9 @@ def launches(monkeypatch):
 
 def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu, launches, monkeypatch):
     """float32 on generation 90 (the interpreter's): every mode, the two with dV in the key kernel also
-    with TIMED_KEY_CONFIGS' key kernels, the three with the values kernel also with TIMED_VALUES_CONFIGS'.
-    The fake clock charges a launch 1 ms, the atomic key kernel with 16 rows 0.5 ms: "timed" keeps that
-    variant, and the gradients it returns are the reference's."""
+    with TIMED_KEY_CONFIGS' key kernels, TIMED_CONFIGS_MODE also with each pair of TIMED_QUERIES_CONFIGS' and
+    TIMED_VALUES_CONFIGS'. The fake clock charges a launch 1 ms, the atomic key kernel with 16 rows 0.5 ms:
+    "timed" keeps that variant, and the gradients it returns are the reference's."""
     runs, costs = timing_on_the_cpu
     recording_launch = fused._launch
 
@@ -158,6 +158,7 @@ def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu,
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
     monkeypatch.setitem(fused.TIMED_KEY_CONFIGS, 90, {"float32": ((32, 8, 1), (16, 8, 1))})
     monkeypatch.setitem(fused.TIMED_VALUES_CONFIGS, 90, {"float32": ((16, 4, 1, 8),)})
+    monkeypatch.setitem(fused.TIMED_QUERIES_CONFIGS, 90, {"float32": ((16, 8, 1),)})
     inputs, order, inverse = random_problem(2, 2, 70, 32, 8, 12)  # 32-row chunks: the 16-row blocks differ
     outputs = fused._fused_forward(*inputs, order, inverse)
     grads = [torch.randn_like(outputs[0]), torch.randn_like(outputs[1])]
@@ -170,8 +171,8 @@ def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu,
         "stored_dS": 2.0, "stored_dS+values": 3.0,
         "two_kernels, keys 32/8/1": 2.0, "atomic, keys 32/8/1": 1.0,
         "two_kernels, keys 16/8/1": 2.0, "atomic, keys 16/8/1": 0.5,
-        "two_kernels+values, values 16/4/1 C8": 3.0, "atomic+values, values 16/4/1 C8": 2.0,
-        "stored_dS+values, values 16/4/1 C8": 3.0}}
+        "stored_dS+values, values 16/4/1 C8": 3.0, "stored_dS+values, queries 16/8/1": 3.0,
+        "stored_dS+values, queries 16/8/1, values 16/4/1 C8": 3.0}}
     assert launches[-1] == "keys-atomic@16/8/1", "the gradients returned are the chosen variant's"
     launches.clear()
     fused._fused_backward(*grads, *inputs, order, inverse, *outputs)
@@ -182,10 +183,12 @@ def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu,
         torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_a_timed_values_configuration_runs_with_its_channel_blocks_and_is_exact(timing_on_the_cpu, launches,
-                                                                                 monkeypatch):
-    """A values-kernel configuration the timed backward picks is launched as chosen, its rows and its value
-    channels per program (8 of 12: a second, part-masked block), and the gradients are the reference's."""
+def test_timed_values_and_query_configurations_run_as_chosen_and_are_exact(timing_on_the_cpu, launches,
+                                                                          monkeypatch):
+    """A values-kernel and a query-kernel configuration the timed backward picks together are launched as
+    chosen: their rows, the values kernel's channels per program (8 of 12: a second, part-masked block), and
+    the query kernel's 16-row blocks of 32-row chunks, storing dS for the key kernel; the gradients are the
+    reference's."""
     runs, costs = timing_on_the_cpu
     recording_launch = fused._launch
 
@@ -194,18 +197,21 @@ def test_a_timed_values_configuration_runs_with_its_channel_blocks_and_is_exact(
         runs.append(launches[-1])
 
     monkeypatch.setattr(fused, "_launch", charged_launch)
-    costs.update({"values@16/4/1/C8": 0.0, "keys_no_values-atomic": 0.5})
+    # stored_dS+values with both: 0.5 + 0 + 1; with either alone 2.5 or 2; every other variant 2 or more
+    costs.update({"values@16/4/1/C8": 0.0, "queries@16/8/1": 0.5, "keys-atomic": 2.0})
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
     monkeypatch.setitem(fused.TIMED_KEY_CONFIGS, 90, {})
     monkeypatch.setitem(fused.TIMED_VALUES_CONFIGS, 90, {"float32": ((16, 4, 1, 8),)})
+    monkeypatch.setitem(fused.TIMED_QUERIES_CONFIGS, 90, {"float32": ((16, 8, 1),)})
     inputs, order, inverse = random_problem(2, 2, 70, 32, 8, 12)
     outputs = fused._fused_forward(*inputs, order, inverse)
     grads = [torch.randn_like(outputs[0]), torch.randn_like(outputs[1])]
     launches.clear()
     got = fused._fused_backward(*grads, *inputs, order, inverse, *outputs)
     [entry] = timed_choice.choices().values()
-    assert entry["choice"] == "atomic+values, values 16/4/1 C8", entry
-    assert launches[-2:] == ["values@16/4/1/C8", "keys_no_values-atomic"]
+    assert entry["choice"] == "stored_dS+values, queries 16/8/1, values 16/4/1 C8", entry
+    assert entry["ms"]["stored_dS+values, queries 16/8/1, values 16/4/1 C8"] == 1.5
+    assert launches[-3:] == ["queries@16/8/1", "values@16/4/1/C8", "keys_from_dS_no_values"]
     want = fused.chunk_attention_reference_backward(*[g.double() for g in grads],
                                                     *[t.double() for t in inputs], order, inverse)
     for name, got_grad, want_grad in zip(("queries", "keys", "learned", "values"), got, want):
@@ -218,14 +224,19 @@ def test_backward_variants_follow_the_precision_and_generation():
         "two_kernels", "atomic", "two_kernels+values", "atomic+values", "stored_dS", "stored_dS+values"]
     float32 = fused.backward_variants(gpu, torch.float32)
     keys, values = fused.TIMED_KEY_CONFIGS[90]["float32"], fused.TIMED_VALUES_CONFIGS[90]["float32"]
-    assert len(float32) == 6 + 2 * len(keys) + 3 * len(values) and list(float32)[:6] == list(fused.BACKWARD_MODES)
-    assert [configs for _, configs in float32.values()] == [{}] * 6 + [{"keys": c} for c in keys for _ in "12"] + [
-        {"values": c} for c in values for _ in "123"]
+    queries = fused.TIMED_QUERIES_CONFIGS[90]["float32"]
+    pairs = (len(queries) + 1) * (len(values) + 1) - 1  # either may stay LAUNCH_CONFIGS', not both
+    assert len(float32) == 6 + 2 * len(keys) + pairs and list(float32)[:6] == list(fused.BACKWARD_MODES)
+    assert [configs for _, configs in float32.values()][:6 + 2 * len(keys)] == [{}] * 6 + [
+        {"keys": c} for c in keys for _ in "12"]
+    paired = [configs for _, configs in float32.values()][6 + 2 * len(keys):]
+    assert {(c.get("queries"), c.get("values")) for c in paired} == {
+        (q, v) for q in (None, *queries) for v in (None, *values)} - {(None, None)}
     # the key configurations are the "keys" kernel's: not for the modes that run another key kernel; the values
-    # configurations are for the modes that run the values kernel
+    # and query configurations are tried with the mode that was fastest at batch 16
     assert {mode for mode, configs in float32.values() if "keys" in configs} == {"two_kernels", "atomic"}
-    assert {mode for mode, configs in float32.values() if "values" in configs} == {
-        "two_kernels+values", "atomic+values", "stored_dS+values"}
+    assert {mode for mode, configs in float32.values() if {"values", "queries"} & set(configs)} == {
+        fused.TIMED_CONFIGS_MODE} == {"stored_dS+values"}
 
 
 def test_backward_without_timing_runs_the_two_kernels(launches, monkeypatch):
@@ -242,12 +253,14 @@ def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
     monkeypatch.setitem(fused.TIMED_KEY_CONFIGS, 90, {"float32": ((16, 8, 1),)})
     monkeypatch.setitem(fused.TIMED_VALUES_CONFIGS, 90, {"float32": ((16, 4, 1, 8),)})
+    monkeypatch.setitem(fused.TIMED_QUERIES_CONFIGS, 90, {"float32": ((16, 8, 1),)})
     fused.self_check(CPU)
     assert launches == ["forward", "queries", "keys", "keys-atomic", "queries", "values", "keys_no_values",
                         "values", "keys_no_values-atomic", "queries", "keys_from_dS", "queries", "values",
                         "keys_from_dS_no_values", "queries", "keys@16/8/1", "keys-atomic@16/8/1",
-                        "queries", "values@16/4/1/C8", "keys_no_values", "values@16/4/1/C8", "keys_no_values-atomic",
-                        "queries", "values@16/4/1/C8", "keys_from_dS_no_values"]
+                        "queries", "values@16/4/1/C8", "keys_from_dS_no_values",
+                        "queries@16/8/1", "values", "keys_from_dS_no_values",
+                        "queries@16/8/1", "values@16/4/1/C8", "keys_from_dS_no_values"]
     launches.clear()
     fused.self_check(CPU, torch.bfloat16)  # no alternative configurations in half precision
     assert launches == ["forward", "queries", "keys", "queries", "keys-atomic", "queries", "values",

@@ -49,7 +49,8 @@ accumulates ``dV_j = sum_i P_ij dy_i`` (recomputing ``P`` once more); the key ke
 again, the largest of its products; it then needs no values, and with the values kernel computing dV
 it only sums ``dS^T q`` and ``dS``. By default (``"timed"``)
 the training steps time every way on first use (where no GPU sweep settled it, also a few launch
-configurations of the key and values kernels: ``TIMED_KEY_CONFIGS``, ``TIMED_VALUES_CONFIGS``) and keep the fastest
+configurations of the key, values and query kernels: ``TIMED_KEY_CONFIGS``, ``TIMED_VALUES_CONFIGS``,
+``TIMED_QUERIES_CONFIGS``) and keep the fastest
 (:mod:`dlsn.models.timed_choice`); elsewhere the two kernels run.
 
 Everything accumulates in float32; inputs may be float32, bfloat16 or float16 (query and key of
@@ -84,6 +85,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import warnings
 
 import torch
@@ -553,6 +555,21 @@ if triton is not None:
             tl.store(GRAD_WEIGHTS + row, tl.sum(grad_out * attended, axis=1), mask=position_valid)
             tl.store(GRAD_ATTENDED + tiles, grad_out * weight[:, None], mask=valid)
 
+    def _delta_kernel(GRAD_ATTENDED, ATTENDED, GRAD_CONFIDENCE, DELTA, n_rows, v_dim,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """``delta[r] = dy[r] . y[r] - dlse[r]`` for a block of rows: the float32 backward's row term in one
+        read of ``dy`` and ``y`` (PyTorch's product and sum write and re-read a ``[rows, C]`` temporary)."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_valid = rows < n_rows
+        total = tl.zeros([BLOCK_R], tl.float32)
+        for start in range(0, v_dim, BLOCK_C):
+            channels = start + tl.arange(0, BLOCK_C)
+            valid = row_valid[:, None] & (channels < v_dim)[None, :]
+            tiles = rows[:, None] * v_dim + channels[None, :]
+            grad_rows = tl.load(GRAD_ATTENDED + tiles, mask=valid, other=0.0)
+            total += tl.sum(grad_rows * tl.load(ATTENDED + tiles, mask=valid, other=0.0), axis=1)
+        tl.store(DELTA + rows, total - tl.load(GRAD_CONFIDENCE + rows, mask=row_valid, other=0.0), mask=row_valid)
+
     def _hash_codes_kernel(
         MATCH, ROTATIONS, CODES, match_stride_n, match_stride_l, length, n_rounds, dim, n_buckets,
         BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -699,19 +716,30 @@ DP_CHANNEL_BLOCK = {90: 64, 80: 64}
 BACKWARD_MODE = {90: "timed", 80: "timed"}
 BACKWARD_MODES = ("two_kernels", "atomic", "two_kernels+values", "atomic+values", "stored_dS", "stored_dS+values")
 BACKWARD_MODE_CHOICES = (*BACKWARD_MODES, "timed")
-# Key-kernel launch configurations that the "timed" backward also tries (the "keys" kernel: dV in it, dP recomputed),
-# beside LAUNCH_CONFIGS' own, where no GPU sweep settled the choice. sm_90, float32: the H200 sweep of 2026-11-27 was cut off after
-# timing LAUNCH_CONFIGS' (32, 4, 1) (whole backward 3.4 ms per layer); compiled for sm_90 (Triton 3.9,
-# cuobjdump) it spills 984 bytes per thread, (32, 8, 1) 128 and (16, 8, 1) 8.
-TIMED_KEY_CONFIGS = {90: {"float32": ((32, 8, 1), (16, 8, 1))}, 80: {}}
-# Values-kernel launch configurations (rows, warps, stages, value channels per program) that the "timed" backward
-# also tries for the "+values" modes. sm_90, float32: LAUNCH_CONFIGS' 32 rows run Ampere-style mma.sync dot
-# products, and the values kernel took 3.3 of the 20.1 ms of kernels of the batch-16 96x96 GLA forward+backward on
-# the H200 (2026-11-28), the largest. 64-row blocks use Hopper's wgmma (Triton 3.9 for sm_90, cuobjdump: 64 rows,
-# 8 warps, 64 channels: no spills; 64/4/1 with 128 channels: 104 bytes per thread; all 256 channels spill 0.7 KB
-# and more), and each key block re-reads its queries' incoming gradient rows half as often; narrower channel blocks
-# recompute P once more per block (64 multiply-adds per query-key pair, against dV's 256 in all).
-TIMED_VALUES_CONFIGS = {90: {"float32": ((64, 8, 1, 64), (64, 4, 1, 128))}, 80: {}}
+# Launch configurations that the "timed" backward also tries beside LAUNCH_CONFIGS' own, where no GPU sweep
+# settled the choice: (rows, warps, stages), the values kernel's also with its value channels per program.
+# The key kernel's ("keys": dV in it, dP recomputed) with the two modes that run it. sm_90, float32: the H200
+# sweep of 2026-11-27 was cut off after timing LAUNCH_CONFIGS' (32, 4, 1) (whole backward 3.4 ms per layer);
+# compiled for sm_90 (Triton 3.9, cuobjdump) it spills 984 bytes per thread, (32, 8, 1) 128. (16, 8, 1), tried
+# until 2026-11-28, never won: 1.5 to 2 times slower at batch 16 on the H200, so no longer timed.
+TIMED_KEY_CONFIGS = {90: {"float32": ((32, 8, 1),)}, 80: {}}
+# The values and query kernels' configurations are tried with TIMED_CONFIGS_MODE only, each pair of them:
+# every "+values" mode runs the same values kernel, and at batch 16 "stored_dS+values" won in both precisions
+# at 48x48 and 96x96 (H200, 2026-11-28: by 10 to 20% at 96x96), so a faster values kernel cannot change which
+# mode is fastest there. Values kernel, float32 on sm_90: the largest kernel of the batch-16 96x96 GLA
+# forward+backward (3.3 of 20.1 ms of kernels, 33 TFLOP/s against the forward's 52), run with an untimed
+# (32, 8, 1). Its loop is the forward's (a block of rows against the 3k gathered partners, P recomputed, a
+# [rows, C] accumulator), whose float32 sweep at the training size put (32, 4, 2) with all 256 channels first
+# (0.64 ms) and (32, 8, 1) at 1.06 ms: (32, 4, 2, 256) spills 32 bytes per thread for sm_90 (Triton 3.9).
+# 64-row blocks compile to Hopper's wgmma instead of mma.sync and re-read each query's incoming-gradient rows
+# half as often (64/8/1 with 64 channels: no spills; 64/4/1 with 128: 104 bytes; all 256 channels spill 0.7 KB
+# and more); narrower channel blocks recompute P once more per block (64 multiply-adds per query-key pair,
+# against dV's 256 in all). Query kernel, float32, dP summed over 64-channel blocks and dS stored: LAUNCH_CONFIGS'
+# (64, 4, 1) spills 64 bytes per thread for sm_90, (64, 8, 1) none, nor (64, 8, 2), whose second stage prefetches
+# the next key block's rows (96 KB of shared memory).
+TIMED_VALUES_CONFIGS = {90: {"float32": ((32, 4, 2, 256), (64, 8, 1, 64), (64, 4, 1, 128))}, 80: {}}
+TIMED_QUERIES_CONFIGS = {90: {"float32": ((64, 8, 1), (64, 8, 2))}, 80: {}}
+TIMED_CONFIGS_MODE = "stored_dS+values"
 _working_rows: dict[tuple, int] = {}
 
 
@@ -819,18 +847,27 @@ def _fused_forward(queries, keys, learned_score, values, order, inverse):
 
 def backward_variants(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[str, dict[str, tuple]]]:
     """The ways the "timed" backward chooses from, by name: (mode, launch configurations other than
-    ``LAUNCH_CONFIGS``' by kernel: ``{"keys": (rows, warps, stages)}`` or ``{"values": (rows, warps, stages,
-    channels)}``), the first the default. ``TIMED_KEY_CONFIGS`` apply to the modes whose key kernel is
-    ``"keys"`` (dV in it, dP recomputed), ``TIMED_VALUES_CONFIGS`` to those with the values kernel."""
+    ``LAUNCH_CONFIGS``' by kernel: ``"keys"``, ``"queries"``: (rows, warps, stages); ``"values"``: (rows,
+    warps, stages, channels)), the first the default. ``TIMED_KEY_CONFIGS`` apply to the modes whose key
+    kernel is ``"keys"`` (dV in it, dP recomputed); every pair of ``TIMED_VALUES_CONFIGS`` and
+    ``TIMED_QUERIES_CONFIGS`` (either may stay ``LAUNCH_CONFIGS``') to ``TIMED_CONFIGS_MODE``."""
     generation, precision = _generation(device), _precision_class(dtype)
     variants = {mode: (mode, {}) for mode in BACKWARD_MODES}
     for config in TIMED_KEY_CONFIGS[generation].get(precision, ()):
         variants.update({f"{mode}, keys {'/'.join(map(str, config))}": (mode, {"keys": config})
                          for mode in BACKWARD_MODES if _key_kernel_name(mode) == "keys"})
-    for config in TIMED_VALUES_CONFIGS[generation].get(precision, ()):
-        rows_warps_stages, channels = "/".join(map(str, config[:3])), config[3]
-        variants.update({f"{mode}, values {rows_warps_stages} C{channels}": (mode, {"values": config})
-                         for mode in BACKWARD_MODES if mode.endswith("+values")})
+    queries_configs = (None, *TIMED_QUERIES_CONFIGS[generation].get(precision, ()))
+    values_configs = (None, *TIMED_VALUES_CONFIGS[generation].get(precision, ()))
+    for queries_config, values_config in itertools.product(queries_configs, values_configs):
+        configs, described = {}, []
+        if queries_config:
+            configs["queries"] = queries_config
+            described.append(f"queries {'/'.join(map(str, queries_config))}")
+        if values_config:
+            configs["values"] = values_config
+            described.append(f"values {'/'.join(map(str, values_config[:3]))} C{values_config[3]}")
+        if configs:
+            variants[", ".join((TIMED_CONFIGS_MODE, *described))] = (TIMED_CONFIGS_MODE, configs)
     return variants
 
 
@@ -838,8 +875,8 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
                     attended, confidence, mode: str | None = None, configs: dict[str, tuple] | None = None):
     """Gradients of queries, keys, learned score and values; ``mode`` one of ``BACKWARD_MODE_CHOICES``
     (default: the device's ``BACKWARD_MODE``), ``configs`` launch configurations other than
-    ``LAUNCH_CONFIGS``' for the ``"keys"`` kernel (rows, warps, stages) and the ``"values"`` kernel (also
-    its value channels per program). "timed" picks both (:func:`backward_variants`)."""
+    ``LAUNCH_CONFIGS``' for the ``"keys"`` and ``"queries"`` kernels (rows, warps, stages) and the ``"values"``
+    kernel (also its value channels per program). "timed" picks both (:func:`backward_variants`)."""
     arguments = (grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
                  attended, confidence)
     queries, keys, learned_score, values = map(_unit_column_stride, (queries, keys, learned_score, values))
@@ -863,10 +900,9 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     grad_attended = grad_attended.to(values.dtype).contiguous()
     exact_delta = values.element_size() < 4
     if exact_delta:
-        delta = -grad_confidence.float()
+        delta = (-grad_confidence.float()).contiguous()
     else:
-        delta = (grad_attended * attended).sum(-1).sub_(grad_confidence)
-    delta = delta.contiguous()
+        delta = _delta(grad_attended, attended, grad_confidence)
     atomic, values_kernel = mode.startswith("atomic"), mode.endswith("+values")
     stored = mode.startswith("stored_dS")
     # dS of every query against its 3k keys, per round and chunk: [N*T, n_chunks, 3, k, k] (e.g. 170 MB
@@ -900,8 +936,8 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     with _on_device(values.device):  # queries first: with exact_delta it completes delta
         if exact_delta or not atomic:
             _launch(_backward_queries_kernel, "queries", grid, (*inputs, grad["queries"], grad_scores), sizes,
-                    channel_block=dp_channel_block, EXACT_DELTA=exact_delta, DELTA_ONLY=atomic,
-                    DP_IN_BLOCKS=values_kernel, STORE_DS=stored)
+                    channel_block=dp_channel_block, config=configs.get("queries"), EXACT_DELTA=exact_delta,
+                    DELTA_ONLY=atomic, DP_IN_BLOCKS=values_kernel, STORE_DS=stored)
         if values_kernel:
             _launch(_backward_values_kernel, "values", grid_by_channels, (*inputs, grad["values"]), sizes,
                     channel_block=min(values_channels, _power_of_two(v_dim)), config=values_launch)
@@ -921,6 +957,26 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     return tuple(grad[name][:, :, :length].sum(1).to(tensor.dtype)
                  for name, tensor in (("queries", queries), ("keys", keys), ("learned", learned_score),
                                       ("values", values)))
+
+
+# Rows and channels per program of the float32 backward's delta (_delta_kernel); not timed on a GPU.
+DELTA_BLOCK_ROWS, DELTA_BLOCK_CHANNELS, DELTA_WARPS = 16, 256, 4
+
+
+def _delta(grad_attended: torch.Tensor, attended: torch.Tensor, grad_confidence: torch.Tensor) -> torch.Tensor:
+    """``(grad_attended * attended).sum(-1) - grad_confidence``, float32 ``[N, T, L]``, by one kernel."""
+    grad_attended, attended = grad_attended.contiguous(), attended.contiguous()
+    grad_confidence = grad_confidence.float().contiguous()
+    delta = torch.empty_like(grad_confidence)
+    n_rows, v_dim = grad_confidence.numel(), attended.shape[-1]
+    interpreted = attended.device.type != "cuda"
+    options = {} if interpreted else dict(num_warps=DELTA_WARPS)
+    with _on_device(attended.device), (_library_functions_interpreted() if interpreted
+                                       else contextlib.nullcontext()):
+        _kernel(_delta_kernel, interpreted)[(triton.cdiv(n_rows, DELTA_BLOCK_ROWS),)](
+            grad_attended, attended, grad_confidence, delta, n_rows, v_dim, BLOCK_R=DELTA_BLOCK_ROWS,
+            BLOCK_C=min(DELTA_BLOCK_CHANNELS, _power_of_two(v_dim)), **options)
+    return delta
 
 
 def _on_device(device: torch.device):
