@@ -787,6 +787,17 @@ def _launch(kernel_function, name: str, grid_of_rows, tensors, sizes, *, channel
         return
 
 
+def _launch_fixed(kernel_function, grid, device: torch.device, *arguments, num_warps: int,
+                  num_stages: int | None = None, **constants):
+    """Launch ``kernel_function`` on ``grid`` with a fixed number of warps (and pipeline stages, else Triton's
+    default): the small kernels, whose launch configuration is not timed. CPU tensors: Triton's interpreter."""
+    interpreted = device.type != "cuda"
+    options = {} if interpreted else {"num_warps": num_warps,
+                                      **({} if num_stages is None else {"num_stages": num_stages})}
+    with _on_device(device), _library_functions_interpreted() if interpreted else contextlib.nullcontext():
+        _kernel(kernel_function, interpreted)[grid](*arguments, **constants, **options)
+
+
 def _generation(device: torch.device) -> int:
     """The ``LAUNCH_CONFIGS`` entry for ``device``: 90 for sm_90 and newer (and Triton's interpreter), else 80."""
     if device.type != "cuda":
@@ -969,13 +980,9 @@ def _delta(grad_attended: torch.Tensor, attended: torch.Tensor, grad_confidence:
     grad_confidence = grad_confidence.float().contiguous()
     delta = torch.empty_like(grad_confidence)
     n_rows, v_dim = grad_confidence.numel(), attended.shape[-1]
-    interpreted = attended.device.type != "cuda"
-    options = {} if interpreted else dict(num_warps=DELTA_WARPS)
-    with _on_device(attended.device), (_library_functions_interpreted() if interpreted
-                                       else contextlib.nullcontext()):
-        _kernel(_delta_kernel, interpreted)[(triton.cdiv(n_rows, DELTA_BLOCK_ROWS),)](
-            grad_attended, attended, grad_confidence, delta, n_rows, v_dim, BLOCK_R=DELTA_BLOCK_ROWS,
-            BLOCK_C=min(DELTA_BLOCK_CHANNELS, _power_of_two(v_dim)), **options)
+    _launch_fixed(_delta_kernel, (triton.cdiv(n_rows, DELTA_BLOCK_ROWS),), attended.device, grad_attended, attended,
+                  grad_confidence, delta, n_rows, v_dim, num_warps=DELTA_WARPS, BLOCK_R=DELTA_BLOCK_ROWS,
+                  BLOCK_C=min(DELTA_BLOCK_CHANNELS, _power_of_two(v_dim)))
     return delta
 
 
@@ -1223,12 +1230,8 @@ def _mix_rounds_plain(attended: torch.Tensor, round_weights: torch.Tensor) -> to
 
 
 def _mix_launch(kernel_function, grid, tensors, length, n_rounds, v_dim, block_c):
-    interpreted = tensors[0].device.type != "cuda"
-    options = {} if interpreted else dict(num_warps=MIX_WARPS)
-    with _on_device(tensors[0].device), (_library_functions_interpreted() if interpreted
-                                         else contextlib.nullcontext()):
-        _kernel(kernel_function, interpreted)[grid](*tensors, length, n_rounds, v_dim, BLOCK_L=MIX_BLOCK_POSITIONS,
-                                                    BLOCK_C=block_c, **options)
+    _launch_fixed(kernel_function, grid, tensors[0].device, *tensors, length, n_rounds, v_dim, num_warps=MIX_WARPS,
+                  BLOCK_L=MIX_BLOCK_POSITIONS, BLOCK_C=block_c)
 
 
 class _MixRounds(torch.autograd.Function):
@@ -1313,15 +1316,11 @@ def bucket_codes_fused(match: torch.Tensor, rotations: torch.Tensor) -> torch.Te
     batch, length, dim = match.shape
     rounds, _, n_buckets = rotations.shape
     codes = torch.empty(batch, rounds, length, dtype=torch.int64, device=match.device)
-    interpreted = match.device.type != "cuda"
-    options = dict(BLOCK_L=HASH_BLOCK_POSITIONS, BLOCK_D=_power_of_two(dim), BLOCK_B=_power_of_two(n_buckets),
-                   INTERPRETED=interpreted)
-    if not interpreted:
-        options.update(num_warps=HASH_WARPS, num_stages=1)
     grid = (triton.cdiv(length, HASH_BLOCK_POSITIONS), batch * rounds)
-    with _on_device(match.device), _library_functions_interpreted() if interpreted else contextlib.nullcontext():
-        _kernel(_hash_codes_kernel, interpreted)[grid](match, rotations, codes, match.stride(0), match.stride(1),
-                                                       length, rounds, dim, n_buckets, **options)
+    _launch_fixed(_hash_codes_kernel, grid, match.device, match, rotations, codes, match.stride(0), match.stride(1),
+                  length, rounds, dim, n_buckets, num_warps=HASH_WARPS, num_stages=1, BLOCK_L=HASH_BLOCK_POSITIONS,
+                  BLOCK_D=_power_of_two(dim), BLOCK_B=_power_of_two(n_buckets),
+                  INTERPRETED=match.device.type != "cuda")
     return codes
 
 
@@ -1408,11 +1407,9 @@ def orthonormal_columns_fused(matrix: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"orthonormal_columns_fused: expected tall matrices (rows >= columns), got {rows} x {cols}")
     matrix = matrix.contiguous()
     q = torch.empty_like(matrix)
-    interpreted = matrix.device.type != "cuda"
-    options = {} if interpreted else dict(num_warps=ORTHONORMAL_WARPS, num_stages=1)
-    with _on_device(matrix.device), _library_functions_interpreted() if interpreted else contextlib.nullcontext():
-        _kernel(_orthonormal_columns_kernel, interpreted)[(rounds,)](
-            matrix, q, rows, cols, BLOCK_M=_power_of_two(rows, 2), BLOCK_N=_power_of_two(cols, 2), **options)
+    _launch_fixed(_orthonormal_columns_kernel, (rounds,), matrix.device, matrix, q, rows, cols,
+                  num_warps=ORTHONORMAL_WARPS, num_stages=1, BLOCK_M=_power_of_two(rows, 2),
+                  BLOCK_N=_power_of_two(cols, 2))
     return q
 
 
