@@ -249,6 +249,14 @@ def main() -> None:
                 for size, image in image_inputs.items():
                     details[f"{method}_ms_at_1x{channels}x{size}x{size}"] = round(
                         median_cuda_ms(lambda: conv2d_float32(image, weight.float(), bias.float(), 1)), 4)
+            if cuda:  # the split's element-wise kernels against the PyTorch formulas: same bits; both times
+                arguments = (timed_input, weight.float(), bias.float(), 1)
+                details["split_kernels_equal_formulas_bitwise"] = torch.equal(
+                    float32_ops.split_tf32_conv2d(*arguments, kernels=True),
+                    float32_ops.split_tf32_conv2d(*arguments, kernels=False))
+                for kernels in (True, False):
+                    details[f"split_tf32_ms_at_16x{channels}x48x48_{'kernels' if kernels else 'formulas'}"] = round(
+                        median_cuda_ms(lambda: float32_ops.split_tf32_conv2d(*arguments, kernels=kernels)), 4)
             plain = F.conv2d(x.float(), weight.float(), bias.float(), padding=1)
             details["tf32_conv2d_error"] = (plain.double() - exact).abs().max().item()
             still_on = torch.backends.cudnn.allow_tf32
@@ -258,6 +266,7 @@ def main() -> None:
         for method in float32_ops.FLOAT32_CONV_METHODS:
             assert details[f"{method}_error"] < 1e-4, f"{method}: differs from float64 by {details[f'{method}_error']:.3g}"
         assert still_on, "the op did not restore cudnn.allow_tf32"
+        assert details.get("split_kernels_equal_formulas_bitwise", True), "the split kernels differ from the formulas"
         return details
 
     @check(f"hashing kernel against float64 projections, d={channels // 4}, 3 rounds")

@@ -542,6 +542,113 @@ def test_split_tf32_convolution_is_as_accurate_as_float32():
     assert error(tf32_conv2d(x, weight, bias, 1)) > 50 * float32_error  # the test can tell TF32 apart
 
 
+def _bits(tensor):
+    return tensor.contiguous().view(torch.int32)
+
+
+def test_the_split_kernel_gives_the_formulas_halves_bitwise(monkeypatch):
+    """The one-pass split (Triton's interpreter here) against the PyTorch formula: same bits, same layout,
+    over full blocks and a partial last one, for zeros, subnormals, huge values, infinities and NaN."""
+    from dlsn.models import float32_ops
+
+    monkeypatch.setattr(float32_ops, "SPLIT_BLOCK", 64)  # 2 * 7 * 5 * 9 = 630 elements: 9 full blocks and 54
+    torch.manual_seed(0)
+    x = (torch.randn(2, 7, 5, 9) * torch.logspace(-30, 30, 9)).contiguous(memory_format=torch.channels_last)
+    x.permute(0, 2, 3, 1)[0, 0, 0] = torch.tensor([0.0, -0.0, 1e-40, -3.3e38, float("inf"), float("nan"), 1.0])
+    for tensor in (x, x.contiguous()):  # activations (channels-last) and weights (contiguous)
+        high, low = float32_ops.tf32_split_fused(tensor)
+        expected_high, expected_low = float32_ops.tf32_split(tensor)
+        assert torch.equal(_bits(high), _bits(expected_high)) and torch.equal(_bits(low), _bits(expected_low))
+        assert high.stride() == low.stride() == tensor.stride()
+    with pytest.raises(ValueError, match="dense float32.*float64"):
+        float32_ops.tf32_split_fused(x.double())
+
+
+def test_the_split_convolutions_kernels_give_the_formulas_output_bitwise(monkeypatch):
+    """``split_tf32_conv2d`` with its kernels (split of x and w, sum of the products with the bias) and with
+    the PyTorch formulas: bitwise the same. A contiguous input gives contiguous products, which the
+    formula sums."""
+    from dlsn.models import float32_ops
+
+    calls = []
+    for name in ("tf32_split_fused", "split_products_sum_fused"):
+        kernel = getattr(float32_ops, name)
+        monkeypatch.setattr(float32_ops, name, lambda *tensors, kernel=kernel, name=name: calls.append(name)
+                            or kernel(*tensors))
+    monkeypatch.setattr(float32_ops, "SUM_BLOCK_ROWS", 8)  # 2 * 11 * 13 = 286 rows: a partial last block
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(2, 8, 11, 13)).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(12, 8, 3, 3) / 10, torch.randn(12)  # 12 channels: masked columns of 16
+    expected = float32_ops.split_tf32_conv2d(x, weight, bias, 1, kernels=False)
+    assert not calls
+    output = float32_ops.split_tf32_conv2d(x, weight, bias, 1, kernels=True)
+    assert calls == ["tf32_split_fused", "tf32_split_fused", "split_products_sum_fused"]
+    assert torch.equal(output, expected) and output.is_contiguous(memory_format=torch.channels_last)
+    assert (output - F.conv2d(x, weight, bias, padding=1)).abs().max() < 1e-5
+    calls.clear()
+    assert torch.equal(float32_ops.split_tf32_conv2d(x.contiguous(), weight, bias, 1, kernels=True), expected)
+    assert calls == ["tf32_split_fused", "tf32_split_fused"]
+    with pytest.raises(ValueError, match=r"channels-last float32.*\(2, 24, 11, 13\), \(2, 12, 11, 13\) and \(12,\)"
+                                         r"; high_products: torch.float32, strides \(3432, 143, 13, 1\)"):
+        float32_ops.split_products_sum_fused(torch.zeros(2, 24, 11, 13), torch.zeros(2, 12, 11, 13), bias)
+    high, low = (torch.zeros(2, channels, 11, 13).contiguous(memory_format=torch.channels_last) for channels in (24, 12))
+    with pytest.raises(ValueError, match=r"a \[C\] bias, got .* and \(13,\)$"):
+        float32_ops.split_products_sum_fused(high, low, torch.zeros(13))
+
+
+def test_a_failing_split_kernel_is_given_up_with_one_warning(monkeypatch):
+    from dlsn.models import float32_ops
+
+    def broken(*tensors):
+        raise RuntimeError("no kernel today")
+
+    monkeypatch.setattr(float32_ops, "_failure", None)
+    monkeypatch.setattr(float32_ops, "split_kernels_usable", lambda tensor: float32_ops._failure is None)
+    monkeypatch.setattr(float32_ops, "tf32_split_fused", broken)
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(3, 4, 3, 3), torch.randn(3)
+    expected = float32_ops.split_tf32_conv2d(x, weight, bias, 1, kernels=False)
+    with pytest.raises(RuntimeError, match="no kernel today"):  # asked for explicitly: no fallback
+        float32_ops.split_tf32_conv2d(x, weight, bias, 1, kernels=True)
+    assert float32_ops.split_kernel_failure() is None
+    with pytest.warns(RuntimeWarning, match="split float32 convolution's kernels failed.*no kernel today"):
+        assert torch.equal(float32_ops.split_tf32_conv2d(x, weight, bias, 1), expected)
+    assert "no kernel today" in float32_ops.split_kernel_failure()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert torch.equal(float32_ops.split_tf32_conv2d(x, weight, bias, 1), expected)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_the_split_kernels_compile_for_gpus_with_vector_accesses(arch):
+    """Both kernels for sm_80 and sm_90 at the match convolution's 64 channels, as launched on CUDA: 16-byte
+    loads and stores (they are bound by memory)."""
+    pytest.importorskip("triton.backends.nvidia")
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dlsn.models import chunk_attention, float32_ops
+
+    for function, constants in ((float32_ops._tf32_split_kernel, dict(BLOCK=float32_ops.SPLIT_BLOCK)),
+                                (float32_ops._split_products_sum_kernel,
+                                 dict(BLOCK_R=float32_ops.SUM_BLOCK_ROWS, BLOCK_C=64))):
+        kernel = chunk_attention._kernel(function, False)
+        signature = {name: "constexpr" if name in constants else "*fp32" if name.isupper() else "i32"
+                     for name in kernel.arg_names}
+        # Pointers 16-byte aligned and the channel count (64) divisible by 16, as the JIT specialises them.
+        attributes = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names)
+                      if name not in constants and (name.isupper() or name == "channels")}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes),
+                                  target=GPUTarget("cuda", arch, 32), options=dict(num_warps=float32_ops.SPLIT_WARPS))
+        ptx = compiled.asm["ptx"]
+        assert re.search(r"ld\.global(\.\w+)*\.v4", ptx) and re.search(r"st\.global(\.\w+)*\.v4", ptx), function.__name__
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", ["ieee", "split_tf32"])
 def test_float32_convolution_ignores_tf32_on_cuda(monkeypatch, method):

@@ -16,7 +16,10 @@ buckets (on an H200 the layer's output differed from the published one by up to 
   0.45 ms per GLA layer at the training size). By default (``"timed"``) the training steps time both
   methods on first use and keep the faster (:mod:`dlsn.models.timed_choice`); elsewhere (evaluation)
   large inputs take the split products and small ones cuDNN without TF32 (``SPLIT_TF32_MIN_POSITIONS``).
-  ``check_fused_gla.py`` measures both methods' error and time.
+  ``check_fused_gla.py`` measures both methods' error and time. On CUDA two small Triton kernels do the
+  element-wise work around the two convolutions, each in one pass: the split of ``x`` (and of ``w``) into
+  its halves, and the sum of the partial products with the bias (:func:`tf32_split_fused`,
+  :func:`split_products_sum_fused`; bitwise the PyTorch formulas, which take three passes each).
 * ``projections_float32`` (``dlsn::projections_float32``, no autograd): the hash projections
   ``einsum("nld,tdb->ntlb")`` with TF32 matrix products switched off just for it.
 
@@ -29,11 +32,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from dlsn.models import timed_choice
+from dlsn.models import chunk_attention, timed_choice  # chunk_attention imports this module: used in calls only
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the PyTorch formulas need no Triton
+    triton = None
 
 
 @contextlib.contextmanager
@@ -104,7 +114,8 @@ def _in_layout(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # (batch x height x width) on, "ieee" below. On an H200 (2026-11-27) the timed choice kept "ieee" at
 # 1 x 48x48 (0.18 against 0.33 ms: a few small launches) and "split_tf32" at 16 x 48x48 = 36864
 # positions (0.27-0.31 against 0.49 ms), and the untimed "ieee" took 0.92 ms per layer of a 360x360
-# image. The CPU always computes plain float32.
+# image (all before the split's element-wise kernels, 6 operations where the formulas took 12).
+# The CPU always computes plain float32.
 FLOAT32_CONV_METHODS = ("ieee", "split_tf32")
 FLOAT32_CONV_METHOD_CHOICES = (*FLOAT32_CONV_METHODS, "timed")
 FLOAT32_CONV_METHOD = "timed"
@@ -119,17 +130,149 @@ def tf32_split(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high, tensor - high
 
 
-def split_tf32_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int,
-                      conv2d=F.conv2d) -> torch.Tensor:
-    """``conv2d(input, weight) + bias`` from two convolutions of TF32-exact halves (module docstring);
-    ``conv2d`` computes each (tests pass one that rounds its operands to TF32, as tensor cores do)."""
-    input_high, input_low = tf32_split(input)
-    weight_high, weight_low = tf32_split(weight)
-    out_channels = weight.shape[0]
-    high_products = conv2d(input_high, torch.cat([weight_high, weight_low]), None, padding=padding)
-    # The small terms first: x_lo w_hi + x_hi w_lo, then x_hi w_hi and the bias.
-    small = conv2d(input_low, weight_high, None, padding=padding) + high_products[:, out_channels:]
+def split_products_sum(high_products: torch.Tensor, low_products: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``conv2d(x, w) + bias`` from the split convolution's partial products: ``high_products`` ``[N, 2C, H, W]``
+    holds ``x_hi w_hi`` and ``x_hi w_lo``, ``low_products`` ``[N, C, H, W]`` ``x_lo w_hi``. The small terms
+    first: ``x_lo w_hi + x_hi w_lo``, then ``x_hi w_hi`` and the bias."""
+    out_channels = low_products.shape[1]
+    small = low_products + high_products[:, out_channels:]
     return (small + high_products[:, :out_channels]) + bias.view(1, -1, 1, 1)
+
+
+def split_tf32_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: int,
+                      conv2d=F.conv2d, kernels: bool | None = None) -> torch.Tensor:
+    """``conv2d(input, weight) + bias`` from two convolutions of TF32-exact halves (module docstring);
+    ``conv2d`` computes each (tests pass one that rounds its operands to TF32, as tensor cores do).
+    ``kernels``: the split and the sum by the Triton kernels (on CPU tensors in Triton's interpreter) or
+    by the PyTorch formulas; by default the kernels on CUDA while they work (after a failure, warned once,
+    the formulas: the same numbers)."""
+    fallback = kernels is None
+    split, products_sum = tf32_split, split_products_sum
+    if split_kernels_usable(input) if fallback else kernels:
+        split = functools.partial(_fused_or_formula, tf32_split_fused, tf32_split, _split_takes, fallback=fallback)
+        products_sum = functools.partial(_fused_or_formula, split_products_sum_fused, split_products_sum, _sum_takes,
+                                         fallback=fallback)
+    input_high, input_low = split(input)
+    weight_high, weight_low = split(weight)
+    high_products = conv2d(input_high, torch.cat([weight_high, weight_low]), None, padding=padding)
+    return products_sum(high_products, conv2d(input_low, weight_high, None, padding=padding), bias)
+
+
+# --------------------------------------------------------------------------------------------
+# The split convolution's element-wise work in one pass each (CUDA; CPU tensors: Triton's interpreter).
+# On an H200 at batch 16, 96x96 the PyTorch formulas move about 1.4 GB per GLA layer (two integer
+# passes and a subtraction over x, three additions over the products), the kernels about 0.6 GB.
+# --------------------------------------------------------------------------------------------
+
+# Elements per program of the split and rows (positions) per program of the sum; neither is timed.
+SPLIT_BLOCK, SUM_BLOCK_ROWS, SPLIT_WARPS = 1024, 16, 4
+
+if triton is not None:
+
+    @triton.jit
+    def _split_block(X, HIGH, LOW, offsets, mask):
+        value = tl.load(X + offsets, mask=mask)
+        high = ((value.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+        tl.store(HIGH + offsets, high, mask=mask)
+        tl.store(LOW + offsets, value - high, mask=mask)
+
+    def _tf32_split_kernel(X, HIGH, LOW, numel, BLOCK: tl.constexpr):
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        offsets = start + tl.arange(0, BLOCK)
+        # Full blocks without a mask: numel is not specialised on, and a mask the compiler cannot prove
+        # constant over aligned groups would make every access scalar (as in conv_epilogue).
+        if start + BLOCK <= numel:
+            _split_block(X, HIGH, LOW, offsets, None)
+        else:
+            _split_block(X, HIGH, LOW, offsets, offsets < numel)
+
+    def _split_products_sum_kernel(HIGH_PRODUCTS, LOW_PRODUCTS, BIAS, OUT, n_rows, channels,
+                                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        columns = tl.arange(0, BLOCK_C)
+        valid = (rows < n_rows)[:, None] & (columns < channels)[None, :]
+        high = HIGH_PRODUCTS + rows[:, None] * (2 * channels) + columns[None, :]
+        small = tl.load(LOW_PRODUCTS + rows[:, None] * channels + columns[None, :], mask=valid) + tl.load(
+            high + channels, mask=valid)
+        total = (small + tl.load(high, mask=valid)) + tl.load(BIAS + columns, mask=columns < channels)[None, :]
+        tl.store(OUT + rows[:, None] * channels + columns[None, :], total, mask=valid)
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    return tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last)
+
+
+def tf32_split_fused(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`tf32_split` of a dense float32 tensor by one kernel: bitwise the same halves, same layout."""
+    if tensor.dtype != torch.float32 or not _dense(tensor):
+        raise ValueError(f"tf32_split_fused: expected a dense float32 tensor, got {tensor.dtype} with strides "
+                         f"{tensor.stride()}")
+    high, low = torch.empty_like(tensor), torch.empty_like(tensor)
+    if tensor.numel():
+        chunk_attention._launch_fixed(_tf32_split_kernel, (triton.cdiv(tensor.numel(), SPLIT_BLOCK),), tensor.device,
+                                      tensor, high, low, tensor.numel(), num_warps=SPLIT_WARPS, BLOCK=SPLIT_BLOCK)
+    return high, low
+
+
+def split_products_sum_fused(high_products: torch.Tensor, low_products: torch.Tensor,
+                             bias: torch.Tensor) -> torch.Tensor:
+    """:func:`split_products_sum` by one kernel, bitwise the same (the same float32 additions in the same
+    order), for channels-last float32 products; channels-last float32 output."""
+    batch, channels, height, width = low_products.shape
+    layouts = [(name, tensor) for name, tensor in (("high_products", high_products), ("low_products", low_products))
+               if tensor.dtype != torch.float32 or not tensor.is_contiguous(memory_format=torch.channels_last)]
+    if layouts or tuple(high_products.shape) != (batch, 2 * channels, height, width) or bias.shape != (channels,):
+        raise ValueError(f"split_products_sum_fused: expected channels-last float32 [N, 2C, H, W] and [N, C, H, W] "
+                         f"products and a [C] bias, got {tuple(high_products.shape)}, {tuple(low_products.shape)} "
+                         f"and {tuple(bias.shape)}"
+                         + "".join(f"; {name}: {tensor.dtype}, strides {tensor.stride()}" for name, tensor in layouts))
+    output = torch.empty_like(low_products)
+    n_rows = batch * height * width
+    if n_rows:
+        chunk_attention._launch_fixed(
+            _split_products_sum_kernel, (triton.cdiv(n_rows, SUM_BLOCK_ROWS),), low_products.device, high_products,
+            low_products, bias.float().contiguous(), output, n_rows, channels, num_warps=SPLIT_WARPS,
+            BLOCK_R=SUM_BLOCK_ROWS, BLOCK_C=chunk_attention._power_of_two(channels))
+    return output
+
+
+_failure: str | None = None
+
+
+def split_kernel_failure() -> str | None:
+    """Why the split convolution's kernels were given up in this process (``None`` while they work)."""
+    return _failure
+
+
+def split_kernels_usable(tensor: torch.Tensor) -> bool:
+    """Whether :func:`split_tf32_conv2d` uses its kernels by default: CUDA, Triton there, no failure yet."""
+    return tensor.is_cuda and triton is not None and _failure is None
+
+
+def _split_takes(tensor: torch.Tensor) -> bool:
+    return tensor.dtype == torch.float32 and _dense(tensor)
+
+
+def _sum_takes(high_products: torch.Tensor, low_products: torch.Tensor, bias: torch.Tensor) -> bool:
+    # A contiguous input's convolutions give contiguous products: the formula sums those.
+    return all(products.dtype == torch.float32 and products.is_contiguous(memory_format=torch.channels_last)
+               for products in (high_products, low_products))
+
+
+def _fused_or_formula(fused, formula, takes, *tensors, fallback: bool):
+    """``fused(*tensors)`` where ``takes(*tensors)``; ``formula(*tensors)`` otherwise and, with ``fallback``,
+    from the first failure on (warned once)."""
+    global _failure
+    if (_failure is None or not fallback) and takes(*tensors):
+        try:
+            return fused(*tensors)
+        except Exception as error:  # noqa: BLE001 - any compile or launch failure: do not use the kernels again
+            if not fallback:
+                raise
+            _failure = f"{type(error).__name__}: {error}".strip()
+            warnings.warn(f"dlsn: the split float32 convolution's kernels failed ({_failure}); it splits and sums "
+                          f"with PyTorch from now on (same results, slower)", RuntimeWarning, stacklevel=3)
+    return formula(*tensors)
 
 
 def _conv2d_float32_by(method: str, input, weight, bias, padding: int) -> torch.Tensor:
