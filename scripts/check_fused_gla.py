@@ -215,6 +215,31 @@ def main() -> None:
                         worst_ratio, worst = fused_error / (reference_error + 1e-12), (n, fused_error, reference_error)
                 return {"largest_error_ratio_to_reference": worst_ratio, "where": worst}
 
+    training_batch, training_size = (2, sizes[0][1]) if args.small else (16, 48)
+
+    @check(f"fused GLA C={channels} k={chunk_size} {training_batch}x{training_size}x{training_size} float32 training: "
+           f"attention and round mixing in one node (attend_and_mix) vs separate, matmul precision high")
+    def _():
+        fused, _, x, rotations = gla_problem(channels, chunk_size, training_batch, training_size, device)
+        # The paper's training batch is above MIX_KERNEL_MIN_ELEMENTS; the small layer is lowered to it.
+        threshold, attends_and_mixes = chunk_attention.MIX_KERNEL_MIN_ELEMENTS, chunk_attention.attends_and_mixes
+        chunk_attention.MIX_KERNEL_MIN_ELEMENTS = 0 if args.small else threshold
+        torch.set_float32_matmul_precision("high")
+        try:
+            used = chunk_attention.attends_and_mixes(x.new_empty(training_batch, training_size ** 2, channels), 3)
+            one_node = outputs_and_gradients(fused, x, rotations)
+            chunk_attention.attends_and_mixes = lambda values, n_rounds: False
+            separate = outputs_and_gradients(fused, x, rotations)
+        finally:
+            chunk_attention.MIX_KERNEL_MIN_ELEMENTS, chunk_attention.attends_and_mixes = threshold, attends_and_mixes
+            torch.set_float32_matmul_precision("highest")
+        errors = {n: ((g - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
+                  for n, g, w in zip(names(fused), one_node, separate)}
+        worst = max(errors, key=errors.get)
+        assert used, "attends_and_mixes() is False at the training size"
+        assert errors[worst] <= 1e-3, f"{worst} differs by {errors[worst]:.3g} of its largest entry"
+        return {"worst": worst, "relative_error": errors[worst]}
+
     @check("match embedding in true float32 with cuDNN TF32 on, each method")
     def _():
         torch.manual_seed(0)

@@ -321,6 +321,21 @@ MUTATIONS: tuple[Mutation, ...] = (
                "_grad_scores_tile(GRAD_SCORES, item_round, n_chunks, query_chunk, 2 - offset,\n"),),
         ("tests/test_chunk_attention.py::test_fused_op_matches_reference_in_float32[stored_dS-padding, 3 chunks-cpu]",),
     ),
+    Mutation(
+        "attend-and-mix-delta-unweighted",
+        "attention and mixing in one node: the row term forgets the round weight, g . m instead of w_t (g . m)",
+        (Patch("dlsn/models/chunk_attention.py", "delta = (round_weights * row_dot.unsqueeze(1)).contiguous()",
+               "delta = row_dot.unsqueeze(1).expand_as(round_weights).contiguous()"),),
+        ("tests/test_chunk_attention.py::test_attend_and_mix_equals_the_separate_nodes_and_falls_back_to_the_reference",
+         "tests/test_chunk_attention.py::test_attention_and_mixing_in_one_node_keep_no_attended_values_for_backward"),
+    ),
+    Mutation(
+        "split-kernel-truncates",
+        "the split convolution's kernel truncates x to TF32 instead of rounding it to nearest",
+        (Patch("dlsn/models/float32_ops.py", "value.to(tl.int32, bitcast=True) + 0x1000) & -0x2000",
+               "value.to(tl.int32, bitcast=True) + 0x0) & -0x2000"),),
+        ("tests/test_model.py::test_the_split_kernel_gives_the_formulas_halves_bitwise",),
+    ),
 )
 
 

@@ -245,16 +245,18 @@ def test_fused_gla_matches_reference(batch, height, width):
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
 def test_fused_gla_mixes_large_outputs_with_the_kernel(monkeypatch, grad):
     """Outputs of at least MIX_KERNEL_MIN_ELEMENTS go through the mixing kernel (lowered here), smaller ones
-    through PyTorch operations (batch 1 is host-bound); either way the layer equals the reference's."""
+    through PyTorch operations (batch 1 is host-bound); float32 training mixes in the attention's own autograd
+    node (attend_and_mix). Either way the layer equals the reference's."""
     torch.manual_seed(0)
     config = dict(channels=8, chunk_size=16, n_hashes=2, reduction=2, res_scale=0.5)
     fused_layer, reference = _fused_and_reference(config)
     rotations = torch.nn.init.orthogonal_(torch.empty(2, 4, number_of_buckets(35, 16)))
     x = torch.randn(2, 8, 5, 7)  # [N, T, L, C] = 2 x 2 x 35 x 8 = 1120 elements
     mixed = []
-    original = fused._MixRounds.apply
-    monkeypatch.setattr(fused._MixRounds, "apply", lambda *args: mixed.append(args[0].shape) or original(*args))
-    for threshold, calls in ((1121, []), (1120, [(2, 2, 35, 8)])):
+    for function in (fused._MixRounds, fused._AttendAndMix):
+        monkeypatch.setattr(function, "apply", lambda *args, function=function, original=function.apply: mixed.append(
+            function.__name__) or original(*args))
+    for threshold, calls in ((1121, []), (1120, ["_AttendAndMix" if grad else "_MixRounds"])):
         monkeypatch.setattr(fused, "MIX_KERNEL_MIN_ELEMENTS", threshold)
         mixed.clear()
         if grad:
@@ -264,6 +266,79 @@ def test_fused_gla_mixes_large_outputs_with_the_kernel(monkeypatch, grad):
             with torch.no_grad():
                 torch.testing.assert_close(fused_layer(x, rotations), reference(x, rotations), rtol=1e-4, atol=1e-4)
         assert mixed == calls, threshold
+
+
+def _saved_shapes(function):
+    """Shapes of the tensors autograd saves for backward while ``function()`` runs."""
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function()
+    return shapes
+
+
+def test_attention_and_mixing_in_one_node_keep_no_attended_values_for_backward(monkeypatch):
+    """Float32 GLA training with the large-output mixing: the [N, T, L, C] attended values are not kept for
+    backward (the separate mixing node keeps them), the mixed [N, L, C] is; the same output and gradients."""
+    torch.manual_seed(0)
+    layer = GLA(8, chunk_size=16, n_hashes=2, reduction=2, res_scale=0.5, attention_impl="fused")
+    rotations = torch.nn.init.orthogonal_(torch.empty(2, 4, number_of_buckets(35, 16)))
+    x = torch.randn(2, 8, 5, 7)
+    monkeypatch.setattr(fused, "MIX_KERNEL_MIN_ELEMENTS", 0)
+    one_node = _saved_shapes(lambda: layer(x, rotations))
+    assert (2, 2, 35, 8) not in one_node and (2, 35, 8) in one_node
+    result = _gla_outputs_and_gradients(layer, x, rotations)
+    monkeypatch.setattr(fused, "attends_and_mixes", lambda values, n_rounds: False)
+    assert (2, 2, 35, 8) in _saved_shapes(lambda: layer(x, rotations))  # the test can tell them apart
+    _assert_gla_gradients_close(result, _gla_outputs_and_gradients(layer, x, rotations), 1e-5)
+
+
+def test_attend_and_mix_equals_the_separate_nodes_and_falls_back_to_the_reference(monkeypatch, fresh_fallback_state):
+    """Gradients through the row term ``w_t (g . m)`` equal those through the mixing node and the delta kernel;
+    a failing backward kernel surfaces, or with ``fallback`` warns once and gives the reference's gradients
+    (the confidences' gradient from recomputed attended values)."""
+    inputs, order, inverse = random_problem(2, 3, 37, 16, 8, 12)
+    weights_of_output = torch.randn(2, 37, 12, generator=torch.Generator().manual_seed(1))
+
+    def gradients(function):
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+        output = function(leaves)
+        (output * weights_of_output).sum().backward()
+        return [output.detach(), *(leaf.grad for leaf in leaves)]
+
+    def separate(leaves):
+        attended, confidence = fused.chunk_attention(*leaves, order, inverse)
+        return fused.mix_rounds(attended, torch.softmax(confidence, dim=1))
+
+    expected = gradients(separate)
+    for got, want in zip(gradients(lambda leaves: fused.attend_and_mix(*leaves, order, inverse)), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    def broken_kernel(*args, **kwargs):
+        raise RuntimeError("out of cheese")
+
+    monkeypatch.setattr(fused, "_fused_backward", broken_kernel)
+    with pytest.raises(RuntimeError, match="out of cheese"):
+        gradients(lambda leaves: fused.attend_and_mix(*leaves, order, inverse))
+    with pytest.warns(RuntimeWarning, match=r"chunk-attention kernel failed \(RuntimeError: out of cheese\)"):
+        fallen_back = gradients(lambda leaves: fused.attend_and_mix(*leaves, order, inverse, fallback=True))
+    for got, want in zip(fallen_back, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="float32 values in eager mode only, got torch.bfloat16"):
+        fused.attend_and_mix(*inputs[:3], inputs[3].bfloat16(), order, inverse)
+
+
+def test_gla_mixes_in_the_attention_node_only_where_it_pays(monkeypatch):
+    values = torch.zeros(2, 35, 8)
+    monkeypatch.setattr(fused, "MIX_KERNEL_MIN_ELEMENTS", 2 * 3 * 35 * 8)
+    assert fused.attends_and_mixes(values, 3) and not fused.attends_and_mixes(values, 2)  # [N, T, L, C] size
+    assert not fused.attends_and_mixes(values.bfloat16(), 3)  # half precision: the query kernel's exact delta
+    with torch.no_grad():  # inference: the embeddings are freed before the mixing
+        assert not fused.attends_and_mixes(values, 3)
 
 
 def test_fused_gla_under_bfloat16_autocast_is_as_accurate_as_the_reference():

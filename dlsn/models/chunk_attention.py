@@ -59,6 +59,11 @@ path does). Float32 dot products use TF32 only where ``torch.backends.cuda.matmu
 (``torch.set_float32_matmul_precision("high")``) allows it; true float32 dot products are correct
 but slow on GPUs (no tensor cores), so GLA's ``auto`` uses the kernel for float32 only with TF32.
 
+**Mixing the rounds** (:func:`mix_rounds`): ``sum_t softmax_t(lse)_t y_t`` in one kernel forward and one
+backward (eager, large outputs). For float32 training :func:`attend_and_mix` makes the attention and the
+mixing one autograd node, whose backward gets the row term as ``delta_t = w_t (g . m)`` (``w`` the round
+weights, ``m`` the mixed output, ``g`` its gradient) and so keeps neither ``y`` nor the confidences' gradient.
+
 **Hashing** (:func:`bucket_codes`, custom op ``dlsn::bucket_codes``): GLA's SB-LSH buckets
 ``argmax_b m_p . R_t[:, b]`` come from one more kernel on CUDA. One program per block of positions of
 one item and round multiplies them with the round's rotation in true float32 (FMA, no TF32: buckets
@@ -883,11 +888,14 @@ def backward_variants(device: torch.device, dtype: torch.dtype) -> dict[str, tup
 
 
 def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
-                    attended, confidence, mode: str | None = None, configs: dict[str, tuple] | None = None):
+                    attended, confidence, mode: str | None = None, configs: dict[str, tuple] | None = None,
+                    delta: torch.Tensor | None = None):
     """Gradients of queries, keys, learned score and values; ``mode`` one of ``BACKWARD_MODE_CHOICES``
     (default: the device's ``BACKWARD_MODE``), ``configs`` launch configurations other than
     ``LAUNCH_CONFIGS``' for the ``"keys"`` and ``"queries"`` kernels (rows, warps, stages) and the ``"values"``
-    kernel (also its value channels per program). "timed" picks both (:func:`backward_variants`)."""
+    kernel (also its value channels per program). "timed" picks both (:func:`backward_variants`). ``delta``:
+    the float32 row term ``dy . y - dlse`` ``[N, T, L]`` where the caller has it (:class:`_AttendAndMix`);
+    ``attended`` and ``grad_confidence`` are then not read."""
     arguments = (grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
                  attended, confidence)
     queries, keys, learned_score, values = map(_unit_column_stride, (queries, keys, learned_score, values))
@@ -900,7 +908,7 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
         variants = backward_variants(values.device, values.dtype)
         mode, configs = variants[timed_choice.fastest(
             key, lambda: {name: functools.partial(_fused_backward, *arguments, mode=variant_mode,
-                                                  configs=variant_configs)
+                                                  configs=variant_configs, delta=delta)
                           for name, (variant_mode, variant_configs) in variants.items()},
             device=values.device, default=next(iter(variants)))]
     batch, rounds, padded = order.shape
@@ -912,7 +920,7 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     exact_delta = values.element_size() < 4
     if exact_delta:
         delta = (-grad_confidence.float()).contiguous()
-    else:
+    elif delta is None:
         delta = _delta(grad_attended, attended, grad_confidence)
     atomic, values_kernel = mode.startswith("atomic"), mode.endswith("+values")
     stored = mode.startswith("stored_dS")
@@ -1234,6 +1242,23 @@ def _mix_launch(kernel_function, grid, tensors, length, n_rounds, v_dim, block_c
                   BLOCK_L=MIX_BLOCK_POSITIONS, BLOCK_C=block_c)
 
 
+def _mix_forward(attended: torch.Tensor, round_weights: torch.Tensor, fallback: bool) -> torch.Tensor:
+    """The mixing kernel on contiguous ``attended`` and ``round_weights``; plain PyTorch after a failure."""
+    if _failure is None:
+        batch, rounds, length, v_dim = attended.shape
+        mixed = attended.new_empty(batch, length, v_dim)
+        block_c = min(MIX_BLOCK_CHANNELS, _power_of_two(v_dim))
+        grid = (triton.cdiv(length, MIX_BLOCK_POSITIONS), batch, triton.cdiv(v_dim, block_c))
+        try:
+            _mix_launch(_mix_rounds_kernel, grid, (attended, round_weights, mixed), length, rounds, v_dim, block_c)
+            return mixed
+        except Exception as error:
+            if not fallback:
+                raise
+            _give_up(error, "round-mixing")  # as the attention kernel: warned once, then plain PyTorch
+    return _mix_rounds_plain(attended, round_weights)
+
+
 class _MixRounds(torch.autograd.Function):
     """The kernels with their backward: an autograd.Function, not a custom op, since only eager code calls
     it (torch.compile gets the plain formula) and a custom op's Python dispatch cost about 75 us more per
@@ -1244,20 +1269,7 @@ class _MixRounds(torch.autograd.Function):
         attended, round_weights = attended.contiguous(), round_weights.contiguous()
         ctx.save_for_backward(attended, round_weights)
         ctx.fallback = fallback
-        if _failure is None:
-            batch, rounds, length, v_dim = attended.shape
-            mixed = attended.new_empty(batch, length, v_dim)
-            block_c = min(MIX_BLOCK_CHANNELS, _power_of_two(v_dim))
-            grid = (triton.cdiv(length, MIX_BLOCK_POSITIONS), batch, triton.cdiv(v_dim, block_c))
-            try:
-                _mix_launch(_mix_rounds_kernel, grid, (attended, round_weights, mixed), length, rounds, v_dim,
-                            block_c)
-                return mixed
-            except Exception as error:
-                if not fallback:
-                    raise
-                _give_up(error, "round-mixing")  # as the attention kernel: warned once, then plain PyTorch
-        return _mix_rounds_plain(attended, round_weights)
+        return _mix_forward(attended, round_weights, fallback)
 
     @staticmethod
     def backward(ctx, grad_mixed):
@@ -1296,6 +1308,72 @@ def mix_in_one_kernel(attended: torch.Tensor) -> bool:
     (``MIX_KERNEL_MIN_ELEMENTS``), not under ``torch.compile``, the kernels working."""
     return (attended.numel() >= MIX_KERNEL_MIN_ELEMENTS and triton is not None and _failure is None
             and not torch.compiler.is_compiling())
+
+
+# --------------------------------------------------------------------------------------------
+# Attention and round mixing as one autograd node (eager float32 training at large sizes).
+# --------------------------------------------------------------------------------------------
+
+class _AttendAndMix(torch.autograd.Function):
+    """:func:`chunk_attention`, the softmax of the confidences over rounds and :func:`mix_rounds` as one node.
+
+    Its backward needs neither the attended values nor the confidences' gradient. With ``w = softmax_t(lse)``,
+    ``m = sum_t w_t y_t`` and ``g = dL/dm``: ``dy_t = w_t g`` and ``dlse_t = w_t (g . y_t - sum_s w_s g . y_s)``,
+    so the float32 backward's row term is ``delta_t = dy_t . y_t - dlse_t = w_t (g . m)``. It saves ``m``
+    ``[N, L, C]`` instead of ``y`` ``[N, T, L, C]`` (at batch 16, 96x96, C=256: 151 MB instead of 453 per layer)
+    and reads ``g`` and ``m`` once for ``delta``, where the mixing backward read ``y`` for ``dL/dw`` and the
+    delta kernel read ``dy`` and ``y`` again (about 1.1 GB of memory traffic less per layer there)."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, learned_score, values, order, inverse, fallback):
+        attended, confidence = _attend(queries, keys, learned_score, values, order, inverse, fallback)
+        round_weights = torch.softmax(confidence, dim=1)
+        mixed = _mix_forward(attended, round_weights, fallback)
+        ctx.save_for_backward(queries, keys, learned_score, values, order, inverse, confidence, round_weights, mixed)
+        ctx.fallback = fallback
+        return mixed
+
+    @staticmethod
+    def backward(ctx, grad_mixed):
+        queries, keys, learned_score, values, order, inverse, confidence, round_weights, mixed = ctx.saved_tensors
+        inputs = (queries, keys, learned_score, values, order, inverse)
+        grad_mixed = grad_mixed.float().contiguous()
+        grad_attended = grad_mixed.unsqueeze(1) * round_weights.unsqueeze(-1)
+        if _fused_allowed(values, ctx.fallback):
+            try:
+                row_dot = _delta(grad_mixed, mixed, grad_mixed.new_zeros(grad_mixed.shape[:2]))  # g . m
+                delta = (round_weights * row_dot.unsqueeze(1)).contiguous()
+                return (*_fused_backward(grad_attended, None, *inputs, None, confidence, delta=delta), None, None, None)
+            except Exception as error:
+                if not ctx.fallback:
+                    raise
+                _give_up(error)
+        # After a failure: the reference backward, with the confidences' gradient from recomputed attended values.
+        attended, _ = chunk_attention_reference(*inputs)
+        per_round = (grad_mixed.unsqueeze(1) * attended.float()).sum(-1)  # dL/dw_t = g . y_t
+        grad_confidence = round_weights * (per_round - (round_weights * per_round).sum(1, keepdim=True))
+        return (*chunk_attention_reference_backward(grad_attended, grad_confidence, *inputs), None, None, None)
+
+
+def attend_and_mix(queries: torch.Tensor, keys: torch.Tensor, learned_score: torch.Tensor, values: torch.Tensor,
+                   order: torch.Tensor, inverse: torch.Tensor, *, fallback: bool = False) -> torch.Tensor:
+    """``mix_rounds(*chunk_attention(...))`` with the softmax of the confidences over rounds as weights:
+    ``[N, L, C]`` float32, the same numbers, one autograd node (:class:`_AttendAndMix`). For float32 values in
+    eager mode (:func:`attends_and_mixes` says where GLA uses it); arguments as :func:`chunk_attention`'s."""
+    if values.dtype != torch.float32 or torch.compiler.is_compiling():
+        raise ValueError(f"attend_and_mix: float32 values in eager mode only, got {values.dtype}"
+                         + (" under torch.compile" if torch.compiler.is_compiling() else ""))
+    return _AttendAndMix.apply(queries, keys, learned_score, values, order, inverse, fallback)
+
+
+def attends_and_mixes(values: torch.Tensor, n_rounds: int) -> bool:
+    """Whether GLA computes its fused attention and the round mixing with :func:`attend_and_mix`: float32 values,
+    autograd on (in inference the separate mixing lets the embeddings go first, which sets the peak memory), and
+    an ``[N, T, L, C]`` output that :func:`mix_in_one_kernel` would mix in one kernel."""
+    batch, length, v_dim = values.shape
+    return (values.dtype == torch.float32 and torch.is_grad_enabled()
+            and batch * n_rounds * length * v_dim >= MIX_KERNEL_MIN_ELEMENTS and triton is not None
+            and _failure is None and not torch.compiler.is_compiling())
 
 
 # --------------------------------------------------------------------------------------------

@@ -516,7 +516,9 @@ class GLA(nn.Module):
     def _attention_rounds(self, x: torch.Tensor, rotations: torch.Tensor | None):
         """Embeddings, hashing and chunk attention: the attended values and the confidences in image order
         (float32, or the reference's compute precision): ``[N, T, L, C]`` and ``[N, T, L]`` tensors from
-        the fused kernel, per-round lists of ``[N, L, C]`` and ``[N, L]`` from the reference."""
+        the fused kernel, per-round lists of ``[N, L, C]`` and ``[N, L]`` from the reference; or, where
+        the fused kernel's float32 training mixes the rounds in the same autograd node
+        (:func:`~dlsn.models.chunk_attention.attend_and_mix`), the mixed ``[N, L, C]`` and ``None``."""
         batch, _, height, width = x.shape
         length = height * width
         chunk = min(self.chunk_size, length)
@@ -532,11 +534,10 @@ class GLA(nn.Module):
             if learned_score is None:  # the kernel always adds a learned term: zero here
                 learned_score = value.new_zeros(batch, length, chunk)
             # Queries and keys in the values' precision, as the reference's autocast matmul uses them.
-            attended, confidence = fused.chunk_attention(
-                match.to(value.dtype), keys.to(value.dtype), learned_score, value, order, inverse,
-                fallback=self.attention_impl == "auto",
-            )
-            return attended, confidence
+            arguments = (match.to(value.dtype), keys.to(value.dtype), learned_score, value, order, inverse)
+            if fused.attends_and_mixes(value, self.n_hashes):
+                return fused.attend_and_mix(*arguments, fallback=self.attention_impl == "auto"), None
+            return fused.chunk_attention(*arguments, fallback=self.attention_impl == "auto")
         return self._reference_rounds(match, keys, learned_score, value, order, inverse)
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor | None = None) -> torch.Tensor:
@@ -544,8 +545,13 @@ class GLA(nn.Module):
         # The embeddings (three feature maps' worth) die with _attention_rounds' frame: without
         # autograd (inference) they are freed before the rounds are mixed, which sets the peak memory.
         attended, confidences = self._attention_rounds(x, rotations)
+        attention = attended if confidences is None else self._mix_rounds(attended, confidences)
+        # Added to x through a channels-last view.
+        attention = attention.view(batch, height, width, channels).permute(0, 3, 1, 2)
+        return torch.add(x, attention.to(x.dtype), alpha=self.res_scale)
 
-        # Mix rounds per position by the softmax of their log-sum-exp confidences.
+    def _mix_rounds(self, attended, confidences) -> torch.Tensor:
+        """Mix rounds per position by the softmax of their log-sum-exp confidences: ``[N, L, C]``."""
         if not torch.is_tensor(confidences):
             confidences = torch.stack(confidences, dim=1)
         round_weights = torch.softmax(confidences, dim=1)  # [N, T, L]
@@ -566,9 +572,7 @@ class GLA(nn.Module):
             attention = rounds[0] * weights[0]
             for output, weight in zip(rounds[1:], weights[1:]):
                 attention.addcmul_(output, weight)
-        # Added to x through a channels-last view.
-        attention = attention.view(batch, height, width, channels).permute(0, 3, 1, 2)
-        return torch.add(x, attention.to(x.dtype), alpha=self.res_scale)
+        return attention
 
     @torch.no_grad()
     def query_attention(self, x: torch.Tensor, position: int,
