@@ -371,8 +371,11 @@ def _gla_cases():
 @pytest.mark.slow
 @pytest.mark.skipif(not FIXTURES.exists(), reason=f"official DLSN fixtures not found at {FIXTURES}")
 @pytest.mark.parametrize("case_index", range(len(_gla_cases())))
-def test_fused_gla_matches_reference_on_the_official_cases(case_index):
-    """Padding, an exact multiple, many buckets, the 128-bucket cap (the interpreter takes 5-30 s each)."""
+@pytest.mark.parametrize("mixing", ["separate", "one node"])
+def test_fused_gla_matches_reference_on_the_official_cases(monkeypatch, case_index, mixing):
+    """Padding, an exact multiple, many buckets, the 128-bucket cap (the interpreter takes 5-30 s each); the
+    round mixing as its own node and, as float32 training runs it at large sizes, in the attention's."""
+    monkeypatch.setattr(fused, "MIX_KERNEL_MIN_ELEMENTS", 0 if mixing == "one node" else 2**62)
     case = _gla_cases()[case_index]
     fused_layer, reference = _fused_and_reference(case["config"], case["state_dict"])
     rotations = torch.stack(case["rotations"])

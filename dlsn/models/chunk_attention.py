@@ -1328,7 +1328,7 @@ class _AttendAndMix(torch.autograd.Function):
     def forward(ctx, queries, keys, learned_score, values, order, inverse, fallback):
         attended, confidence = _attend(queries, keys, learned_score, values, order, inverse, fallback)
         round_weights = torch.softmax(confidence, dim=1)
-        mixed = _mix_forward(attended, round_weights, fallback)
+        mixed = _mix_forward(attended.contiguous(), round_weights, fallback)
         ctx.save_for_backward(queries, keys, learned_score, values, order, inverse, confidence, round_weights, mixed)
         ctx.fallback = fallback
         return mixed
