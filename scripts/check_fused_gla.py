@@ -240,6 +240,35 @@ def main() -> None:
         assert errors[worst] <= 1e-3, f"{worst} differs by {errors[worst]:.3g} of its largest entry"
         return {"worst": worst, "relative_error": errors[worst]}
 
+    @check(f"fused GLA C={channels} k={chunk_size} {training_batch}x{training_size}x{training_size} float32 training: "
+           f"the embeddings' convolutions in one autograd node (relu_convolution_groups) vs separate nodes")
+    def _():
+        fused, _, x, rotations = gla_problem(channels, chunk_size, training_batch, training_size, device)
+        in_one_node, apart = float32_ops.relu_convolutions_in_one_node, float32_ops.match_convolution_apart
+        if not cuda:  # the match convolution apart as on CUDA, where the one node saves a backward convolution
+            float32_ops.match_convolution_apart = lambda x: True
+        torch.set_float32_matmul_precision("high")
+        details = {}
+        try:
+            used = float32_ops.relu_convolutions_in_one_node(x, fused.value_embedding.weight)
+            for way in ("one_node", "separate"):
+                if way == "separate":
+                    float32_ops.relu_convolutions_in_one_node = lambda *tensors: False
+                details[way] = outputs_and_gradients(fused, x, rotations)
+                if cuda:  # the layer's forward and backward, as benchmark_gla.py times it
+                    details[f"{way}_layer_forward_backward_ms"] = round(
+                        median_cuda_ms(lambda: outputs_and_gradients(fused, x, rotations)), 3)
+        finally:
+            float32_ops.relu_convolutions_in_one_node, float32_ops.match_convolution_apart = in_one_node, apart
+            torch.set_float32_matmul_precision("highest")
+        one_node, separate = details.pop("one_node"), details.pop("separate")
+        errors = {n: ((g - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
+                  for n, g, w in zip(names(fused), one_node, separate)}
+        worst = max(errors, key=errors.get)
+        assert used, "relu_convolutions_in_one_node() is False in float32 training"
+        assert errors[worst] <= 1e-3, f"{worst} differs by {errors[worst]:.3g} of its largest entry"
+        return {"worst": worst, "relative_error": errors[worst]} | details
+
     @check("match embedding in true float32 with cuDNN TF32 on, each method")
     def _():
         torch.manual_seed(0)

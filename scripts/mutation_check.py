@@ -336,6 +336,15 @@ MUTATIONS: tuple[Mutation, ...] = (
                "value.to(tl.int32, bitcast=True) + 0x0) & -0x2000"),),
         ("tests/test_model.py::test_the_split_kernel_gives_the_formulas_halves_bitwise",),
     ),
+    Mutation(
+        "embedding-groups-unmasked",
+        "the embeddings' one backward convolution takes their gradients without the ReLU's mask",
+        (Patch("dlsn/models/float32_ops.py",
+               "torch.ops.aten.threshold_backward.grad_input(grad_group, output, 0, grad_input=into)",
+               "into.copy_(grad_group)"),),
+        ("tests/test_model.py::test_relu_convolution_groups_equal_separate_convolutions",
+         "tests/test_model.py::test_gla_training_runs_one_backward_convolution_for_its_embeddings"),
+    ),
 )
 
 

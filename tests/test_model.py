@@ -672,6 +672,115 @@ def test_float32_convolution_ignores_tf32_on_cuda(monkeypatch, method):
     assert error < 1e-4 and (tf32_error > 1e-4 or torch.cuda.get_device_capability() < (8, 0))
 
 
+# ------------------------------------------------------------------ the embeddings as one autograd node
+
+def _separate_relu_convolutions(x, weight, bias, sizes):
+    """What relu_convolution_groups replaces: one convolution and ReLU per group."""
+    return [torch.relu(F.conv2d(x, w, b, padding=1)) for w, b in zip(weight.split(sizes), bias.split(sizes))]
+
+
+@pytest.mark.parametrize("first_in_float32", [False, True])
+def test_relu_convolution_groups_equal_separate_convolutions(first_in_float32):
+    """Outputs and gradients (input, stacked weight and bias) of the one node against a convolution and a ReLU
+    per group, with one group left without a gradient (its share is zeros, not left unset), at channel
+    counts whose ReLU masks differ per group; the outputs keep the input's channels-last layout."""
+    from dlsn.models import float32_ops
+
+    torch.manual_seed(0)
+    sizes = [3, 5, 4]
+    x = torch.randn(2, 6, 7, 9).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    weight = torch.randn(sum(sizes), 6, 3, 3, requires_grad=True)
+    bias = torch.randn(sum(sizes), requires_grad=True)
+    groups = float32_ops.relu_convolution_groups(x, weight, bias, sizes, padding=1, first_in_float32=first_in_float32)
+    expected = _separate_relu_convolutions(x, weight, bias, sizes)
+    assert [tuple(group.shape) for group in groups] == [(2, size, 7, 9) for size in sizes]
+    assert all(group.stride(1) == 1 for group in groups)  # channels-last memory: [N, L, D] tokens are views
+    for group, want in zip(groups, expected):
+        torch.testing.assert_close(group, want, rtol=1e-6, atol=1e-6)
+    grad_outputs = [torch.randn_like(group) for group in groups]
+    for used in ([0, 1, 2], [0, 2], [1]):
+        loss = sum((groups[i] * grad_outputs[i]).sum() for i in used)
+        want_loss = sum((expected[i] * grad_outputs[i]).sum() for i in used)
+        grads = torch.autograd.grad(loss, (x, weight, bias), retain_graph=True)
+        want = torch.autograd.grad(want_loss, (x, weight, bias), retain_graph=True)
+        for got, reference in zip(grads, want):
+            torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+    if not first_in_float32:  # the float32 convolution computes in float32, not in float64
+        x64, weight64, bias64 = (t.detach().double().requires_grad_(True) for t in (x, weight, bias))
+        assert torch.autograd.gradcheck(
+            lambda *args: float32_ops.relu_convolution_groups(*args, sizes, padding=1, first_in_float32=False),
+            (x64, weight64, bias64))
+    with pytest.raises(ValueError, match=r"sizes \[3, 5\] must add up to the weight's 12 output channels"):
+        float32_ops.relu_convolution_groups(x, weight, bias, [3, 5], padding=1, first_in_float32=first_in_float32)
+    if first_in_float32:
+        with pytest.raises(ValueError, match=r"first_in_float32 needs at least two groups, got sizes \[12\]"):
+            float32_ops.relu_convolution_groups(x, weight, bias, [12], padding=1, first_in_float32=True)
+
+
+class _DispatchCount(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name, self.count = name, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ == self.name
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("match_apart", [False, True])
+def test_gla_training_runs_one_backward_convolution_for_its_embeddings(monkeypatch, match_apart):
+    """In training GLA's three embeddings are one autograd node: its backward runs one convolution backward
+    where the separate nodes ran two with the match convolution apart (as on CUDA), and gives the same
+    output and gradients (on the CPU, where the match convolution joins the others, bitwise the same)."""
+    from dlsn.models import float32_ops
+
+    monkeypatch.setattr(float32_ops, "match_convolution_apart", lambda x: match_apart)
+    torch.manual_seed(0)
+    layer = GLA(16, chunk_size=8, n_hashes=2, attention_impl="reference")
+    x = torch.randn(2, 16, 10, 12).requires_grad_(True)
+    rotations = torch.randn(2, 4, number_of_buckets(120, 8))
+    weights = torch.linspace(-1, 1, x.numel()).view_as(x)
+
+    def forward_backward():
+        output = layer(x, rotations)
+        counter = _DispatchCount("convolution_backward")
+        with counter:
+            grads = torch.autograd.grad((output * weights).sum(), [x, *layer.parameters()])
+        return output, grads, counter.count
+
+    output, grads, backward_convolutions = forward_backward()
+    monkeypatch.setattr(float32_ops, "relu_convolutions_in_one_node", lambda *tensors: False)
+    separate_output, separate_grads, separate_backward_convolutions = forward_backward()
+    assert (backward_convolutions, separate_backward_convolutions) == (1, 2 if match_apart else 1)
+    if match_apart:
+        torch.testing.assert_close(output, separate_output, rtol=0, atol=0)
+        for got, want in zip(grads, separate_grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(output, separate_output) and all(map(torch.equal, grads, separate_grads))
+
+
+def test_embeddings_are_one_node_only_in_eager_training_without_autocast():
+    from dlsn.models import float32_ops
+
+    x = torch.randn(1, 4, 3, 3)
+    weight = torch.randn(4, 4, 3, 3, requires_grad=True)
+    assert float32_ops.relu_convolutions_in_one_node(x, weight)
+    assert float32_ops.relu_convolutions_in_one_node(x.double(), weight.double())  # the CPU in any dtype
+    assert not float32_ops.relu_convolutions_in_one_node(x, weight.detach())  # nothing needs a gradient
+    with torch.no_grad():
+        assert not float32_ops.relu_convolutions_in_one_node(x, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not float32_ops.relu_convolutions_in_one_node(x, weight)
+        assert float32_ops.match_convolution_apart(x)
+    assert not float32_ops.match_convolution_apart(x)
+    if torch.cuda.is_available():
+        cuda_x = x.cuda()
+        assert float32_ops.match_convolution_apart(cuda_x)
+        assert float32_ops.relu_convolutions_in_one_node(cuda_x, weight.cuda())
+        assert not float32_ops.relu_convolutions_in_one_node(cuda_x.double(), weight.cuda().double())
+
+
 # ------------------------------------------------------------------ torch.compile
 
 @pytest.mark.parametrize("autocast", [False, True])

@@ -43,7 +43,10 @@ published code computes when ``L == k``. ``b`` is at least 1.
 ``fc(u_j)`` depends only on the key position, so it is evaluated once per position (``L`` rows)
 rather than on the ``3 * n_hashes * L`` gathered copies; keys are normalised once before gathering;
 the learned scores are added inside the score matmul (``baddbmm``); rounds are processed one at a
-time so that inference holds one round's score tensor at a time.
+time so that inference holds one round's score tensor at a time. The three embeddings are one stacked
+convolution (the match embedding apart where it must be true float32), and in training one autograd
+node whose backward runs one convolution backward for all three
+(:func:`~dlsn.models.float32_ops.relu_convolution_groups`).
 
 Under autocast, and on CUDA whatever the TF32 settings, the match embedding is computed in true
 float32 (:mod:`dlsn.models.float32_ops`) and hashing runs in float32, so the bucket assignment adds
@@ -78,8 +81,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlsn.models import chunk_attention as fused
+from dlsn.models import float32_ops
 from dlsn.models.conv_epilogue import conv2d_epilogue
-from dlsn.models.float32_ops import conv2d_float32
 
 ATTENTION_IMPLS = ("auto", "reference", "fused")
 MAX_BUCKETS = 128
@@ -415,7 +418,8 @@ class GLA(nn.Module):
         stacked: one large matrix product instead of several smaller ones. The (small) match
         convolution runs apart in true float32 under autocast and on CUDA (where float32
         convolutions may use TF32): bucket assignment is an argmax, and rounding of its inputs
-        would move positions between buckets.
+        would move positions between buckets. In eager training without autocast they are one
+        autograd node with one backward convolution (:func:`float32_ops.relu_convolution_groups`).
         """
         # Channels-last convolutions give [N, H, W, D] memory: the [N, L, D] tokens are a view whose
         # rows can be gathered without another copy (and mkldnn convolves it a little faster).
@@ -427,11 +431,19 @@ class GLA(nn.Module):
         convs = [self.match_embedding, self.value_embedding]
         if self.learns_scores:
             convs.append(self.score_embedding)
+        match_apart = float32_ops.match_convolution_apart(x)
+        if float32_ops.relu_convolutions_in_one_node(x, *(conv.weight for conv in convs)):
+            # Training: one autograd node, whose backward runs one convolution backward for all of them.
+            parts = float32_ops.relu_convolution_groups(
+                x, torch.cat([conv.weight for conv in convs]), torch.cat([conv.bias for conv in convs]),
+                [conv.out_channels for conv in convs], padding=1, first_in_float32=match_apart)
+            parts = tuple(tokens(part) for part in parts)
+            return parts if self.learns_scores else (*parts, None)
         match = None
-        if x.is_cuda or torch.is_autocast_enabled(x.device.type):
+        if match_apart:
             # ReLU in place: the map is large and the convolution's backward does not need its output.
-            match = tokens(F.relu(conv2d_float32(x, self.match_embedding.weight, self.match_embedding.bias, 1),
-                                  inplace=True))
+            match_map = float32_ops.conv2d_float32(x, self.match_embedding.weight, self.match_embedding.bias, 1)
+            match = tokens(F.relu(match_map, inplace=True))
             convs = convs[1:]
         weight = torch.cat([conv.weight for conv in convs])
         bias = torch.cat([conv.bias for conv in convs])
