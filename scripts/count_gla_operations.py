@@ -16,8 +16,9 @@ rotations are orthonormalised by one kernel instead of Cholesky QR (14 operation
 kernels on a GPU, where cuSOLVER and cuBLAS launch several per call); 71 since the float32 backward's
 ``delta`` is one kernel instead of a product, a sum and a subtraction. The match convolution runs apart
 in true float32, as on a GPU (on the CPU it joins the other embeddings' convolution): 76 operations that way
-before, 74 since the three embeddings are one autograd node with one backward convolution. The loss (``square().mean()``, as ``benchmark_gla.py``) and the
-gradient accumulation into the parameters are included, as in the benchmark.
+before, 74 since the three embeddings are one autograd node with one backward convolution, 73 since the
+score MLP's first layer is one ``addmm`` (no separate bias addition). The loss (``square().mean()``, as
+``benchmark_gla.py``) and the gradient accumulation into the parameters are included, as in the benchmark.
 """
 
 from __future__ import annotations

@@ -104,7 +104,8 @@ def test_gla_forward_backward_issues_few_operations():
     convolution are autograd.Functions in eager mode, whose inner operations the count sees, where the
     custom ops hid about ten; 73 since the rotations are orthonormalised by one kernel; 71 since the float32
     backward's delta is one kernel; 76 with the match convolution apart, as on a GPU; 74 since the embeddings
-    are one autograd node). A change that adds operations to the layer's training path shows here first."""
+    are one autograd node; 73 since the score MLP's first layer is one addmm). A change that adds operations
+    to the layer's training path shows here first."""
     if not fused.triton_available():
         pytest.skip("triton is not importable")
     spec = importlib.util.spec_from_file_location("count_gla_operations", SCRIPT.parent / "count_gla_operations.py")
@@ -113,7 +114,7 @@ def test_gla_forward_backward_issues_few_operations():
     counted = script.count()
     assert counted["launches"] == ["forward", "queries", "keys"]
     total = len(counted["forward"]) + len(counted["backward"])
-    assert total <= 74, (total, counted)
+    assert total <= 73, (total, counted)
     # eager mode: no custom op's dispatch on this path (the hashing is counted as its one kernel)
     assert not {"chunk_attention", "chunk_attention_backward", "conv2d_float32"} & set(counted["forward"] + counted["backward"])
     assert counted["forward"].count("bucket_codes") == 1

@@ -416,7 +416,14 @@ if triton is not None:
     ):
         """dV of one key block and block of value channels: ``sum_i P_ij dy_i`` over the queries of the
         3 chunks that see it. Needs only ``P`` (recomputed from q, k, ls and lse; V and DELTA unused),
-        so the key kernel can leave dV out and hold fewer registers (``WITH_GRAD_V=False``)."""
+        so the key kernel can leave dV out and hold fewer registers (``WITH_GRAD_V=False``).
+
+        One loop runs over every (query block, neighbour chunk) pair, where the other kernels unroll the
+        three chunks inside their loop: with two or more stages Triton then prefetches the next pair's
+        gathered rows (cp.async) into one set of buffers, not one per unrolled chunk. For sm_90 (Triton 3.9)
+        (64 rows, 8 warps, 2 stages) with all 256 channels needs 197 KB of shared memory and no spills,
+        against 529 KB and 360 bytes per thread unrolled; (64, 4, 1) with 128 channels spills nothing
+        (104 bytes unrolled). The learned-score tile is re-read for each chunk (from the cache)."""
         item_round = tl.program_id(1).to(tl.int64)
         item = item_round // n_rounds
         key_chunk, key_slots, key_valid = _block_of_chunk(chunk, BLOCK_N)
@@ -431,21 +438,20 @@ if triton is not None:
         round_row = tl.where(sorted_keys < length, key_pos.to(tl.int32), sorted_keys)  # as in the key kernel
         k = _rows(K, item, k_stride_n, k_stride_l, key_pos, dims, key_valid, dim_valid)
         grad_v = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-        for slot_start in range(0, chunk, BLOCK_M):
-            slots = slot_start + tl.arange(0, BLOCK_M)
+        for step in range(0, 3 * tl.cdiv(chunk, BLOCK_M)):  # query blocks outer, the 3 chunks inner
+            slots = step // 3 * BLOCK_M + tl.arange(0, BLOCK_M)
             slot_valid = slots < chunk
             learned = _learned_scores(LS, item, ls_stride_n, ls_stride_l, key_pos, slots, key_valid, slot_valid)
-            for offset in tl.static_range(3):
-                sorted_queries = (key_chunk - offset + 1 + n_chunks) % n_chunks * chunk + slots
-                has_output = slot_valid & (sorted_queries < length)
-                query_pos = _positions(order_row, sorted_queries, slot_valid)
-                q = _rows(Q, item, q_stride_n, q_stride_l, query_pos, dims, slot_valid, dim_valid)
-                image_row = item_round * length + query_pos
-                lse = tl.load(LSE + image_row, mask=has_output, other=float("inf"))
-                grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
-                                   mask=has_output[:, None] & channel_valid[None, :], other=0.0)
-                weights = tl.exp(_dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned - lse[:, None])
-                grad_v += _dot(tl.trans(weights).to(grad_out.dtype), grad_out, PRECISION, INTERPRETED)
+            sorted_queries = (key_chunk - step % 3 + 1 + n_chunks) % n_chunks * chunk + slots
+            has_output = slot_valid & (sorted_queries < length)
+            query_pos = _positions(order_row, sorted_queries, slot_valid)
+            q = _rows(Q, item, q_stride_n, q_stride_l, query_pos, dims, slot_valid, dim_valid)
+            image_row = item_round * length + query_pos
+            lse = tl.load(LSE + image_row, mask=has_output, other=float("inf"))
+            grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
+                               mask=has_output[:, None] & channel_valid[None, :], other=0.0)
+            weights = tl.exp(_dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned - lse[:, None])
+            grad_v += _dot(tl.trans(weights).to(grad_out.dtype), grad_out, PRECISION, INTERPRETED)
         grad_row = item_round * padded_length + round_row
         tl.store(GRAD_V + grad_row[:, None] * v_dim + channels[None, :], grad_v,
                  mask=key_valid[:, None] & channel_valid[None, :])
@@ -735,14 +741,19 @@ TIMED_KEY_CONFIGS = {90: {"float32": ((32, 8, 1),)}, 80: {}}
 # forward+backward (3.3 of 20.1 ms of kernels, 33 TFLOP/s against the forward's 52), run with an untimed
 # (32, 8, 1). Its loop is the forward's (a block of rows against the 3k gathered partners, P recomputed, a
 # [rows, C] accumulator), whose float32 sweep at the training size put (32, 4, 2) with all 256 channels first
-# (0.64 ms) and (32, 8, 1) at 1.06 ms: (32, 4, 2, 256) spills 32 bytes per thread for sm_90 (Triton 3.9).
+# (0.64 ms) and (32, 8, 1) at 1.06 ms.
 # 64-row blocks compile to Hopper's wgmma instead of mma.sync and re-read each query's incoming-gradient rows
-# half as often (64/8/1 with 64 channels: no spills; 64/4/1 with 128: 104 bytes; all 256 channels spill 0.7 KB
-# and more); narrower channel blocks recompute P once more per block (64 multiply-adds per query-key pair,
-# against dV's 256 in all). Query kernel, float32, dP summed over 64-channel blocks and dS stored: LAUNCH_CONFIGS'
+# half as often; narrower channel blocks recompute P once more per block (64 multiply-adds per query-key pair,
+# against dV's 256 in all). Since its loop runs over the (query block, chunk) pairs instead of unrolling the
+# chunks (2026-11-28, not yet timed), two stages prefetch the next pair's rows in a shared memory that fits:
+# (64, 8, 2) with 64 channels and with all 256 (one program per key block, P computed once) compile for sm_90
+# without spills (98 and 197 KB; unrolled 234 and 529 KB, over an H100's 227), and no timed configuration
+# spills (Triton 3.9; unrolled: (32, 4, 2, 256) 32 bytes, (64, 4, 1, 128) 104). Query kernel, float32, dP
+# summed over 64-channel blocks and dS stored: LAUNCH_CONFIGS'
 # (64, 4, 1) spills 64 bytes per thread for sm_90, (64, 8, 1) none, nor (64, 8, 2), whose second stage prefetches
 # the next key block's rows (96 KB of shared memory).
-TIMED_VALUES_CONFIGS = {90: {"float32": ((32, 4, 2, 256), (64, 8, 1, 64), (64, 4, 1, 128))}, 80: {}}
+TIMED_VALUES_CONFIGS = {90: {"float32": ((32, 4, 2, 256), (64, 8, 1, 64), (64, 4, 1, 128), (64, 8, 2, 64),
+                                        (64, 8, 2, 256))}, 80: {}}
 TIMED_QUERIES_CONFIGS = {90: {"float32": ((64, 8, 1), (64, 8, 2))}, 80: {}}
 TIMED_CONFIGS_MODE = "stored_dS+values"
 _working_rows: dict[tuple, int] = {}

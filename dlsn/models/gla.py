@@ -537,8 +537,11 @@ class GLA(nn.Module):
         rotations = self._rotations(number_of_buckets(length, self.chunk_size), rotations, x.device)
 
         match, value, score_input = self._embeddings(x)
-        # fc(u_j) depends only on the key position: evaluate it once per position, gather later.
-        learned_score = None if score_input is None else self.score_mlp(score_input)[..., :chunk]
+        # fc(u_j) depends only on the key position: evaluate it once per position, gather later. On the
+        # [N*L, C] matrix (a view): linear() takes the strided 3-D tokens through matmul and a separate bias
+        # addition, a 2-D input through one addmm.
+        learned_score = (None if score_input is None
+                         else self.score_mlp(score_input.flatten(0, 1)).view(batch, length, -1)[..., :chunk])
         keys = normalize_keys(match)
         order, inverse = sort_into_chunks(hash_codes(match, rotations), chunk)
 
