@@ -22,6 +22,10 @@ network's forward pass (no autograd) on 1x3x48x48.
 batch 1 48x48 and 96x96 and batch 16 96x96, and the paper DLSN (x2) forward of one whole LR image of
 128x128 and 360x360 (no autograd), each for the published layout, the reference and the fused
 implementation (``--impls`` to change).
+Implementation ``compiled`` (training kinds only: evaluation runs eagerly) is ``fused`` under ``torch.compile``
+with the options of train.py's compiled training steps (``COMPILE_OPTIONS``, configs/module/sr.yaml: CUDA graphs,
+static shapes); on a GPU the GLA rows then show what the paper experiments' training steps get, where ``fused`` is
+the eager layer the targets judge. ``--compile-backend eager`` (the CPU rehearsal) only traces.
 ``--baseline`` (implementation ``published``) runs the same computation the way the published code lays
 it out (the MLP on every gathered key copy, adjacent chunks concatenated for every tensor).
 ``--published-src DIR`` (the ``src/`` folder of a laoyangui/DLSN checkout, as ``scripts/gpu_check.sh --fetch``
@@ -57,8 +61,12 @@ from dlsn.models import DLSN, GLA, timed_choice
 from dlsn.models.allocator import keep_freed_memory
 from dlsn.models.gla import KEY_NORM_EPS, draw_rotations, gla_layers, number_of_buckets
 
-IMPLS = ("published", "reference", "fused", "authors")
+IMPLS = ("published", "reference", "fused", "authors", "compiled")
 TRAINING_KINDS = ("gla_forward_backward", "dlsn_train_step")
+KINDS = ("gla_forward", *TRAINING_KINDS, "dlsn_forward")
+# torch.compile's options in train.py's compiled training steps (configs/module/sr.yaml's ``compile`` less
+# ``enabled``; tests/test_benchmark_gla.py keeps them equal)
+COMPILE_OPTIONS = dict(mode="reduce-overhead", fullgraph=False, dynamic=False)
 TARGET_CASES = [  # issue 9, model-level rows
     dict(kind="gla_forward_backward", size=48, batch=1),
     dict(kind="gla_forward_backward", size=96, batch=1),
@@ -115,7 +123,19 @@ def published_layout_forward(layer: GLA, x: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_impl(case: dict) -> str:
-    return "reference" if case["impl"] in ("published", "authors") else case["impl"]
+    return {"published": "reference", "authors": "reference", "compiled": "fused"}.get(case["impl"], case["impl"])
+
+
+def _compiled(case: dict, forward):
+    """``forward`` as the ``compiled`` implementation runs it (train.py's compiled training steps' options)."""
+    if case["impl"] != "compiled":
+        return forward
+    if case["kind"] not in TRAINING_KINDS:
+        raise ValueError(f"implementation 'compiled' times training kinds only ({', '.join(TRAINING_KINDS)}): "
+                         f"evaluation runs eagerly, got {case['kind']}")
+    backend = case.get("compile_backend", "inductor")
+    options = COMPILE_OPTIONS if backend == "inductor" else dict(COMPILE_OPTIONS, mode=None)
+    return torch.compile(forward, backend=backend, **options)
 
 
 def authors_model(case: dict, widths: dict, device: torch.device) -> torch.nn.Module:
@@ -144,7 +164,7 @@ def run_case(case: dict) -> dict:
     # (CudnnAutotune; fixed sizes), and with it the fused kernel's timed choices. The published code
     # keeps cuDNN's heuristics (its trainer never sets the flag); forward-only cases stand for evaluation.
     autotuned = (case.get("cudnn_autotune", False) and case["kind"] in TRAINING_KINDS
-                 and case["impl"] in ("reference", "fused"))
+                 and case["impl"] in ("reference", "fused", "compiled"))
     torch.backends.cudnn.benchmark = autotuned
     chosen_before = set(timed_choice.choices())  # on CUDA the cases share one process
     torch.manual_seed(0)
@@ -169,10 +189,11 @@ def run_case(case: dict) -> dict:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=None if published else True)
         lr = torch.rand(case["batch"], 3, case["size"], case["size"], device=device)
         hr = torch.rand(case["batch"], 3, 2 * case["size"], 2 * case["size"], device=device)
+        network = _compiled(case, model.forward)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            F.l1_loss(model(lr), hr).backward()
+            F.l1_loss(network(lr), hr).backward()
             optimizer.step()
     else:
         if case["impl"] == "authors":
@@ -180,6 +201,7 @@ def run_case(case: dict) -> dict:
         else:
             layer = GLA(**widths["gla"], attention_impl=_attention_impl(case)).to(device)
             forward = (lambda t: published_layout_forward(layer, t)) if case["impl"] == "published" else layer
+            forward = _compiled(case, forward)
         x = torch.randn(case["batch"], widths["gla"]["channels"], case["size"], case["size"], device=device)
         if case["kind"] == "gla_forward":
             def step():
@@ -350,6 +372,10 @@ def main() -> None:
                              "fused, and authors with --published-src)")
     parser.add_argument("--baseline", action="store_true", help="also time the published layout")
     parser.add_argument("--targets", action="store_true", help="issue 9's model-level cases instead")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, help="only the cases of these kinds")
+    parser.add_argument("--compile-backend", default="inductor", choices=["inductor", "eager"],
+                        help="torch.compile backend of implementation 'compiled' (eager: traces only, for a "
+                             "rehearsal on the CPU)")
     parser.add_argument("--published-src", default=None,
                         help="src/ of a laoyangui/DLSN checkout: adds implementation 'authors' (their own code)")
     parser.add_argument("--smoke", action="store_true",
@@ -403,6 +429,9 @@ def main() -> None:
             for batch in args.train_batches:
                 cases.append(dict(kind="dlsn_train_step", size=48, batch=batch, impl=impl,
                                   repeats=max(2, args.repeats // 2)))
+    # Implementation "compiled" stands for the compiled training steps: no evaluation (forward-only) cases.
+    cases = [case for case in cases if (not args.kinds or case["kind"] in args.kinds)
+             and (case["impl"] != "compiled" or case["kind"] in TRAINING_KINDS)]
     if args.smoke:
         for case in cases:
             case.update(smoke=True, paper_size=case["size"], paper_batch=case["batch"],
@@ -411,7 +440,7 @@ def main() -> None:
         case.update(device=args.device, warmup=args.warmup, precision=args.precision, published_src=args.published_src,
                     matmul_precision=args.matmul_precision, cudnn_autotune=args.cudnn_autotune == "on",
                     keep_freed_memory=args.keep_freed_memory, breakdown=args.breakdown,
-                    kernel_table=args.kernel_table)
+                    kernel_table=args.kernel_table, compile_backend=args.compile_backend)
     if args.list:
         for case in cases:
             print(case_label(case))

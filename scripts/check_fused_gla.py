@@ -3,6 +3,10 @@
     python scripts/check_fused_gla.py --json check.json          # on a CUDA machine, ~1-2 minutes
     python scripts/check_fused_gla.py --device cpu --small        # a smoke test of this script on the CPU
 
+``--small`` (toy layers, for Triton's interpreter) runs each backward launch configuration once: the variants
+pairing a query with a values kernel configuration are left to the GPU run (``backward_variants(...,
+combinations=False)``).
+
 Checks, each printed as PASS/FAIL with its numbers:
 
 1. the fused kernel's self-check (float64 reference, padding, blocks, strided inputs) in float32
@@ -157,6 +161,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     torch.set_float32_matmul_precision("highest")
     channels, chunk_size, sizes = GLA_PROBLEMS["small" if args.small else "paper"]
+    combinations = not args.small  # in the interpreter each variant costs seconds
     print(f"torch {torch.__version__}, triton "
           f"{getattr(chunk_attention.triton, '__version__', 'absent')}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if cuda else "")
@@ -167,13 +172,13 @@ def main() -> None:
         def _():
             torch.set_float32_matmul_precision(matmul_precision)
             try:
-                chunk_attention.self_check(device, dtype)
+                chunk_attention.self_check(device, dtype, combinations)
             finally:
                 torch.set_float32_matmul_precision("highest")
 
     for batch, size in sizes:
         # Every backward the training steps' timed choice may pick (mode, key kernel configuration).
-        for variant in chunk_attention.backward_variants(device, torch.float32):
+        for variant in chunk_attention.backward_variants(device, torch.float32, combinations):
             @check(f"fused (backward {variant}) vs reference GLA C={channels} k={chunk_size} {batch}x{size}x{size}, "
                    f"float32, matmul precision high")
             def _():
@@ -193,7 +198,7 @@ def main() -> None:
                 assert errors[worst] <= 2e-2, f"{worst} differs by {errors[worst]:.3g} of its largest entry"
                 return {"worst": worst, "relative_error": errors[worst]}
 
-        for variant in chunk_attention.backward_variants(device, torch.bfloat16):
+        for variant in chunk_attention.backward_variants(device, torch.bfloat16, combinations):
             @check(f"fused (backward {variant}) vs reference GLA C={channels} k={chunk_size} {batch}x{size}x{size}, "
                    f"bf16 autocast")
             def _():

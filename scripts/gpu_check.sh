@@ -47,6 +47,8 @@
 #                       batch-1 GLA rows spend host and device time, this project against the published
 #                       layout; the fused backward's time as each variant the timed choice tries
 #   gla_targets_bf16.{txt,json}   the model-level rows under bf16 autocast
+#   gla_compiled.{txt,json}   the GLA forward+backward rows with this project's GLA under torch.compile as
+#                       train.py's compiled training steps run it (the eager rows above are the targets)
 #   train_step_heuristics.{txt,json}   the eager training step of this project with cuDNN's heuristics
 #                       instead of its autotuner (what dlsn.callbacks.CudnnAutotune gains)
 #   summary.md          the markdown table printed at the end (scripts/gpu_check_summary.py)
@@ -82,7 +84,7 @@ OUT="${OUT:?set OUT to the folder for the results}"
 # Toy sizes for --rehearse, appended after the real options (argparse keeps the last value), so that the
 # rehearsal runs the very command lines of the GPU run.
 device=cuda information=false
-toy_warm=() toy_check=() toy_train_step=() toy_gla=() toy_profile=() toy_precision=()
+toy_warm=() toy_check=() toy_train_step=() toy_gla=() toy_profile=() toy_precision=() toy_compile=()
 for option in "$@"; do
     case "$option" in
         --rehearse) device=cpu ;;
@@ -97,6 +99,7 @@ if [[ $device == cpu ]]; then
     toy_train_step=(--n-feats 8 --n-resgroups 1 --n-resblocks 1 --chunk-size 16 --n-hashes 1 --batch 2 --patch 12
                     --warmup 1 --steps 4)
     toy_gla=(--smoke --repeats 1 --warmup 0)
+    toy_compile=(--compile-backend eager)  # traces the GLA as on the GPU, compiles nothing
     toy_profile=(--device cpu --small)
     toy_precision=(--model small --batch 2 --patch 16 --warmup 1 --steps 2 --train-steps 4
                    --train-timeout 900 --run-dir "$OUT/precision_runs")
@@ -121,7 +124,8 @@ export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$HOME/.triton/cache}"
 status=0
 # Seconds each step may take at most on an H100/H200 (compilation included); the budget may leave less.
 declare -A STEP_CAP_S=([warm]=120 [compile_bf16]=150 [compile_32]=150 [precision]=210 [check]=180 [train_step]=300
-                        [gla_targets]=90 [gla_batch1_profile]=60 [gla_targets_bf16]=90 [train_step_heuristics]=60)
+                        [gla_targets]=90 [gla_batch1_profile]=60 [gla_targets_bf16]=90 [train_step_heuristics]=60
+                        [gla_compiled]=150)
 if [[ $device == cuda ]]; then
     budget=${GPU_CHECK_BUDGET_S:-540}
 else  # the rehearsal's toy sizes on a slow CPU: no caps
@@ -232,5 +236,11 @@ step gla_targets_bf16 python3 scripts/benchmark_gla.py --device $device --target
 # What cuDNN's autotuner (on in train_step, as in the paper recipes) gains over its heuristics: eager steps.
 step train_step_heuristics python3 scripts/benchmark_train_step.py --device $device --cases project --warmup 4 \
     --steps 12 --matmul-precision high --cudnn-autotune off --json "$OUT/train_step_heuristics.json" "${toy_train_step[@]}"
+# The GLA rows as the paper experiments' compiled training steps run the layer (CUDA graphs, Inductor's fusion of
+# the elementwise work around the fused kernels; three shapes, three compilations), against the authors' code
+# (with .published) and the published layout.
+step gla_compiled python3 scripts/benchmark_gla.py --device $device --targets "${published[@]}" --impls published compiled \
+    --kinds gla_forward_backward --repeats 10 --warmup 3 --matmul-precision high --json "$OUT/gla_compiled.json" \
+    --markdown "${toy_gla[@]}" "${toy_compile[@]}"
 duration $((SECONDS - targets_s))
 finish

@@ -6,7 +6,8 @@ Reads ``check.json`` (scripts/check_fused_gla.py), ``train_step.json`` (scripts/
 the paper training step, eager and compiled, against the published code; ``compile_bf16.json`` and
 ``compile_32.json``: the compiled step alone from an empty torch.compile cache, for the compile warm-up;
 ``train_step_heuristics.json``: the eager step with cuDNN's heuristics instead of its autotuner), ``gla_targets.json`` and ``gla_targets_bf16.json``
-(scripts/benchmark_gla.py --targets in float32 and under bf16 autocast), ``precision.json``
+(scripts/benchmark_gla.py --targets in float32 and under bf16 autocast; ``gla_compiled.json``: the GLA rows
+compiled as train.py's training steps), ``precision.json``
 (scripts/benchmark_precision.py) and ``duration.json`` (gpu_check.sh's own time to measure every target;
 where it says the information steps were not asked for, their files are not reported missing), whichever
 exist, and prints one table: the correctness checks,
@@ -74,15 +75,19 @@ def judged_baseline(cases: dict[str, dict]) -> dict | None:
     return authors if authors and "error" not in authors else cases.get("published")
 
 
-def target_rows(targets: dict | None, file_name: str, judging: bool) -> list[str]:
-    """Issue 9's model-level rows; ``judging``: with MET / NOT MET (else the ratios are for information)."""
+def target_rows(targets: dict | None, file_name: str, judging: bool, project: str = "fused") -> list[str]:
+    """Issue 9's model-level rows; ``judging``: with MET / NOT MET (else the ratios are for information).
+    ``project``: the implementation of this project in the "fused" column (``compiled``: gla_compiled.json's
+    rows, which have only the training kinds; the others are left out)."""
     if targets is None:
         return [f"| model-level targets ({file_name}) | | | | | | MISSING |"]
     rows = []
     by_row = cases_by_row(targets)
     for (kind, size, batch), (speed_target, memory_target) in TARGETS.items():
         cases = by_row.get((kind, size, batch), {})
-        authors, layout, reference, fused = (cases.get(impl) for impl in ("authors", "published", "reference", "fused"))
+        authors, layout, reference, fused = (cases.get(impl) for impl in ("authors", "published", "reference", project))
+        if project != "fused" and fused is None:
+            continue
         published = judged_baseline(cases)
         measured = [c for c in (authors, layout, reference, fused) if c]
         if not measured:
@@ -101,7 +106,8 @@ def target_rows(targets: dict | None, file_name: str, judging: bool) -> list[str
             shown = f"authors' code {shown}" + (f"; layout {timing(layout)}" if layout else "")
         target = f">= {speed_target:g}x" + (f", memory <= {memory_target:g}x" if memory_target else "")
         toy = ", toy sizes" if measured[0].get("smoke") else ""
-        label = f"{NAMES[kind]}, batch {batch}, LR {size}x{size} ({precision}{toy})"
+        compiled = ", torch.compile as train.py's steps" if project == "compiled" else ""
+        label = f"{NAMES[kind]}, batch {batch}, LR {size}x{size} ({precision}{compiled}{toy})"
         rows.append(f"| {label} | {shown} | {timing(reference)} | {timing(fused)} | {ratio} | "
                     f"{target if judging else ''} | {status} |")
     return rows
@@ -289,6 +295,7 @@ def main(folder: Path) -> None:
     rows += target_rows(gla_targets, "gla_targets.json", judging=True)
     if information:
         rows += target_rows(load(folder, "gla_targets_bf16.json"), "gla_targets_bf16.json", judging=False)
+        rows += target_rows(load(folder, "gla_compiled.json"), "gla_compiled.json", judging=False, project="compiled")
         rows += autotune_rows(train_step, load(folder, "train_step_heuristics.json"))
     rows += timed_choice_rows(train_step, (gla_targets or {}).get("cases"))
 

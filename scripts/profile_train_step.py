@@ -20,7 +20,8 @@ Sections (``--sections``), each printed as soon as it is done:
   steps' timed choice tries (``chunk_attention.backward_variants``: two kernels or atomic additions
   from the key kernel for dQ, dV from the key kernel or a values kernel, and in float32 a few
   key-kernel configurations), bf16 and float32
-  (TF32): median milliseconds;
+  (TF32): median milliseconds (``--small``: one run each, and no variant pairing a query with a values
+  kernel configuration, each of which runs alone);
 * ``tune``: every launch configuration of ``--rows-options``, ``--warps``, ``--stages`` (and the
   forward's value-channel block, ``--channel-blocks``) for each of the fused kernel's kernels at the training size, in bf16
   and float32 (TF32), the backward's for each way of computing dQ and dV (``--backward-modes``: two
@@ -218,11 +219,13 @@ def section_backward_modes(args, device) -> None:
         attended, confidence = fused._fused_forward(*inputs)
         grads = (torch.randn_like(attended), torch.randn_like(confidence))
         timings = []
-        for name, (mode, configs) in fused.backward_variants(device, dtype).items():
+        # --small (the interpreter, seconds per run): each launch configuration in one variant, one run each
+        for name, (mode, configs) in fused.backward_variants(device, dtype, combinations=not args.small).items():
             def run():
                 fused._fused_backward(*grads, *inputs, attended, confidence, mode=mode, configs=configs)
 
-            timings.append(f"{name} {median_ms(run, device, args.warmup, args.repeats):.3f} ms")
+            runs = (0, 1) if args.small else (args.warmup, args.repeats)
+            timings.append(f"{name} {median_ms(run, device, *runs):.3f} ms")
         print(f"{dtype}: " + "; ".join(timings), flush=True)
 
 
@@ -285,7 +288,7 @@ def section_tune(args, device) -> list[dict]:
                 label = dict(kernel=name, dtype=str(dtype), rows=rows, warps=warps, stages=stages,
                              channel_block=channel_block, backward_mode=mode)
                 try:
-                    milliseconds = median_ms(run, device, 2, args.tune_repeats)
+                    milliseconds = median_ms(run, device, args.tune_warmup, args.tune_repeats)
                     rows_used = [v for k, v in fused._working_rows.items() if k[0] == name]
                     label |= dict(ms=round(milliseconds, 4), rows_used=rows_used[0] if rows_used else None)
                 except Exception as error:  # noqa: BLE001 - a configuration that does not compile
@@ -334,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="kernels to tune (keys_no_values: the key kernel of the +values modes; keys_from_dS, "
                              "keys_from_dS_no_values: those of the stored_dS modes)")
     parser.add_argument("--tune-repeats", type=int, default=10)
+    parser.add_argument("--tune-warmup", type=int, default=2, help="untimed runs before each configuration's")
     parser.add_argument("--json", default=None, help="write the tuning results to this file")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="start no section and time no configuration after this many seconds")
@@ -344,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.small:
         args.__dict__.update(channels=16, chunk=8, groups=1, blocks=1, batch=2, patch=6, batch1_sizes=[6], warmup=1, repeats=2,
                              profile_steps=1, rows_options=[8, 16], warps=[4], stages=[1],
-                             channel_blocks=args.channel_blocks or [16], tune_repeats=1)
+                             channel_blocks=args.channel_blocks or [16], tune_repeats=1, tune_warmup=0)
     else:
         args.__dict__.update(channels=256, chunk=128, groups=10, blocks=4, batch=16, patch=args.patch or 48,
                              batch1_sizes=[48, 96], channel_blocks=args.channel_blocks or [128, 256])

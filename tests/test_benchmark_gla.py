@@ -65,6 +65,84 @@ def test_targets_are_the_model_level_rows_of_issue_9():
     assert refused.returncode == 2 and "needs --published-src" in refused.stderr
 
 
+def test_the_compiled_implementation_times_the_training_kinds_with_train_pys_compile_options(monkeypatch):
+    """Implementation ``compiled`` stands for the compiled training steps: the GLA forward+backward rows only
+    (evaluation runs eagerly), with configs/module/sr.yaml's torch.compile options; ``--kinds`` filters."""
+    from omegaconf import OmegaConf
+
+    result = subprocess.run([sys.executable, str(SCRIPT), "--targets", "--list", "--impls", "fused", "compiled"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    training = ["gla_forward_backward 48x48", "gla_forward_backward 96x96", "gla_forward_backward 96x96 batch 16"]
+    assert result.stdout.splitlines() == [
+        *(f"fused {case}" for case in training), "fused dlsn_forward 1x3x128x128", "fused dlsn_forward 1x3x360x360",
+        *(f"compiled {case}" for case in training)]
+    result = subprocess.run([sys.executable, str(SCRIPT), "--targets", "--list", "--kinds", "dlsn_forward"],
+                            capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.splitlines() == [f"{impl} dlsn_forward 1x3x{size}x{size}"
+                                          for impl in ("published", "reference", "fused") for size in (128, 360)]
+    script = _load_script()
+    configured = OmegaConf.to_container(OmegaConf.load(SCRIPT.parents[1] / "configs" / "module" / "sr.yaml"))["compile"]
+    assert script.COMPILE_OPTIONS == {key: value for key, value in configured.items() if key != "enabled"}
+    with pytest.raises(ValueError, match="training kinds only"):
+        script._compiled(dict(impl="compiled", kind="dlsn_forward"), lambda x: x)
+    calls = []
+    monkeypatch.setattr(script.torch, "compile", lambda function, **options: calls.append(options) or "compiled")
+    for backend in ("inductor", "eager"):
+        assert script._compiled(dict(impl="compiled", kind="gla_forward_backward", compile_backend=backend),
+                                print) == "compiled"
+    assert script._compiled(dict(impl="fused", kind="gla_forward_backward"), print) is print
+    assert calls == [dict(script.COMPILE_OPTIONS, backend="inductor"),
+                     dict(script.COMPILE_OPTIONS, backend="eager", mode=None)]
+
+
+@pytest.mark.slow
+def test_the_compiled_gla_matches_the_eager_one_at_toy_sizes(tmp_path):
+    """The ``compiled`` rows run GLA through torch.compile (Inductor on the CPU here) and record finite times;
+    the compiled forward+backward is eager's."""
+    import torch
+
+    from dlsn.models import GLA
+    from dlsn.models.gla import draw_rotations, number_of_buckets
+
+    result = subprocess.run([sys.executable, str(SCRIPT), "--targets", "--smoke", "--impls", "compiled", "--repeats",
+                             "1", "--warmup", "0", "--json", str(tmp_path / "c.json")],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    recorded = json.loads((tmp_path / "c.json").read_text())["cases"]
+    assert [(c["impl"], c["kind"], c["paper_size"], c["paper_batch"]) for c in recorded] == [
+        ("compiled", "gla_forward_backward", 48, 1), ("compiled", "gla_forward_backward", 96, 1),
+        ("compiled", "gla_forward_backward", 96, 16)]
+    assert all(math.isfinite(c["median_s"]) for c in recorded)
+
+    script = _load_script()
+    torch.manual_seed(0)
+    widths = script.SMOKE_WIDTHS["gla"]
+    layer = GLA(**widths, attention_impl=script._attention_impl(dict(impl="compiled")))
+    x = torch.randn(2, widths["channels"], 6, 6, requires_grad=True)
+    # fixed rotations: both runs hash alike
+    rotations = draw_rotations(widths["n_hashes"], widths["channels"] // 4, number_of_buckets(36, widths["chunk_size"]))
+    compiled = script._compiled(dict(impl="compiled", kind="gla_forward_backward", compile_backend="inductor"),
+                                lambda t: layer(t, rotations=rotations))
+    outputs = []
+    for forward in (lambda t: layer(t, rotations=rotations), compiled):
+        x.grad = None
+        layer.zero_grad()
+        out = forward(x)
+        out.square().mean().backward()
+        outputs.append([out.detach(), x.grad.clone(), *(p.grad.clone() for p in layer.parameters())])
+    for eager, traced in zip(*outputs):
+        torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-5)
+
+
+def _load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_gla", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 PUBLISHED_SRC = Path(__file__).resolve().parents[1] / ".published" / "DLSN" / "src"
 
 

@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from dlsn.models import chunk_attention
 from tests.helpers.runs import PROJECT_ROOT
 
 SCRIPT = PROJECT_ROOT / "scripts" / "gpu_check.sh"
@@ -23,7 +25,7 @@ SCRIPT = PROJECT_ROOT / "scripts" / "gpu_check.sh"
 # In the order they start: the kernels' compilation; then at once the compile warm-ups, the PSNR runs and the
 # checks; then alone on the GPU the timed targets; then, with --information, the information steps.
 TARGET_STEPS = ("warm", "compile_bf16", "compile_32", "precision", "check", "train_step", "gla_targets")
-INFORMATION_STEPS = ("gla_batch1_profile", "gla_targets_bf16", "train_step_heuristics")
+INFORMATION_STEPS = ("gla_batch1_profile", "gla_targets_bf16", "train_step_heuristics", "gla_compiled")
 STEPS = TARGET_STEPS + INFORMATION_STEPS
 CONCURRENT = ("compile_bf16", "compile_32", "precision", "check")
 TEXT_ONLY = ("warm", "gla_batch1_profile")  # steps that write no JSON
@@ -59,10 +61,19 @@ def test_rehearsal_runs_every_step_and_fills_the_summary(tmp_path):
     assert not [row for row in rows if "MISSING" in row or "| NOT MET |" in row or "| MET |" in row]
     checks = [row for row in rows if row.startswith("| check: ")]
     assert len(checks) >= 8 and all(row.endswith("| PASS |") for row in checks)
-    # every model-level target row, float32 and bf16, was measured (toy sizes standing for the paper's)
+    # toy layers in the interpreter: each backward launch configuration in one variant (no pairs of query and
+    # values configurations), at each size and precision
+    checked = re.findall(r"\[PASS\] fused \(backward (.+?)\) vs reference GLA C=16 k=8 2x6x6, float32",
+                         (out / "check.txt").read_text())
+    assert checked == list(chunk_attention.backward_variants(torch.device("cpu"), torch.float32, combinations=False))
+    # every model-level target row, float32 and bf16, was measured (toy sizes standing for the paper's), and the
+    # GLA rows compiled as train.py's steps (information)
     model_rows = [row for row in rows if row.startswith(("| GLA fwd+bwd", "| whole-image forward"))]
-    assert len(model_rows) == 10 and all("toy sizes" in row for row in model_rows), model_rows
+    assert len(model_rows) == 13 and all("toy sizes" in row for row in model_rows), model_rows
     assert sum(row.endswith("| REHEARSAL |") for row in model_rows) == 5  # the float32 run; bf16 is information
+    compiled_rows = [row for row in model_rows if "torch.compile as train.py's steps" in row]
+    assert len(compiled_rows) == 3 and all(row.startswith("| GLA fwd+bwd") and row.endswith("| (information) |")
+                                           for row in compiled_rows), compiled_rows
     cases = json.loads((out / "gla_targets.json").read_text())["cases"]  # the float32 cases' largest kernels
     assert cases and all(len(case["kernels"]) == 25 for case in cases)  # (here: operators)
     step_rows = [row for row in rows if row.startswith("| training step x2")]
@@ -167,8 +178,9 @@ def test_the_summary_judges_how_long_the_targets_took_and_asks_for_information_o
     duration = [row for row in rows if row.startswith("| gpu_check.sh: every target measured |")]
     assert len(duration) == 1 and duration[0].endswith(f"| <= 360 s | {status} |"), duration
     assert f"| {targets_s} s from the start;" in duration[0]
-    information_missing = [row for row in rows if "gla_targets_bf16.json" in row or "train_step_heuristics.json" in row]
-    assert len(information_missing) == (0 if information_s is None else 2), information_missing
+    information_missing = [row for row in rows if any(f"{name}.json" in row for name in (
+        "gla_targets_bf16", "train_step_heuristics", "gla_compiled"))]
+    assert len(information_missing) == (0 if information_s is None else 3), information_missing
     assert any("(gla_targets.json)" in row and row.endswith("| MISSING |") for row in rows)  # a target's file is
 
 

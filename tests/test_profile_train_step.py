@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from dlsn.models import chunk_attention as fused
 
@@ -41,6 +42,10 @@ def test_sections_run_and_the_sweep_restores_the_launch_configurations(tmp_path,
                          r"\(median of 2\); host [\d.]+ ms to issue a step; \d+ kernels per step", printed), name
     for dtype in ("bfloat16", "float32"):  # the backward in each BACKWARD_MODE, at the current configurations
         assert re.search(rf"torch.{dtype}: two_kernels [\d.]+ ms; atomic [\d.]+ ms", printed), dtype
+        # --small: each launch configuration in one variant (no query and values configurations paired)
+        line = next(line for line in printed.splitlines() if line.startswith(f"torch.{dtype}: two_kernels"))
+        timed = [entry.rsplit(" ", 2)[0] for entry in line.split(": ", 1)[1].split("; ")]
+        assert timed == list(fused.backward_variants(torch.device("cpu"), getattr(torch, dtype), combinations=False))
     swept = json.loads((tmp_path / "tune.json").read_text())
     # --small: rows 8 and 16, one warp count, one stage count, one channel block; two dtypes, the forward
     # and each backward mode's kernels (float32's atomic modes have no query kernel)

@@ -237,6 +237,10 @@ def test_backward_variants_follow_the_precision_and_generation():
     assert {mode for mode, configs in float32.values() if "keys" in configs} == {"two_kernels", "atomic"}
     assert {mode for mode, configs in float32.values() if {"values", "queries"} & set(configs)} == {
         fused.TIMED_CONFIGS_MODE} == {"stored_dS+values"}
+    # without the combinations (checks in the interpreter): each configuration alone, in the same order
+    singles = fused.backward_variants(gpu, torch.float32, combinations=False)
+    assert list(singles) == [name for name, (_, configs) in float32.items() if len(configs) <= 1]
+    assert len(singles) == 6 + 2 * len(keys) + len(queries) + len(values)
 
 
 def test_backward_without_timing_runs_the_two_kernels(launches, monkeypatch):
@@ -261,6 +265,14 @@ def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches
                         "queries", "values@16/4/1/C8", "keys_from_dS_no_values",
                         "queries@16/8/1", "values", "keys_from_dS_no_values",
                         "queries@16/8/1", "values@16/4/1/C8", "keys_from_dS_no_values"]
+    launches.clear()
+    # combinations=False: the variants of backward_variants(..., combinations=False), which leaves out the pairs
+    asked = []
+    variants = fused.backward_variants
+    monkeypatch.setattr(fused, "backward_variants", lambda *args: asked.append(args) or variants(*args))
+    fused.self_check(CPU, torch.bfloat16, combinations=False)
+    assert asked == [(CPU, torch.bfloat16, False)]
+    monkeypatch.setattr(fused, "backward_variants", variants)
     launches.clear()
     fused.self_check(CPU, torch.bfloat16)  # no alternative configurations in half precision
     assert launches == ["forward", "queries", "keys", "queries", "keys-atomic", "queries", "values",

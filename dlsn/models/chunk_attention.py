@@ -872,12 +872,17 @@ def _fused_forward(queries, keys, learned_score, values, order, inverse):
     return attended, confidence
 
 
-def backward_variants(device: torch.device, dtype: torch.dtype) -> dict[str, tuple[str, dict[str, tuple]]]:
+def backward_variants(device: torch.device, dtype: torch.dtype,
+                      combinations: bool = True) -> dict[str, tuple[str, dict[str, tuple]]]:
     """The ways the "timed" backward chooses from, by name: (mode, launch configurations other than
     ``LAUNCH_CONFIGS``' by kernel: ``"keys"``, ``"queries"``: (rows, warps, stages); ``"values"``: (rows,
     warps, stages, channels)), the first the default. ``TIMED_KEY_CONFIGS`` apply to the modes whose key
     kernel is ``"keys"`` (dV in it, dP recomputed); every pair of ``TIMED_VALUES_CONFIGS`` and
-    ``TIMED_QUERIES_CONFIGS`` (either may stay ``LAUNCH_CONFIGS``') to ``TIMED_CONFIGS_MODE``."""
+    ``TIMED_QUERIES_CONFIGS`` (either may stay ``LAUNCH_CONFIGS``') to ``TIMED_CONFIGS_MODE``.
+    ``combinations=False`` leaves out the pairs with both a query and a values configuration: every kernel
+    launch configuration still runs, in fewer variants (the query and values kernels share no buffer they
+    write: a pair is correct when each of its two is). For checks in Triton's interpreter, where each
+    variant costs seconds; the timed choice and the self-check on a GPU run them all."""
     generation, precision = _generation(device), _precision_class(dtype)
     variants = {mode: (mode, {}) for mode in BACKWARD_MODES}
     for config in TIMED_KEY_CONFIGS[generation].get(precision, ()):
@@ -886,6 +891,8 @@ def backward_variants(device: torch.device, dtype: torch.dtype) -> dict[str, tup
     queries_configs = (None, *TIMED_QUERIES_CONFIGS[generation].get(precision, ()))
     values_configs = (None, *TIMED_VALUES_CONFIGS[generation].get(precision, ()))
     for queries_config, values_config in itertools.product(queries_configs, values_configs):
+        if queries_config and values_config and not combinations:
+            continue
         configs, described = {}, []
         if queries_config:
             configs["queries"] = queries_config
@@ -1037,9 +1044,10 @@ def _give_up(error: BaseException, kernel: str = "chunk-attention") -> None:
 SELF_CHECK_TOLERANCE = {"ieee": 1e-4, "tf32": 1e-2, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
-def self_check(device: torch.device, dtype: torch.dtype = torch.float32) -> None:
-    """Fused forward and backward (each way it may run: :func:`backward_variants`) in ``dtype`` against
-    the float64 reference on a small problem; raises if they differ (tolerance: ``SELF_CHECK_TOLERANCE``).
+def self_check(device: torch.device, dtype: torch.dtype = torch.float32, combinations: bool = True) -> None:
+    """Fused forward and backward (each way it may run: :func:`backward_variants`, with ``combinations``)
+    in ``dtype`` against the float64 reference on a small problem; raises if they differ (tolerance:
+    ``SELF_CHECK_TOLERANCE``).
     Float32 uses the dot-product precision in force (TF32 or true float32). Covers padding, several
     chunks, a chunk split over blocks and strided (view) inputs."""
     generator = torch.Generator().manual_seed(0)
@@ -1077,7 +1085,7 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.float32) -> None
 
     compare(("attended", "confidence"), fused, expected, dtype)
     configured = _backward_mode(device)
-    variants = (backward_variants(device, dtype) if configured == "timed"  # every way the backward may run
+    variants = (backward_variants(device, dtype, combinations) if configured == "timed"  # every way it may run
                 else {configured: (configured, {})})
     for name, (mode, configs) in variants.items():
         fused_grads = _fused_backward(grad_attended, grad_confidence, *inputs, order, inverse, *fused, mode=mode,
