@@ -230,17 +230,13 @@ def test_training_cases_of_this_project_run_with_cudnn_autotune_and_timed_choice
     the kernel's timed choices are made and recorded; evaluation-like (forward) and published cases run
     with cuDNN's heuristics, and ``--cudnn-autotune off`` turns it off. On the CPU "timing" is allowed
     exactly where the flag is on, with a fake clock."""
-    import importlib.util
-
     import torch
 
     from dlsn.models import chunk_attention, timed_choice
 
     if not chunk_attention.triton_available():
         pytest.skip("triton is not importable")
-    spec = importlib.util.spec_from_file_location("benchmark_gla", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _load_script()
     monkeypatch.setattr(timed_choice, "timing_allowed", lambda device: torch.backends.cudnn.benchmark)
     monkeypatch.setattr(timed_choice, "milliseconds", lambda run, device: (run(), 1.0)[1])
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
