@@ -286,8 +286,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "timed-values-configuration-ignored",
         "the timed backward picks a values-kernel configuration but launches LAUNCH_CONFIGS' rows and channels",
         (Patch("dlsn/models/chunk_attention.py",
-               "channel_block=min(values_channels, _power_of_two(v_dim)), config=values_launch)",
-               "channel_block=min(VALUES_CHANNEL_BLOCK[generation], _power_of_two(v_dim)))"),),
+               "channel_block=min(values_channels, _power_of_two(v_dim)), config=values_launch,",
+               "channel_block=min(VALUES_CHANNEL_BLOCK[generation], _power_of_two(v_dim)),"),),
         ("tests/test_timed_choice.py::test_timed_values_and_query_configurations_run_as_chosen_and_are_exact",),
     ),
     Mutation(
@@ -328,6 +328,14 @@ MUTATIONS: tuple[Mutation, ...] = (
                "delta = row_dot.unsqueeze(1).expand_as(round_weights).contiguous()"),),
         ("tests/test_chunk_attention.py::test_attend_and_mix_equals_the_separate_nodes_and_falls_back_to_the_reference",
          "tests/test_chunk_attention.py::test_attention_and_mixing_in_one_node_keep_no_attended_values_for_backward"),
+    ),
+    Mutation(
+        "round-weighted-values-unscaled",
+        "the values kernel reading the mixed gradient forgets the round weight: dV = P^T g instead of P^T (w g)",
+        (Patch("dlsn/models/chunk_attention.py",
+               "weights = weights * tl.load(ROUND_WEIGHTS + image_row, mask=has_output, other=0.0)[:, None]",
+               "weights = weights * 1.0"),),
+        ("tests/test_chunk_attention.py::test_round_weighted_backward_reads_the_mixed_gradient_as_the_materialised_one",),
     ),
     Mutation(
         "split-kernel-truncates",

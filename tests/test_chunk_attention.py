@@ -332,6 +332,31 @@ def test_attend_and_mix_equals_the_separate_nodes_and_falls_back_to_the_referenc
         fused.attend_and_mix(*inputs[:3], inputs[3].bfloat16(), order, inverse)
 
 
+@pytest.mark.parametrize("mode", fused.BACKWARD_MODES)
+def test_round_weighted_backward_reads_the_mixed_gradient_as_the_materialised_one(mode):
+    """With ``round_weights`` every backward kernel (each mode runs another set) reads the mixed output's gradient
+    ``g`` ``[N, L, C]`` and the round weights ``w`` instead of ``dy_t = w_t g`` ``[N, T, L, C]``: the same
+    gradients as from ``dy`` made in memory (to rounding: ``w`` scales ``P`` or ``dP``, not ``g``)."""
+    inputs, order, inverse = random_problem(2, 3, 37, 16, 8, 12)
+    generator = torch.Generator().manual_seed(3)
+    grad_mixed = torch.randn(2, 37, 12, generator=generator)
+    round_weights = torch.softmax(torch.randn(2, 3, 37, generator=generator), dim=1)
+    grad_confidence = torch.randn(2, 3, 37, generator=generator)
+    grad_attended = grad_mixed.unsqueeze(1) * round_weights.unsqueeze(-1)
+    attended, confidence = fused._fused_forward(*inputs, order, inverse)
+    want = fused._fused_backward(grad_attended, grad_confidence, *inputs, order, inverse, attended, confidence,
+                                 mode=mode)
+    delta = fused._delta(grad_attended, attended, grad_confidence)
+    got = fused._fused_backward(grad_mixed, None, *inputs, order, inverse, None, confidence, mode=mode, delta=delta,
+                                round_weights=round_weights)
+    for name, got_grad, want_grad in zip(("queries", "keys", "learned_score", "values"), got, want):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match=r"round_weights need float32 values \(got torch.float32\) and the row term "
+                                         r"delta \(given: False\)"):
+        fused._fused_backward(grad_mixed, None, *inputs, order, inverse, None, confidence, mode=mode,
+                              round_weights=round_weights)
+
+
 def test_gla_mixes_in_the_attention_node_only_where_it_pays(monkeypatch):
     values = torch.zeros(2, 35, 8)
     monkeypatch.setattr(fused, "MIX_KERNEL_MIN_ELEMENTS", 2 * 3 * 35 * 8)
@@ -445,7 +470,8 @@ def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False
                      dp_in_blocks: bool = False, store_ds: bool = False, channel_block: int | None = None):
     """Ahead-of-time compile of one kernel for sm_``arch`` at the paper configuration (C=256, d=64,
     k=128) with ``config`` (rows, warps, stages; default its LAUNCH_CONFIGS entry): Triton's front end,
-    LLVM and ptxas, no GPU needed."""
+    LLVM and ptxas, no GPU needed. Float32 backward kernels as float32 training at batch 16 runs them
+    (attend_and_mix: from the mixed gradient and the round weights, a few more registers than without)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -467,7 +493,9 @@ def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False
     if name.startswith("keys"):
         constants.update(ATOMIC_GRAD_Q=atomic, WITH_GRAD_V=not name.endswith("_no_values"),
                          LOAD_DS=name.startswith("keys_from_dS"))
-    float32_outputs = {"OUT", "LSE", "DELTA", "GRAD_Q", "GRAD_K", "GRAD_V", "GRAD_LS", "GRAD_SCORES"}
+    if name != "forward":
+        constants.update(ROUND_WEIGHTED=value_type == "fp32")
+    float32_outputs = {"OUT", "LSE", "DELTA", "ROUND_WEIGHTS", "GRAD_Q", "GRAD_K", "GRAD_V", "GRAD_LS", "GRAD_SCORES"}
     signature, attributes = {}, {}
     for index, argument in enumerate(kernel.arg_names):
         if argument in constants:

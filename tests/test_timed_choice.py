@@ -126,7 +126,8 @@ def test_capture_keeps_an_earlier_choice_and_times_nothing(timing_on_the_cpu, mo
 @pytest.fixture
 def launches(monkeypatch):
     """The fused kernels launched: name, "-atomic" for the key kernel's atomic dQ, "@rows/warps/stages"
-    for a configuration other than LAUNCH_CONFIGS' (the values kernel's with "/C" and its channels per program)."""
+    for a configuration other than LAUNCH_CONFIGS' (the values kernel's with "/C" and its channels per program),
+    " weighted" where the kernel reads the mixed output's gradient and the round weights."""
     launched: list[str] = []
     original = fused._launch
 
@@ -134,7 +135,8 @@ def launches(monkeypatch):
         config = kwargs.get("config")
         channels = f"/C{kwargs['channel_block']}" if config and name == "values" else ""
         launched.append(name + ("-atomic" if kwargs.get("ATOMIC_GRAD_Q") else "")
-                        + (f"@{'/'.join(map(str, config))}{channels}" if config else ""))
+                        + (f"@{'/'.join(map(str, config))}{channels}" if config else "")
+                        + (" weighted" if kwargs.get("ROUND_WEIGHTED") else ""))
         return original(function, name, *args, **kwargs)
 
     monkeypatch.setattr(fused, "_launch", recording_launch)
@@ -253,6 +255,12 @@ def test_backward_without_timing_runs_the_two_kernels(launches, monkeypatch):
     assert launches == ["queries", "keys"] and timed_choice.choices() == {}
 
 
+# The kernels of each backward mode in BACKWARD_MODES' order, with LAUNCH_CONFIGS' configurations.
+WEIGHTED_MODES_LAUNCHES = ("queries", "keys", "keys-atomic", "queries", "values", "keys_no_values", "values",
+                           "keys_no_values-atomic", "queries", "keys_from_dS", "queries", "values",
+                           "keys_from_dS_no_values")
+
+
 def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches, monkeypatch):
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
     monkeypatch.setitem(fused.TIMED_KEY_CONFIGS, 90, {"float32": ((16, 8, 1),)})
@@ -264,7 +272,9 @@ def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches
                         "keys_from_dS_no_values", "queries", "keys@16/8/1", "keys-atomic@16/8/1",
                         "queries", "values@16/4/1/C8", "keys_from_dS_no_values",
                         "queries@16/8/1", "values", "keys_from_dS_no_values",
-                        "queries@16/8/1", "values@16/4/1/C8", "keys_from_dS_no_values"]
+                        "queries@16/8/1", "values@16/4/1/C8", "keys_from_dS_no_values",
+                        # float32: each mode again as attend_and_mix runs it
+                        *(f"{name} weighted" for name in WEIGHTED_MODES_LAUNCHES)]
     launches.clear()
     # combinations=False: the variants of backward_variants(..., combinations=False), which leaves out the pairs
     asked = []
@@ -281,7 +291,7 @@ def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches
     launches.clear()
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "two_kernels"))
     fused.self_check(CPU)
-    assert launches == ["forward", "queries", "keys"]
+    assert launches == ["forward", "queries", "keys", "queries weighted", "keys weighted"]
 
 
 def test_timed_float32_convolution_keeps_the_faster_method(timing_on_the_cpu, monkeypatch):

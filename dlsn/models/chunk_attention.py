@@ -233,6 +233,18 @@ if triton is not None:
         return tl.load(order_row + sorted_index, mask=valid, other=0).to(tl.int64)
 
     @triton.jit
+    def _incoming_rows(item, item_round, length, positions, ROUND_WEIGHTED: tl.constexpr):
+        """Rows of ``GRAD_OUT`` holding the incoming gradient ``dy`` of this item and round at ``positions``:
+        one row per round (``[N*T, L, C]``), or with ``ROUND_WEIGHTED`` the rows of the mixed output's gradient
+        ``g`` (``[N, L, C]``), which the rounds share: ``dy_t = w_t g``, with ``w_t`` from ``ROUND_WEIGHTS``
+        (``[N*T, L]``). The kernels then scale ``P`` or ``dP`` by ``w_t`` row by row, not the loaded ``g``
+        tile, so that it goes to the matrix product as loaded (the software pipeline's asynchronous copies)."""
+        if ROUND_WEIGHTED:
+            return item * length + positions
+        else:
+            return item_round * length + positions
+
+    @triton.jit
     def _rows(TABLE, item, stride_n, stride_l, positions, columns, row_valid, column_valid):
         """``TABLE[item, positions][:, columns]``, zero where masked."""
         return tl.load(TABLE + item * stride_n + positions[:, None] * stride_l + columns[None, :],
@@ -252,16 +264,16 @@ if triton is not None:
         return tile + slots[:, None] * chunk + key_slots[None, :]
 
     @triton.jit
-    def _grad_weights_in_blocks(GRAD_OUT, V, item, v_stride_n, v_stride_l, image_row, has_output, key_pos,
+    def _grad_weights_in_blocks(GRAD_OUT, V, item, v_stride_n, v_stride_l, grad_row, has_output, key_pos,
                                 key_valid, v_dim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-        """``dP = dy V^T`` of a query block (``image_row``) and a key block (``key_pos``), summed over
-        blocks of ``BLOCK_C`` value channels re-read from the cache: no ``[rows, C]`` tile is held."""
+        """``dP = dy V^T`` of a query block (its ``GRAD_OUT`` rows ``grad_row``) and a key block (``key_pos``),
+        summed over blocks of ``BLOCK_C`` value channels re-read from the cache: no ``[rows, C]`` tile is held."""
         grad_weights = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for channel_start in range(0, v_dim, BLOCK_C):
             channels = channel_start + tl.arange(0, BLOCK_C)
             channel_valid = channels < v_dim
-            grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
+            grad_out = tl.load(GRAD_OUT + grad_row[:, None] * v_dim + channels[None, :],
                                mask=has_output[:, None] & channel_valid[None, :], other=0.0)
             v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
             grad_weights += _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
@@ -317,12 +329,12 @@ if triton is not None:
             tl.store(LSE + item_round * length + query_pos, running_max + tl.log(running_sum), mask=stored)
 
     def _backward_keys_kernel(
-        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, GRAD_K, GRAD_V, GRAD_LS, GRAD_Q, GRAD_SCORES,
+        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, ROUND_WEIGHTS, GRAD_K, GRAD_V, GRAD_LS, GRAD_Q, GRAD_SCORES,
         q_stride_n, q_stride_l, k_stride_n, k_stride_l, v_stride_n, v_stride_l, ls_stride_n, ls_stride_l,
         length, padded_length, n_chunks, chunk, n_rounds, qk_dim, v_dim,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
         PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, ATOMIC_GRAD_Q: tl.constexpr,
-        WITH_GRAD_V: tl.constexpr, LOAD_DS: tl.constexpr,
+        WITH_GRAD_V: tl.constexpr, LOAD_DS: tl.constexpr, ROUND_WEIGHTED: tl.constexpr,
     ):
         """dK, dls and (``WITH_GRAD_V``) dV of one key block, summed over the queries of the 3 chunks that
         see it.
@@ -369,14 +381,20 @@ if triton is not None:
                 query_pos = _positions(order_row, sorted_queries, slot_valid)
                 q = _rows(Q, item, q_stride_n, q_stride_l, query_pos, dims, slot_valid, dim_valid)
                 image_row = item_round * length + query_pos
+                grad_row = _incoming_rows(item, item_round, length, query_pos, ROUND_WEIGHTED)
                 if WITH_GRAD_V or not LOAD_DS:
                     lse = tl.load(LSE + image_row, mask=has_output, other=float("inf"))  # weights 0 without output
                     scores = _dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned
                     weights = tl.exp(scores - lse[:, None])
+                    if ROUND_WEIGHTED:
+                        round_weight = tl.load(ROUND_WEIGHTS + image_row, mask=has_output, other=0.0)
                 if WITH_GRAD_V:
-                    grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
+                    grad_out = tl.load(GRAD_OUT + grad_row[:, None] * v_dim + channels[None, :],
                                        mask=has_output[:, None] & channel_valid[None, :], other=0.0)
-                    grad_v += _dot(tl.trans(weights).to(grad_out.dtype), grad_out, PRECISION, INTERPRETED)
+                    weights_of_grad_out = weights
+                    if ROUND_WEIGHTED:  # P^T (w g) as (P w)^T g
+                        weights_of_grad_out = weights * round_weight[:, None]
+                    grad_v += _dot(tl.trans(weights_of_grad_out).to(grad_out.dtype), grad_out, PRECISION, INTERPRETED)
                 if LOAD_DS:  # this query block's scores against this key block, as the query kernel stored them
                     grad_scores = tl.load(_grad_scores_tile(GRAD_SCORES, item_round, n_chunks, query_chunk, offset,
                                                             chunk, slots, key_slots),
@@ -386,9 +404,11 @@ if triton is not None:
                     if WITH_GRAD_V:
                         grad_weights = _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
                     else:
-                        grad_weights = _grad_weights_in_blocks(GRAD_OUT, V, item, v_stride_n, v_stride_l, image_row,
+                        grad_weights = _grad_weights_in_blocks(GRAD_OUT, V, item, v_stride_n, v_stride_l, grad_row,
                                                                has_output, key_pos, key_valid, v_dim, BLOCK_M,
                                                                BLOCK_N, BLOCK_C, PRECISION, INTERPRETED)
+                    if ROUND_WEIGHTED:  # (w g) V^T as w (g V^T)
+                        grad_weights = grad_weights * round_weight[:, None]
                     grad_scores = weights * (grad_weights - delta[:, None])
                 grad_k += _dot(tl.trans(grad_scores).to(q.dtype), q, PRECISION, INTERPRETED)
                 grad_learned += grad_scores
@@ -408,11 +428,11 @@ if triton is not None:
                      mask=key_valid[:, None] & channel_valid[None, :])
 
     def _backward_values_kernel(
-        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, GRAD_V,
+        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, ROUND_WEIGHTS, GRAD_V,
         q_stride_n, q_stride_l, k_stride_n, k_stride_l, v_stride_n, v_stride_l, ls_stride_n, ls_stride_l,
         length, padded_length, n_chunks, chunk, n_rounds, qk_dim, v_dim,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-        PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+        PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, ROUND_WEIGHTED: tl.constexpr,
     ):
         """dV of one key block and block of value channels: ``sum_i P_ij dy_i`` over the queries of the
         3 chunks that see it. Needs only ``P`` (recomputed from q, k, ls and lse; V and DELTA unused),
@@ -448,21 +468,25 @@ if triton is not None:
             q = _rows(Q, item, q_stride_n, q_stride_l, query_pos, dims, slot_valid, dim_valid)
             image_row = item_round * length + query_pos
             lse = tl.load(LSE + image_row, mask=has_output, other=float("inf"))
-            grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
+            grad_row = _incoming_rows(item, item_round, length, query_pos, ROUND_WEIGHTED)
+            grad_out = tl.load(GRAD_OUT + grad_row[:, None] * v_dim + channels[None, :],
                                mask=has_output[:, None] & channel_valid[None, :], other=0.0)
             weights = tl.exp(_dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned - lse[:, None])
+            if ROUND_WEIGHTED:  # P^T (w g) as (P w)^T g
+                weights = weights * tl.load(ROUND_WEIGHTS + image_row, mask=has_output, other=0.0)[:, None]
             grad_v += _dot(tl.trans(weights).to(grad_out.dtype), grad_out, PRECISION, INTERPRETED)
         grad_row = item_round * padded_length + round_row
         tl.store(GRAD_V + grad_row[:, None] * v_dim + channels[None, :], grad_v,
                  mask=key_valid[:, None] & channel_valid[None, :])
 
     def _backward_queries_kernel(
-        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, GRAD_Q, GRAD_SCORES,
+        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, ROUND_WEIGHTS, GRAD_Q, GRAD_SCORES,
         q_stride_n, q_stride_l, k_stride_n, k_stride_l, v_stride_n, v_stride_l, ls_stride_n, ls_stride_l,
         length, padded_length, n_chunks, chunk, n_rounds, qk_dim, v_dim,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
         PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, EXACT_DELTA: tl.constexpr,
         DELTA_ONLY: tl.constexpr, DP_IN_BLOCKS: tl.constexpr, STORE_DS: tl.constexpr,
+        ROUND_WEIGHTED: tl.constexpr,
     ):
         """dQ of one query block, summed over the keys of its 3 neighbour chunks.
 
@@ -488,10 +512,13 @@ if triton is not None:
         query_pos = _positions(order_row, sorted_queries, slot_valid)
         q = _rows(Q, item, q_stride_n, q_stride_l, query_pos, dims, slot_valid, dim_valid)
         image_row = item_round * length + query_pos
+        grad_row = _incoming_rows(item, item_round, length, query_pos, ROUND_WEIGHTED)
+        if ROUND_WEIGHTED:
+            round_weight = tl.load(ROUND_WEIGHTS + image_row, mask=has_output, other=0.0)
         if not DP_IN_BLOCKS:
             channels = tl.arange(0, BLOCK_C)
             channel_valid = channels < v_dim
-            grad_out = tl.load(GRAD_OUT + image_row[:, None] * v_dim + channels[None, :],
+            grad_out = tl.load(GRAD_OUT + grad_row[:, None] * v_dim + channels[None, :],
                                mask=has_output[:, None] & channel_valid[None, :], other=0.0)
         lse = tl.load(LSE + image_row, mask=has_output, other=float("inf"))
         delta = tl.load(DELTA + image_row, mask=has_output, other=0.0)
@@ -511,11 +538,13 @@ if triton is not None:
                     weights = tl.where(key_valid[None, :], tl.exp(scores - lse[:, None]), 0.0)
                     if DP_IN_BLOCKS:
                         grad_weights = _grad_weights_in_blocks(GRAD_OUT, V, item, v_stride_n, v_stride_l,
-                                                               image_row, has_output, key_pos, key_valid, v_dim,
+                                                               grad_row, has_output, key_pos, key_valid, v_dim,
                                                                BLOCK_M, BLOCK_N, BLOCK_C, PRECISION, INTERPRETED)
                     else:
                         v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
                         grad_weights = _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
+                    if ROUND_WEIGHTED:  # (w g) V^T as w (g V^T)
+                        grad_weights = grad_weights * round_weight[:, None]
                     if pass_index == 0:
                         delta += tl.sum(weights * grad_weights, axis=1)
                     else:
@@ -907,13 +936,18 @@ def backward_variants(device: torch.device, dtype: torch.dtype,
 
 def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
                     attended, confidence, mode: str | None = None, configs: dict[str, tuple] | None = None,
-                    delta: torch.Tensor | None = None):
+                    delta: torch.Tensor | None = None, round_weights: torch.Tensor | None = None):
     """Gradients of queries, keys, learned score and values; ``mode`` one of ``BACKWARD_MODE_CHOICES``
     (default: the device's ``BACKWARD_MODE``), ``configs`` launch configurations other than
     ``LAUNCH_CONFIGS``' for the ``"keys"`` and ``"queries"`` kernels (rows, warps, stages) and the ``"values"``
     kernel (also its value channels per program). "timed" picks both (:func:`backward_variants`). ``delta``:
     the float32 row term ``dy . y - dlse`` ``[N, T, L]`` where the caller has it (:class:`_AttendAndMix`);
-    ``attended`` and ``grad_confidence`` are then not read."""
+    ``attended`` and ``grad_confidence`` are then not read. With ``round_weights`` ``w`` ``[N, T, L]`` (and
+    ``delta``), ``grad_attended`` is the mixed output's gradient ``g`` ``[N, L, C]`` and ``dy_t = w_t g``: the
+    kernels read ``g`` and ``w``, and no ``[N, T, L, C]`` gradient is made."""
+    if round_weights is not None and (delta is None or values.dtype != torch.float32):
+        raise ValueError(f"_fused_backward: round_weights need float32 values (got {values.dtype}) and the row "
+                         f"term delta (given: {delta is not None})")
     arguments = (grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
                  attended, confidence)
     queries, keys, learned_score, values = map(_unit_column_stride, (queries, keys, learned_score, values))
@@ -923,10 +957,12 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     if mode == "timed":
         key = ("fused attention backward", values.device, values.dtype, sizes["precision"], tuple(order.shape),
                sizes["qk_dim"], sizes["v_dim"], sizes["chunk"])
+        if round_weights is not None:  # timed apart: the kernels that read the mixed gradient and the round weights
+            key += ("from the mixed gradient",)
         variants = backward_variants(values.device, values.dtype)
         mode, configs = variants[timed_choice.fastest(
             key, lambda: {name: functools.partial(_fused_backward, *arguments, mode=variant_mode,
-                                                  configs=variant_configs, delta=delta)
+                                                  configs=variant_configs, delta=delta, round_weights=round_weights)
                           for name, (variant_mode, variant_configs) in variants.items()},
             device=values.device, default=next(iter(variants)))]
     batch, rounds, padded = order.shape
@@ -961,7 +997,9 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     def grid_by_channels(rows, block_c):  # the values kernel: also per block of value channels
         return (*grid(rows, block_c), triton.cdiv(v_dim, block_c))
 
-    inputs = (queries, keys, values, learned_score, order32, grad_attended, confidence, delta)
+    round_weighted = round_weights is not None
+    inputs = (queries, keys, values, learned_score, order32, grad_attended, confidence, delta,
+              round_weights.float().contiguous() if round_weighted else delta)  # an unused pointer without
     generation = _generation(values.device)
     configs = configs or {}
     # The values kernel's (rows, warps, stages) and value channels per program: LAUNCH_CONFIGS' and
@@ -974,15 +1012,15 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
         if exact_delta or not atomic:
             _launch(_backward_queries_kernel, "queries", grid, (*inputs, grad["queries"], grad_scores), sizes,
                     channel_block=dp_channel_block, config=configs.get("queries"), EXACT_DELTA=exact_delta,
-                    DELTA_ONLY=atomic, DP_IN_BLOCKS=values_kernel, STORE_DS=stored)
+                    DELTA_ONLY=atomic, DP_IN_BLOCKS=values_kernel, STORE_DS=stored, ROUND_WEIGHTED=round_weighted)
         if values_kernel:
             _launch(_backward_values_kernel, "values", grid_by_channels, (*inputs, grad["values"]), sizes,
-                    channel_block=min(values_channels, _power_of_two(v_dim)), config=values_launch)
+                    channel_block=min(values_channels, _power_of_two(v_dim)), config=values_launch,
+                    ROUND_WEIGHTED=round_weighted)
         _launch(_backward_keys_kernel, _key_kernel_name(mode), grid,
                 (*inputs, grad["keys"], grad["values"], grad["learned"], grad["queries"], grad_scores), sizes,
                 channel_block=dp_channel_block, config=configs.get("keys"), ATOMIC_GRAD_Q=atomic,
-                WITH_GRAD_V=not values_kernel,
-                LOAD_DS=stored)
+                WITH_GRAD_V=not values_kernel, LOAD_DS=stored, ROUND_WEIGHTED=round_weighted)
 
     length = sizes["length"]
     if padded > length:  # fold the padded duplicates' key gradients (rows L .. P-1) into their positions'
@@ -1048,8 +1086,10 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.float32, combina
     """Fused forward and backward (each way it may run: :func:`backward_variants`, with ``combinations``)
     in ``dtype`` against the float64 reference on a small problem; raises if they differ (tolerance:
     ``SELF_CHECK_TOLERANCE``).
-    Float32 uses the dot-product precision in force (TF32 or true float32). Covers padding, several
-    chunks, a chunk split over blocks and strided (view) inputs."""
+    Float32 uses the dot-product precision in force (TF32 or true float32), and each backward mode also as
+    :class:`_AttendAndMix` runs it, from the mixed output's gradient and the round weights (the launch
+    configurations are those checked above; the weighting changes only which rows are read and scales P and
+    dP by row). Covers padding, several chunks, a chunk split over blocks and strided (view) inputs."""
     generator = torch.Generator().manual_seed(0)
     batch, rounds, length, chunk, qk_dim, v_dim = 2, 2, 100, 40, 12, 24
 
@@ -1092,6 +1132,18 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.float32, combina
                                       configs=configs)
         compare(("grad queries", "grad keys", "grad learned score", "grad values"), fused_grads, expected_grads,
                 f"{dtype}, backward {name}")
+    if dtype != torch.float32:
+        return
+    grad_mixed, round_weights = random(batch, length, v_dim), torch.softmax(random(batch, rounds, length), dim=1)
+    grad_weighted = grad_mixed.unsqueeze(1) * round_weights.unsqueeze(-1)  # dy_t = w_t g
+    expected_grads = chunk_attention_reference_backward(grad_weighted.double(), grad_confidence.double(), *exact,
+                                                        order, inverse)
+    delta = _delta(grad_weighted, fused[0], grad_confidence)
+    for mode in BACKWARD_MODES if configured == "timed" else (configured,):
+        fused_grads = _fused_backward(grad_mixed, None, *inputs, order, inverse, None, fused[1], mode=mode,
+                                      delta=delta, round_weights=round_weights)
+        compare(("grad queries", "grad keys", "grad learned score", "grad values"), fused_grads, expected_grads,
+                f"{dtype}, backward {mode} from the mixed gradient and the round weights")
 
 
 def _fused_allowed(values: torch.Tensor, fallback: bool) -> bool:
@@ -1341,7 +1393,9 @@ class _AttendAndMix(torch.autograd.Function):
     so the float32 backward's row term is ``delta_t = dy_t . y_t - dlse_t = w_t (g . m)``. It saves ``m``
     ``[N, L, C]`` instead of ``y`` ``[N, T, L, C]`` (at batch 16, 96x96, C=256: 151 MB instead of 453 per layer)
     and reads ``g`` and ``m`` once for ``delta``, where the mixing backward read ``y`` for ``dL/dw`` and the
-    delta kernel read ``dy`` and ``y`` again (about 1.1 GB of memory traffic less per layer there)."""
+    delta kernel read ``dy`` and ``y`` again (about 1.1 GB of memory traffic less per layer there). The
+    attention's backward kernels read ``g`` and ``w`` (``round_weights`` of :func:`_fused_backward`), so ``dy``
+    ``[N, T, L, C]`` is never made either (453 MB written and 151 MB read less there)."""
 
     @staticmethod
     def forward(ctx, queries, keys, learned_score, values, order, inverse, fallback):
@@ -1357,17 +1411,18 @@ class _AttendAndMix(torch.autograd.Function):
         queries, keys, learned_score, values, order, inverse, confidence, round_weights, mixed = ctx.saved_tensors
         inputs = (queries, keys, learned_score, values, order, inverse)
         grad_mixed = grad_mixed.float().contiguous()
-        grad_attended = grad_mixed.unsqueeze(1) * round_weights.unsqueeze(-1)
         if _fused_allowed(values, ctx.fallback):
             try:
                 row_dot = _delta(grad_mixed, mixed, grad_mixed.new_zeros(grad_mixed.shape[:2]))  # g . m
                 delta = (round_weights * row_dot.unsqueeze(1)).contiguous()
-                return (*_fused_backward(grad_attended, None, *inputs, None, confidence, delta=delta), None, None, None)
+                return (*_fused_backward(grad_mixed, None, *inputs, None, confidence, delta=delta,
+                                         round_weights=round_weights), None, None, None)
             except Exception as error:
                 if not ctx.fallback:
                     raise
                 _give_up(error)
         # After a failure: the reference backward, with the confidences' gradient from recomputed attended values.
+        grad_attended = grad_mixed.unsqueeze(1) * round_weights.unsqueeze(-1)
         attended, _ = chunk_attention_reference(*inputs)
         per_round = (grad_mixed.unsqueeze(1) * attended.float()).sum(-1)  # dL/dw_t = g . y_t
         grad_confidence = round_weights * (per_round - (round_weights * per_round).sum(1, keepdim=True))
