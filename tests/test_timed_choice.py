@@ -185,6 +185,7 @@ def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu,
         torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.slow  # about a minute in the interpreter (the default suite was near its 15 minutes)
 def test_timed_values_and_query_configurations_run_as_chosen_and_are_exact(timing_on_the_cpu, launches,
                                                                           monkeypatch):
     """A values-kernel and a query-kernel configuration the timed backward picks together are launched as

@@ -26,7 +26,7 @@ def _load_script():
     return script
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 def test_a_float32_task_also_launches_the_kernels_reading_the_mixed_gradient(monkeypatch, dtype):
     """Float32 training at batch 16 mixes the rounds in the attention's node (attend_and_mix), whose backward
     kernels read the mixed gradient and the round weights: specialisations of their own, warmed by the
