@@ -227,16 +227,17 @@ def main() -> None:
     def _():
         fused, _, x, rotations = gla_problem(channels, chunk_size, training_batch, training_size, device)
         # The paper's training batch is above MIX_KERNEL_MIN_ELEMENTS; the small layer is lowered to it.
-        threshold, attends_and_mixes = chunk_attention.MIX_KERNEL_MIN_ELEMENTS, chunk_attention.attends_and_mixes
-        chunk_attention.MIX_KERNEL_MIN_ELEMENTS = 0 if args.small else threshold
+        attends_and_mixes = chunk_attention.attends_and_mixes
+        threshold = 0 if args.small else chunk_attention.MIX_KERNEL_MIN_ELEMENTS
         torch.set_float32_matmul_precision("high")
         try:
-            used = chunk_attention.attends_and_mixes(x.new_empty(training_batch, training_size ** 2, channels), 3)
-            one_node = outputs_and_gradients(fused, x, rotations)
-            chunk_attention.attends_and_mixes = lambda values, n_rounds: False
-            separate = outputs_and_gradients(fused, x, rotations)
+            with chunk_attention.mixing_from(threshold):
+                used = chunk_attention.attends_and_mixes(x.new_empty(training_batch, training_size ** 2, channels), 3)
+                one_node = outputs_and_gradients(fused, x, rotations)
+                chunk_attention.attends_and_mixes = lambda values, n_rounds: False
+                separate = outputs_and_gradients(fused, x, rotations)
         finally:
-            chunk_attention.MIX_KERNEL_MIN_ELEMENTS, chunk_attention.attends_and_mixes = threshold, attends_and_mixes
+            chunk_attention.attends_and_mixes = attends_and_mixes
             torch.set_float32_matmul_precision("highest")
         errors = {n: ((g - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
                   for n, g, w in zip(names(fused), one_node, separate)}

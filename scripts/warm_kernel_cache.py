@@ -8,10 +8,10 @@ and one kernel at a time. `scripts/check_fused_gla.py` alone launches about sixt
 backward variant the training steps' timed choice may try (`chunk_attention.backward_variants`), in
 float32 with true and with TF32 dot products and in bf16, at the self-check's sizes and at the paper
 layer's, a few seconds of compilation each; in float32 also as the attention node with the round mixing
-(`attend_and_mix`, float32 training at batch 16) runs them. This script launches the same work as independent tasks in
-parallel processes (one per precision and backward variant), so that the steps after it find the kernels
-in Triton's cache (`TRITON_CACHE_DIR`, by default `~/.triton/cache`) and spend the lent machine's time
-on checks and measurements instead.
+(`attend_and_mix`, float32 training at batch 16) runs them. This script launches the same work as
+independent tasks in parallel processes (one per precision and backward variant), so that the steps after
+it find the kernels in Triton's cache (`TRITON_CACHE_DIR`, by default `~/.triton/cache`) and spend the
+lent machine's time on checks and measurements instead.
 
 Nothing computed here is kept or checked: a task that fails is reported (exit status 1) and the others go
 on; the check step that follows fails on the same problem, with its own error. On the CPU the kernels
@@ -72,13 +72,10 @@ def run_task(task: tuple) -> float:
             with backward_variant(device, dtype, detail):
                 outputs_and_gradients(fused, x, rotations, bf16=dtype == torch.bfloat16)
                 if dtype == torch.float32 and (batch, size) == sizes[0]:
-                    # As float32 training at batch 16 runs it (attend_and_mix, above MIX_KERNEL_MIN_ELEMENTS):
-                    # backward kernels that read the mixed gradient and the round weights, other specialisations.
-                    threshold, chunk_attention.MIX_KERNEL_MIN_ELEMENTS = chunk_attention.MIX_KERNEL_MIN_ELEMENTS, 0
-                    try:
+                    # As float32 training at batch 16 runs it (attend_and_mix): backward kernels
+                    # that read the mixed gradient and the round weights, other specialisations.
+                    with chunk_attention.mixing_from(0):
                         outputs_and_gradients(fused, x, rotations)
-                    finally:
-                        chunk_attention.MIX_KERNEL_MIN_ELEMENTS = threshold
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start

@@ -256,16 +256,22 @@ def test_fused_gla_mixes_large_outputs_with_the_kernel(monkeypatch, grad):
     for function in (fused._MixRounds, fused._AttendAndMix):
         monkeypatch.setattr(function, "apply", lambda *args, function=function, original=function.apply: mixed.append(
             function.__name__) or original(*args))
+    default = fused.MIX_KERNEL_MIN_ELEMENTS
     for threshold, calls in ((1121, []), (1120, ["_AttendAndMix" if grad else "_MixRounds"])):
-        monkeypatch.setattr(fused, "MIX_KERNEL_MIN_ELEMENTS", threshold)
         mixed.clear()
-        if grad:
-            _assert_gla_gradients_close(_gla_outputs_and_gradients(fused_layer, x, rotations),
-                                        _gla_outputs_and_gradients(reference, x, rotations), 1e-4)
-        else:
-            with torch.no_grad():
-                torch.testing.assert_close(fused_layer(x, rotations), reference(x, rotations), rtol=1e-4, atol=1e-4)
+        with fused.mixing_from(threshold):
+            if grad:
+                _assert_gla_gradients_close(_gla_outputs_and_gradients(fused_layer, x, rotations),
+                                            _gla_outputs_and_gradients(reference, x, rotations), 1e-4)
+            else:
+                with torch.no_grad():
+                    torch.testing.assert_close(fused_layer(x, rotations), reference(x, rotations),
+                                               rtol=1e-4, atol=1e-4)
         assert mixed == calls, threshold
+        assert fused.MIX_KERNEL_MIN_ELEMENTS == default
+    with pytest.raises(RuntimeError, match="inside"), fused.mixing_from(0):
+        raise RuntimeError("inside")
+    assert fused.MIX_KERNEL_MIN_ELEMENTS == default  # put back after an error too
 
 
 def _saved_shapes(function):

@@ -1381,6 +1381,19 @@ def mix_in_one_kernel(attended: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+@contextlib.contextmanager
+def mixing_from(min_elements: int):
+    """Within the block, GLA mixes rounds in one kernel (and float32 training attends and mixes in one node)
+    from ``min_elements`` elements of ``[N, T, L, C]`` instead of ``MIX_KERNEL_MIN_ELEMENTS``: 0 runs those
+    paths at a small size, as the checks and the kernel warm-up do. The threshold is put back on exit."""
+    global MIX_KERNEL_MIN_ELEMENTS
+    saved, MIX_KERNEL_MIN_ELEMENTS = MIX_KERNEL_MIN_ELEMENTS, min_elements
+    try:
+        yield
+    finally:
+        MIX_KERNEL_MIN_ELEMENTS = saved
+
+
 # --------------------------------------------------------------------------------------------
 # Attention and round mixing as one autograd node (eager float32 training at large sizes).
 # --------------------------------------------------------------------------------------------
