@@ -35,12 +35,18 @@ Sections (``--sections``), each printed as soon as it is done:
   queries values keys_from_dS_no_values --channel-blocks 64 128 256 --rows-options 32 64``.
   The numbers feed ``LAUNCH_CONFIGS`` and ``BACKWARD_MODE`` (the GPU's generation) in
   ``dlsn/models/chunk_attention.py``.
+
+``backward_modes`` and ``tune`` time the backward as a training step runs it at that size: in float32
+where GLA attends and mixes the rounds in one node (``chunk_attention.attends_and_mixes``: batch 16 at
+48x48 and 96x96), the kernels that read the mixed output's gradient and the round weights, which the
+training steps' timed choice also times apart; elsewhere those that read the attended values' gradient.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import statistics
@@ -210,6 +216,32 @@ def kernel_inputs(args, device, dtype):
     return queries, keys, learned_score, values, order, inverse
 
 
+def backward_as_trained(inputs, attended, confidence):
+    """The fused backward as a training step runs it at these sizes, as ``run(mode=None, configs=None)``,
+    and what it reads. Float32 values where GLA attends and mixes in one node (``attends_and_mixes``:
+    batch 16 at 48x48 and 96x96): the kernels read the mixed output's gradient and the round weights
+    (``round_weights``), other specialisations than the ``[N, T, L, C]`` incoming gradient's; elsewhere that
+    gradient and the confidences'. Random gradients: times do not depend on the values."""
+    values = inputs[3]
+    if fused.attends_and_mixes(values, attended.shape[1]):
+        round_weights = torch.softmax(confidence, dim=1)
+        mixed = (attended * round_weights.unsqueeze(-1)).sum(1)
+        grad_mixed = torch.randn_like(mixed)
+        delta = (round_weights * (grad_mixed * mixed).sum(-1).unsqueeze(1)).contiguous()
+
+        def run(mode=None, configs=None):
+            fused._fused_backward(grad_mixed, None, *inputs, None, confidence, mode=mode, configs=configs,
+                                  delta=delta, round_weights=round_weights)
+
+        return run, "from the mixed output's gradient and the round weights (attend_and_mix)"
+    grads = (torch.randn_like(attended), torch.randn_like(confidence))
+
+    def run(mode=None, configs=None):
+        fused._fused_backward(*grads, *inputs, attended, confidence, mode=mode, configs=configs)
+
+    return run, "from the attended values' and the confidences' gradients"
+
+
 def section_backward_modes(args, device) -> None:
     print(f"\n## fused kernel backward, each variant the timed choice tries (mode, key kernel configuration; "
           f"chunk_attention.backward_variants), batch {args.batch}, L={args.patch ** 2}, C={args.channels}, "
@@ -217,16 +249,13 @@ def section_backward_modes(args, device) -> None:
     for dtype in (torch.bfloat16, torch.float32):
         inputs = kernel_inputs(args, device, dtype)
         attended, confidence = fused._fused_forward(*inputs)
-        grads = (torch.randn_like(attended), torch.randn_like(confidence))
+        backward, reads = backward_as_trained(inputs, attended, confidence)
         timings = []
         # --small (the interpreter, seconds per run): each launch configuration in one variant, one run each
         for name, (mode, configs) in fused.backward_variants(device, dtype, combinations=not args.small).items():
-            def run():
-                fused._fused_backward(*grads, *inputs, attended, confidence, mode=mode, configs=configs)
-
             runs = (0, 1) if args.small else (args.warmup, args.repeats)
-            timings.append(f"{name} {median_ms(run, device, *runs):.3f} ms")
-        print(f"{dtype}: " + "; ".join(timings), flush=True)
+            timings.append(f"{name} {median_ms(functools.partial(backward, mode, configs), device, *runs):.3f} ms")
+        print(f"{dtype}, {reads}: " + "; ".join(timings), flush=True)
 
 
 KERNELS = ("forward", "queries", "keys", "values", "keys_no_values", "keys_from_dS", "keys_from_dS_no_values")
@@ -246,8 +275,7 @@ def section_tune(args, device) -> list[dict]:
     for dtype in [{"bf16": torch.bfloat16, "float32": torch.float32}[name] for name in args.dtypes]:
         inputs = kernel_inputs(args, device, dtype)
         attended, confidence = fused._fused_forward(*inputs)
-        grad_attended = torch.randn_like(attended)
-        grad_confidence = torch.randn_like(confidence)
+        backward, reads = backward_as_trained(inputs, attended, confidence)
         precision_class = "float32" if dtype == torch.float32 else "half"
         generation = fused._generation(device)
         configs = fused.LAUNCH_CONFIGS[generation]
@@ -260,8 +288,8 @@ def section_tune(args, device) -> list[dict]:
         defaults = ", ".join(f"{kernel} {'/'.join(map(str, original[kernel, precision_class]))}" for kernel in KERNELS)
         print(f"\n## fused kernel launch configurations (LAUNCH_CONFIGS[{generation}]), {dtype}, batch {args.batch}, "
               f"L={args.patch ** 2}, C={args.channels}, k={args.chunk} (defaults: {defaults}; forward channel block "
-              f"{original_channel_block}, values {original_channel_blocks['values']}, backward {original_mode})",
-              flush=True)
+              f"{original_channel_block}, values {original_channel_blocks['values']}, backward {original_mode}); "
+              f"the backward {reads}", flush=True)
         sweeps = [("forward", None)] + [(name, mode) for mode in args.backward_modes
                                          for name in backward_kernels(mode, dtype)]
         sweeps = [(name, mode) for name, mode in sweeps if name in args.kernels]
@@ -283,8 +311,7 @@ def section_tune(args, device) -> list[dict]:
                     def run():
                         fused._fused_forward(*inputs)
                 else:  # the backward runs both kernels: time it whole, and with the other kernel at its default
-                    def run():
-                        fused._fused_backward(grad_attended, grad_confidence, *inputs, attended, confidence)
+                    run = backward
                 label = dict(kernel=name, dtype=str(dtype), rows=rows, warps=warps, stages=stages,
                              channel_block=channel_block, backward_mode=mode)
                 try:

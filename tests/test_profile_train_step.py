@@ -41,9 +41,11 @@ def test_sections_run_and_the_sweep_restores_the_launch_configurations(tmp_path,
         assert re.search(rf"## GLA forward\+backward, batch 1, 6x6, float32 \(TF32\), {re.escape(name)}: [\d.]+ ms "
                          r"\(median of 2\); host [\d.]+ ms to issue a step; \d+ kernels per step", printed), name
     for dtype in ("bfloat16", "float32"):  # the backward in each BACKWARD_MODE, at the current configurations
-        assert re.search(rf"torch.{dtype}: two_kernels [\d.]+ ms; atomic [\d.]+ ms", printed), dtype
+        assert re.search(rf"torch.{dtype}, from the attended values' and the confidences' gradients: "
+                         r"two_kernels [\d.]+ ms; atomic [\d.]+ ms", printed), dtype
         # --small: each launch configuration in one variant (no query and values configurations paired)
-        line = next(line for line in printed.splitlines() if line.startswith(f"torch.{dtype}: two_kernels"))
+        line = next(line for line in printed.splitlines() if line.startswith(f"torch.{dtype}, ")
+                    and "two_kernels" in line)
         timed = [entry.rsplit(" ", 2)[0] for entry in line.split(": ", 1)[1].split("; ")]
         assert timed == list(fused.backward_variants(torch.device("cpu"), getattr(torch, dtype), combinations=False))
     swept = json.loads((tmp_path / "tune.json").read_text())
@@ -100,6 +102,47 @@ def test_the_values_kernels_channel_blocks_are_swept(tmp_path, monkeypatch):
     values_launches = {(channels, config[0]) for name, channels, config in launched if name == "values"}
     assert values_launches == {(8, 8), (16, 8), (8, 16), (16, 16)}
     assert fused.VALUES_CHANNEL_BLOCK == saved
+
+
+@pytest.mark.parametrize(("mixes", "with_backward_modes"), [
+    (True, False), (False, False), pytest.param(True, True, marks=pytest.mark.slow)],
+    ids=["attend_and_mix size", "below it", "attend_and_mix size, backward modes too"])
+def test_the_sweep_times_the_backward_that_training_runs_at_its_size(tmp_path, monkeypatch, capsys, mixes,
+                                                                     with_backward_modes):
+    """Float32 training at batch 16 attends and mixes the rounds in one node, whose backward kernels read the mixed
+    output's gradient and the round weights (other specialisations, timed apart by the training step's choice):
+    the sweep and the backward modes time those kernels where attends_and_mixes() holds (lowered here), the
+    [N, T, L, C] gradient's elsewhere; bf16 never reads the mixed gradient."""
+    if not fused.triton_available():
+        pytest.skip("triton is not importable")
+    weighted = []
+    original_launch = fused._launch
+
+    def recording_launch(function, name, *args, **kwargs):
+        if name != "forward":
+            dtype = "float32" if args[2]["value_dtype"] == torch.float32 else "bf16"  # args: grid, tensors, sizes
+            weighted.append((dtype, name, bool(kwargs.get("ROUND_WEIGHTED"))))
+        return original_launch(function, name, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "_launch", recording_launch)
+    monkeypatch.setattr(fused, "MIX_KERNEL_MIN_ELEMENTS", 0 if mixes else 2**62)
+    script = load_script()
+    assert script.main(["--device", "cpu", "--small", "--sections", "tune", "--dtypes", "float32",
+                        "--backward-modes", "stored_dS+values", "--kernels", "values", "--rows-options", "8",
+                        "--channel-blocks", "16", "--json", str(tmp_path / "tune.json")]) == 0
+    assert {(dtype, name) for dtype, name, _ in weighted} == {("float32", "queries"), ("float32", "values"),
+                                                               ("float32", "keys_from_dS_no_values")}
+    assert all(flag == mixes for *_, flag in weighted), weighted
+    assert ("the backward from the mixed output's gradient" in capsys.readouterr().out) == mixes
+    assert all(isinstance(r["ms"], float) for r in json.loads((tmp_path / "tune.json").read_text()))
+    if not with_backward_modes:  # the backward modes: about a minute in the interpreter
+        return
+    weighted.clear()
+    assert script.main(["--device", "cpu", "--small", "--sections", "backward_modes"]) == 0
+    printed = capsys.readouterr().out
+    assert {dtype for dtype, *_ in weighted} == {"bf16", "float32"}
+    assert all(flag == (mixes and dtype == "float32") for dtype, _, flag in weighted), weighted
+    assert ("torch.float32, from the mixed output's gradient" in printed) == mixes
 
 
 def test_gla_forward_backward_issues_few_operations():
