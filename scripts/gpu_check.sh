@@ -46,6 +46,8 @@
 #   gla_batch1_profile.txt   scripts/profile_train_step.py --sections gla_batch1 backward_modes: where the
 #                       batch-1 GLA rows spend host and device time, this project against the published
 #                       layout; the fused backward's time as each variant the timed choice tries
+#   weight_grad.{txt,json}   scripts/benchmark_weight_grad.py: the weight gradients of the paper's 3x3
+#                       convolutions in float32 (TF32), cuDNN against im2col + cuBLAS and a Triton kernel
 #   gla_targets_bf16.{txt,json}   the model-level rows under bf16 autocast
 #   gla_compiled.{txt,json}   the GLA forward+backward rows with this project's GLA under torch.compile as
 #                       train.py's compiled training steps run it (the eager rows above are the targets)
@@ -84,7 +86,7 @@ OUT="${OUT:?set OUT to the folder for the results}"
 # Toy sizes for --rehearse, appended after the real options (argparse keeps the last value), so that the
 # rehearsal runs the very command lines of the GPU run.
 device=cuda information=false
-toy_warm=() toy_check=() toy_train_step=() toy_gla=() toy_profile=() toy_precision=() toy_compile=()
+toy_warm=() toy_check=() toy_train_step=() toy_gla=() toy_profile=() toy_precision=() toy_compile=() toy_weight_grad=()
 for option in "$@"; do
     case "$option" in
         --rehearse) device=cpu ;;
@@ -101,6 +103,7 @@ if [[ $device == cpu ]]; then
     toy_gla=(--smoke --repeats 1 --warmup 0)
     toy_compile=(--compile-backend eager)  # traces the GLA as on the GPU, compiles nothing
     toy_profile=(--device cpu --small)
+    toy_weight_grad=(--small)
     toy_precision=(--model small --batch 2 --patch 16 --warmup 1 --steps 2 --train-steps 4
                    --train-timeout 900 --run-dir "$OUT/precision_runs")
 fi
@@ -125,7 +128,7 @@ status=0
 # Seconds each step may take at most on an H100/H200 (compilation included); the budget may leave less.
 declare -A STEP_CAP_S=([warm]=120 [compile_bf16]=150 [compile_32]=150 [precision]=210 [check]=180 [train_step]=300
                         [gla_targets]=90 [gla_batch1_profile]=60 [gla_targets_bf16]=90 [train_step_heuristics]=60
-                        [gla_compiled]=150)
+                        [gla_compiled]=150 [weight_grad]=60)
 if [[ $device == cuda ]]; then
     budget=${GPU_CHECK_BUDGET_S:-540}
 else  # the rehearsal's toy sizes on a slow CPU: no caps
@@ -230,6 +233,10 @@ duration null
 # kernel's backward as each variant the training steps' timed choice tries (dQ by two kernels or atomic
 # additions; key and values kernel configurations).
 step gla_batch1_profile python3 scripts/profile_train_step.py --sections gla_batch1 backward_modes "${toy_profile[@]}"
+# cuDNN's TF32 weight gradients (about a third of the TF32 peak on the last H200 run: 24 ms of the float32 eager
+# step, 2.1 ms of the batch-16 96x96 GLA row) against im2col + cuBLAS and a Triton implicit GEMM.
+step weight_grad python3 scripts/benchmark_weight_grad.py --device $device --json "$OUT/weight_grad.json" \
+    "${toy_weight_grad[@]}"
 # The model-level rows under bf16 autocast (no kernel tables, the float32 ones above suffice).
 step gla_targets_bf16 python3 scripts/benchmark_gla.py --device $device --targets "${published[@]}" --repeats 10 \
     --warmup 3 --precision bf16 --json "$OUT/gla_targets_bf16.json" --markdown "${toy_gla[@]}"

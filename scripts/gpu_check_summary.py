@@ -7,7 +7,7 @@ the paper training step, eager and compiled, against the published code; ``compi
 ``compile_32.json``: the compiled step alone from an empty torch.compile cache, for the compile warm-up;
 ``train_step_heuristics.json``: the eager step with cuDNN's heuristics instead of its autotuner), ``gla_targets.json`` and ``gla_targets_bf16.json``
 (scripts/benchmark_gla.py --targets in float32 and under bf16 autocast; ``gla_compiled.json``: the GLA rows
-compiled as train.py's training steps), ``precision.json``
+compiled as train.py's training steps; ``weight_grad.json``: scripts/benchmark_weight_grad.py), ``precision.json``
 (scripts/benchmark_precision.py) and ``duration.json`` (gpu_check.sh's own time to measure every target;
 where it says the information steps were not asked for, their files are not reported missing), whichever
 exist, and prints one table: the correctness checks,
@@ -260,6 +260,27 @@ def psnr_rows(precision: dict | None) -> list[str]:
     return rows + spread_rows
 
 
+def weight_grad_rows(results: list | None) -> list[str]:
+    """``weight_grad.json`` (scripts/benchmark_weight_grad.py), per case: cuDNN's TF32 weight gradient of a 3x3
+    convolution against the fastest other way measured (im2col + cuBLAS, or a Triton configuration)."""
+    if results is None:
+        return ["| weight gradients of 3x3 convolutions (weight_grad.json) | | | | | | MISSING |"]
+    rows = []
+    for case in dict.fromkeys(result["case"] for result in results):
+        timed = [result for result in results if result["case"] == case and result.get("ms") is not None]
+        cudnn = next((result for result in timed if result["method"] == "cudnn"), None)
+        others = sorted((result for result in timed if result["method"] != "cudnn"), key=lambda result: result["ms"])
+        if cudnn is None or not others:
+            rows.append(f"| weight gradient (TF32), {case} | | | no timings (weight_grad.txt) | | | (information) |")
+            continue
+        best = others[0]
+        rows.append(f"| weight gradient (TF32), {case}: cuDNN vs the fastest other way | | {cudnn['ms']:.3f} ms "
+                    f"({cudnn['tflops']:.0f} TFLOP/s) cuDNN | {best['ms']:.3f} ms ({best['tflops']:.0f} TFLOP/s) "
+                    f"{best['method']}, error {best['error']:.1e} | {cudnn['ms'] / best['ms']:.2f}x cuDNN's speed | | "
+                    f"(information) |")
+    return rows
+
+
 GPU_CHECK_LIMIT_S = 360  # issue 9: every target measured in at most 6 minutes on an H100/H200
 
 
@@ -297,6 +318,7 @@ def main(folder: Path) -> None:
         rows += target_rows(load(folder, "gla_targets_bf16.json"), "gla_targets_bf16.json", judging=False)
         rows += target_rows(load(folder, "gla_compiled.json"), "gla_compiled.json", judging=False, project="compiled")
         rows += autotune_rows(train_step, load(folder, "train_step_heuristics.json"))
+        rows += weight_grad_rows(load(folder, "weight_grad.json"))
     rows += timed_choice_rows(train_step, (gla_targets or {}).get("cases"))
 
     precision = load(folder, "precision.json")

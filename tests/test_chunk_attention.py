@@ -15,6 +15,7 @@ import torch
 from dlsn.models import GLA, load_official
 from dlsn.models import chunk_attention as fused
 from dlsn.models.gla import number_of_buckets
+from tests.helpers.gpu_compile import SHARED_MEMORY_LIMIT, register_spill_bytes, triton_compile
 
 pytestmark = pytest.mark.skipif(not fused.triton_available(),
                                 reason="triton is not importable (pip install the dev extra on Linux x86-64)")
@@ -469,7 +470,6 @@ def test_values_kernel_modes_split_the_value_channels_into_blocks(monkeypatch, m
 # int arguments that Triton's JIT sees divisible by 16 at the paper configuration (it specialises on it)
 _DIVISIBLE_BY_16 = {"q_stride_n", "q_stride_l", "k_stride_n", "k_stride_l", "v_stride_n", "v_stride_l",
                     "ls_stride_n", "ls_stride_l", "chunk", "qk_dim", "v_dim"}
-_SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes per block: A100, H100
 
 
 def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False, config=None,
@@ -518,31 +518,6 @@ def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False
     return triton_compile(source, GPUTarget("cuda", arch, 32), num_warps, num_stages)
 
 
-def triton_compile(source, target, num_warps, num_stages):
-    import triton
-
-    return triton.compile(source, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
-
-
-def _register_spill_bytes(compiled) -> int | None:
-    """Bytes of stack per thread (register spills) from the cubin, via the cuobjdump Triton ships."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
-    match = re.search(r"STACK:(\d+)", usage)
-    return int(match.group(1)) if match else None
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("value_type", ["bf16", "fp32"])
@@ -557,8 +532,8 @@ def test_kernels_compile_for_gpus_within_their_resources(name, value_type, arch)
     pytest.importorskip("triton.backends.nvidia")
     compiled = _compile_for_gpu(name.split()[0], value_type, arch, atomic=name.endswith("atomic dQ"),
                                 dp_in_blocks="dP in blocks" in name, store_ds=name.endswith("storing dS"))
-    assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
-    spill = _register_spill_bytes(compiled)
+    assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[arch]
+    spill = register_spill_bytes(compiled)
     assert arch >= 90 or spill is None or spill <= 256, f"{spill} bytes of register spills per thread"
 
 
@@ -573,8 +548,8 @@ def test_timed_key_configurations_compile_within_the_gpus_resources(arch, value_
     memory and spill little: they were picked for that (cuobjdump, Triton 3.9)."""
     pytest.importorskip("triton.backends.nvidia")
     compiled = _compile_for_gpu("keys", value_type, arch, atomic=atomic, config=config)
-    assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
-    spill = _register_spill_bytes(compiled)
+    assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[arch]
+    spill = register_spill_bytes(compiled)
     assert spill is None or spill <= 256, f"{spill} bytes of register spills per thread"
 
 
@@ -590,8 +565,8 @@ def test_timed_values_configurations_compile_within_the_gpus_resources(arch, val
     unrolled in the kernel's loop, (64, 8, 2) with 256 channels needed 529 KB of shared memory."""
     pytest.importorskip("triton.backends.nvidia")
     compiled = _compile_for_gpu("values", value_type, arch, config=config[:3], channel_block=config[3])
-    assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
-    spill = _register_spill_bytes(compiled)
+    assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[arch]
+    spill = register_spill_bytes(compiled)
     assert spill is None or spill == 0, f"{spill} bytes of register spills per thread"
     ptx = compiled.asm["ptx"]
     assert ("cp.async" in ptx) == (config[2] >= 2)
@@ -610,8 +585,8 @@ def test_timed_query_configurations_compile_without_spills(arch, value_type, con
     pytest.importorskip("triton.backends.nvidia")
     assert fused.TIMED_CONFIGS_MODE == "stored_dS+values"
     compiled = _compile_for_gpu("queries", value_type, arch, config=config, dp_in_blocks=True, store_ds=True)
-    assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
-    assert _register_spill_bytes(compiled) in (None, 0)
+    assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[arch]
+    assert register_spill_bytes(compiled) in (None, 0)
 
 
 @pytest.mark.parametrize(("capability", "generation"), [((8, 0), 80), ((8, 9), 80), ((9, 0), 90), ((10, 0), 90)])
@@ -714,8 +689,8 @@ def test_hash_kernel_compiles_for_gpus(arch):
     attributes = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names) if name in pointers}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes)
     compiled = triton_compile(source, GPUTarget("cuda", arch, 32), fused.HASH_WARPS, 1)
-    assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
-    spill = _register_spill_bytes(compiled)
+    assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[arch]
+    spill = register_spill_bytes(compiled)
     assert spill is None or spill == 0, f"{spill} bytes of register spills per thread"
 
 
@@ -801,8 +776,8 @@ def test_orthonormal_kernel_compiles_for_gpus(arch, tile, max_spill):
                   if name.isupper() and name not in constants}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes)
     compiled = triton_compile(source, GPUTarget("cuda", arch, 32), fused.ORTHONORMAL_WARPS, 1)
-    assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
-    spill = _register_spill_bytes(compiled)
+    assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[arch]
+    spill = register_spill_bytes(compiled)
     assert spill is None or spill <= max_spill, f"{spill} bytes of register spills per thread"
 
 
@@ -881,6 +856,6 @@ def test_mix_rounds_kernels_compile_for_gpus(name, arch):
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes)
     compiled = triton_compile(source, GPUTarget("cuda", arch, 32),
                               fused.DELTA_WARPS if name == "delta" else fused.MIX_WARPS, 1)
-    assert compiled.metadata.shared <= _SHARED_MEMORY_LIMIT[arch]
-    spill = _register_spill_bytes(compiled)
+    assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[arch]
+    spill = register_spill_bytes(compiled)
     assert spill is None or spill == 0, f"{spill} bytes of register spills per thread"

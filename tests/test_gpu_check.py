@@ -25,7 +25,7 @@ SCRIPT = PROJECT_ROOT / "scripts" / "gpu_check.sh"
 # In the order they start: the kernels' compilation; then at once the compile warm-ups, the PSNR runs and the
 # checks; then alone on the GPU the timed targets; then, with --information, the information steps.
 TARGET_STEPS = ("warm", "compile_bf16", "compile_32", "precision", "check", "train_step", "gla_targets")
-INFORMATION_STEPS = ("gla_batch1_profile", "gla_targets_bf16", "train_step_heuristics", "gla_compiled")
+INFORMATION_STEPS = ("gla_batch1_profile", "weight_grad", "gla_targets_bf16", "train_step_heuristics", "gla_compiled")
 STEPS = TARGET_STEPS + INFORMATION_STEPS
 CONCURRENT = ("compile_bf16", "compile_32", "precision", "check")
 TEXT_ONLY = ("warm", "gla_batch1_profile")  # steps that write no JSON
@@ -53,7 +53,8 @@ def test_rehearsal_runs_every_step_and_fills_the_summary(tmp_path):
     assert "2 tasks on 2 processes" in warm and warm.rstrip().endswith("0 failed"), warm[-3000:]
     profile = (out / "gla_batch1_profile.txt").read_text()
     assert profile.count("## GLA forward+backward, batch 1,") == 2 and "kernels per step" in profile, profile[-3000:]
-    assert re.search(r"torch.float32: two_kernels [\d.]+ ms; atomic [\d.]+ ms", profile), profile[-3000:]
+    assert re.search(r"torch.float32, from the attended values' and the confidences' gradients: two_kernels [\d.]+ ms; "
+                     r"atomic [\d.]+ ms", profile), profile[-3000:]
 
     summary = (out / "summary.md").read_text()
     assert summary.startswith("Rehearsal:")
@@ -76,6 +77,8 @@ def test_rehearsal_runs_every_step_and_fills_the_summary(tmp_path):
                                            for row in compiled_rows), compiled_rows
     cases = json.loads((out / "gla_targets.json").read_text())["cases"]  # the float32 cases' largest kernels
     assert cases and all(len(case["kernels"]) == 25 for case in cases)  # (here: operators)
+    weight_grad_rows = [row for row in rows if row.startswith("| weight gradient (TF32), toy")]
+    assert len(weight_grad_rows) == 1 and "cuDNN's speed" in weight_grad_rows[0], weight_grad_rows
     step_rows = [row for row in rows if row.startswith("| training step x2")]
     assert len(step_rows) == 2 and all("(eager)" in row and "ms (compiled)" in row for row in step_rows)
     psnr_rows = [row for row in rows if row.startswith("| val PSNR")]  # bf16 against float32, float32 repeated
@@ -179,9 +182,27 @@ def test_the_summary_judges_how_long_the_targets_took_and_asks_for_information_o
     assert len(duration) == 1 and duration[0].endswith(f"| <= 360 s | {status} |"), duration
     assert f"| {targets_s} s from the start;" in duration[0]
     information_missing = [row for row in rows if any(f"{name}.json" in row for name in (
-        "gla_targets_bf16", "train_step_heuristics", "gla_compiled"))]
-    assert len(information_missing) == (0 if information_s is None else 3), information_missing
+        "gla_targets_bf16", "train_step_heuristics", "gla_compiled", "weight_grad"))]
+    assert len(information_missing) == (0 if information_s is None else 4), information_missing
     assert any("(gla_targets.json)" in row and row.endswith("| MISSING |") for row in rows)  # a target's file is
+
+
+def test_the_summary_sets_cudnns_weight_gradient_against_the_fastest_other_way(tmp_path):
+    """weight_grad.json (an information step): per case, cuDNN against the fastest timed alternative; failed
+    configurations are left out, and a case where nothing else ran says so."""
+    (tmp_path / "duration.json").write_text(json.dumps({"device": "cuda", "targets_s": 300, "information_s": 60}))
+    results = [dict(case="body", method="cudnn", ms=0.26, tflops=167.0, error=1e-3),
+               dict(case="body", method="im2col", ms=0.30, tflops=145.0, error=1e-3),
+               dict(case="body", method="triton 32/128/128/8/3", ms=0.13, tflops=334.0, error=2e-3),
+               dict(case="body", method="triton 64/128/128/8/3", ms=None, error="OutOfResources: shared memory"),
+               dict(case="GLA", method="cudnn", ms=2.09, tflops=145.0, error=1e-3),
+               dict(case="GLA", method="im2col", ms=None, error="OutOfMemoryError")]
+    (tmp_path / "weight_grad.json").write_text(json.dumps(results))
+    rows = [row for row in summarise(tmp_path) if row.startswith("| weight gradient")]
+    assert rows == [
+        "| weight gradient (TF32), body: cuDNN vs the fastest other way | | 0.260 ms (167 TFLOP/s) cuDNN | 0.130 ms "
+        "(334 TFLOP/s) triton 32/128/128/8/3, error 2.0e-03 | 2.00x cuDNN's speed | | (information) |",
+        "| weight gradient (TF32), GLA | | | no timings (weight_grad.txt) | | | (information) |"]
 
 
 def test_the_summary_reports_a_missing_duration(tmp_path):
