@@ -32,13 +32,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from dlsn.models import chunk_attention, float32_ops
+from dlsn.utils.files import atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_train_step import median_ms  # noqa: E402
 
 try:
     import triton
@@ -149,21 +153,6 @@ def weight_grad_triton(x: torch.Tensor, grad_y: torch.Tensor, config: tuple, pre
     return grad_weight.view(out_channels, KERNEL_SIZE, KERNEL_SIZE, channels).permute(0, 3, 1, 2)
 
 
-def median_ms(run, device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
     return ((result.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
 
@@ -223,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in CASES[size]:
             rows += measure_case(case, device, size, warmup, repeats)
             if args.json:  # a run cut short keeps the cases done
-                with open(args.json, "w") as stream:
-                    json.dump(rows, stream, indent=1)
+                atomic_write_text(args.json, json.dumps(rows, indent=1))
     finally:
         torch.backends.cudnn.benchmark = settings[0]
         torch.set_float32_matmul_precision(settings[1])

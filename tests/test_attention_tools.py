@@ -7,10 +7,8 @@ be present (no test asserts on speed).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,15 +18,7 @@ from PIL import Image
 from dlsn.checkpoint import save_weights
 from dlsn.data.io import write_png
 from dlsn.models import DLSN, EDSR, to_official
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.runs import load_script
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.runs import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_gla.py"
 
 
@@ -80,7 +82,7 @@ def test_the_compiled_implementation_times_the_training_kinds_with_train_pys_com
                             capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.splitlines() == [f"{impl} dlsn_forward 1x3x{size}x{size}"
                                           for impl in ("published", "reference", "fused") for size in (128, 360)]
-    script = _load_script()
+    script = load_script("benchmark_gla")
     configured = OmegaConf.to_container(OmegaConf.load(SCRIPT.parents[1] / "configs" / "module" / "sr.yaml"))["compile"]
     assert script.COMPILE_OPTIONS == {key: value for key, value in configured.items() if key != "enabled"}
     with pytest.raises(ValueError, match="training kinds only"):
@@ -114,7 +116,7 @@ def test_the_compiled_gla_matches_the_eager_one_at_toy_sizes(tmp_path):
         ("compiled", "gla_forward_backward", 96, 16)]
     assert all(math.isfinite(c["median_s"]) for c in recorded)
 
-    script = _load_script()
+    script = load_script("benchmark_gla")
     torch.manual_seed(0)
     widths = script.SMOKE_WIDTHS["gla"]
     layer = GLA(**widths, attention_impl=script._attention_impl(dict(impl="compiled")))
@@ -132,15 +134,6 @@ def test_the_compiled_gla_matches_the_eager_one_at_toy_sizes(tmp_path):
         outputs.append([out.detach(), x.grad.clone(), *(p.grad.clone() for p in layer.parameters())])
     for eager, traced in zip(*outputs):
         torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-5)
-
-
-def _load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark_gla", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
 
 
 PUBLISHED_SRC = Path(__file__).resolve().parents[1] / ".published" / "DLSN" / "src"
@@ -236,7 +229,7 @@ def test_training_cases_of_this_project_run_with_cudnn_autotune_and_timed_choice
 
     if not chunk_attention.triton_available():
         pytest.skip("triton is not importable")
-    script = _load_script()
+    script = load_script("benchmark_gla")
     monkeypatch.setattr(timed_choice, "timing_allowed", lambda device: torch.backends.cudnn.benchmark)
     monkeypatch.setattr(timed_choice, "milliseconds", lambda run, device: (run(), 1.0)[1])
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers.runs import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_precision.py"
 TINY = ["--device", "cpu", "--model", "small", "--batch", "2", "--patch", "16", "--warmup", "1", "--steps", "2",
@@ -117,7 +116,7 @@ def test_seeds_pair_each_precision_with_float32_of_the_same_seed_and_judge_the_m
     """--seeds 2: bf16 of seed s against 32-true of seed s (same initial weights and batches), the target on
     the mean of those differences; 32-true of the second seed against the first, float32's own spread. The
     summary of gpu_check.sh shows the same."""
-    script = load_script()
+    script = load_script("benchmark_precision")
     args = script.parse_args(["--device", "cpu", "--seeds", "2", "--seed", "7"])
     runs = script.accuracy_runs(args)
     assert runs == [("32-true", "32-true", 7), ("bf16-mixed", "bf16-mixed", 7),
@@ -150,7 +149,7 @@ def test_a_repeated_float32_run_measures_the_noise_and_can_make_a_difference_inc
     """--repeat-float32: 32-true once more with the first seed, paired with the first 32-true run (not
     replacing it as the baseline); a bf16 difference over the target that float32 matches against itself is
     INCONCLUSIVE, in the script's verdict and in gpu_check.sh's summary; one larger than that is still a FAIL."""
-    script = load_script()
+    script = load_script("benchmark_precision")
     runs = script.accuracy_runs(script.parse_args(["--device", "cpu", "--seeds", "2", "--seed", "7", "--repeat-float32"]))
     assert runs[-1] == ("32-true repeat", "32-true", 7) and len(runs) == 5
     for repeat_psnr, verdict, status in ((29.60, "INCONCLUSIVE", "INCONCLUSIVE (float32 differs from itself as much)"),
@@ -179,14 +178,6 @@ def test_a_repeated_float32_run_measures_the_noise_and_can_make_a_difference_inc
                 f"{repeat_psnr - 30.0:+.4f} dB | | | (information) |") in rows
 
 
-@functools.cache
-def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_precision", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -202,7 +193,7 @@ def load_script():
 )
 def test_bad_arguments_are_refused_with_a_message(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_script().parse_args(args)
+        load_script("benchmark_precision").parse_args(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -214,7 +205,7 @@ def test_the_short_runs_rate_decays_to_zero_by_their_last_step_by_default(schedu
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    script = load_script()
+    script = load_script("benchmark_precision")
     args = script.parse_args(["--device", "cpu", "--model", "small", "--train-steps", "8", "--lr", "0.01",
                               *(["--schedule", schedule] if schedule == "constant" else [])])
     assert args.schedule == schedule

@@ -4,24 +4,14 @@ compile for the GPUs they are meant for (slow: ahead-of-time compiles, no GPU ne
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from dlsn.models import chunk_attention
 from tests.helpers.gpu_compile import SHARED_MEMORY_LIMIT, register_spill_bytes, triton_compile
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_weight_grad.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_weight_grad", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+from tests.helpers.runs import load_script
 
 
 def _problem(batch=2, channels=8, out_channels=12, height=5, width=7):
@@ -38,7 +28,7 @@ def _problem(batch=2, channels=8, out_channels=12, height=5, width=7):
 
 
 def test_im2col_weight_gradient_is_the_convolutions():
-    script = _load_script()
+    script = load_script("benchmark_weight_grad")
     x, grad_y, exact = _problem()
     torch.testing.assert_close(script.weight_grad_im2col(x, grad_y).double(), exact, rtol=1e-5, atol=1e-5)
 
@@ -49,7 +39,7 @@ def test_triton_weight_gradient_is_the_convolutions_with_padding_and_splits(conf
     block, taps reaching outside the image (zero padding); 16 input channels in blocks of 8 and of 16."""
     if not chunk_attention.triton_available():
         pytest.skip("triton is not importable")
-    script = _load_script()
+    script = load_script("benchmark_weight_grad")
     x, grad_y, exact = _problem(channels=16)
     got = script.weight_grad_triton(x, grad_y, config, precision="ieee", programs_wanted=64)
     assert got.shape == exact.shape
@@ -59,7 +49,7 @@ def test_triton_weight_gradient_is_the_convolutions_with_padding_and_splits(conf
 def test_the_script_times_every_method_and_writes_its_rows(tmp_path, capsys):
     if not chunk_attention.triton_available():
         pytest.skip("triton is not importable")
-    script = _load_script()
+    script = load_script("benchmark_weight_grad")
     settings = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
     assert script.main(["--device", "cpu", "--small", "--json", str(tmp_path / "rows.json")]) == 0
     assert (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()) == settings  # put back
@@ -80,7 +70,7 @@ def test_the_paper_configurations_compile_for_the_gpus_without_spills(arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    script = _load_script()
+    script = load_script("benchmark_weight_grad")
     kernel = triton.jit(script._weight_grad_kernel)
     for rows, outputs, inputs, warps, stages in script.TRITON_CONFIGS["paper"]:
         constants = dict(BLOCK_P=rows, BLOCK_O=outputs, BLOCK_C=inputs, KERNEL=3, PAD=1, PRECISION="tf32")

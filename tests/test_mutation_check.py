@@ -8,28 +8,19 @@ the script: each mutation in a temporary copy of the repository, with the tests 
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers.runs import BENCHMARK_DIR, OFFICIAL_FIXTURES, PROJECT_ROOT, SHARED_DIR
+from tests.helpers.runs import BENCHMARK_DIR, OFFICIAL_FIXTURES, PROJECT_ROOT, SHARED_DIR, load_script
 
 SCRIPT = PROJECT_ROOT / "scripts" / "mutation_check.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("mutation_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_mutation_applies_to_this_tree_and_names_existing_tests():
-    script = load_script()
+    script = load_script("mutation_check")
     names = [mutation.name for mutation in script.MUTATIONS]
     assert len(names) == len(set(names))
     assert sum(mutation.issue_row for mutation in script.MUTATIONS) >= 7

@@ -5,24 +5,14 @@ them. Timings are not asserted (they depend on the machine's load)."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 from dlsn.models import chunk_attention as fused
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "profile_train_step.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("profile_train_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.runs import load_script
 
 
 @pytest.mark.slow
@@ -31,7 +21,7 @@ def test_sections_run_and_the_sweep_restores_the_launch_configurations(tmp_path,
         pytest.skip("triton is not importable")
     configs, channel_blocks = copy.deepcopy(fused.LAUNCH_CONFIGS), dict(fused.FORWARD_CHANNEL_BLOCK)
     values_channel_blocks, modes = dict(fused.VALUES_CHANNEL_BLOCK), dict(fused.BACKWARD_MODE)
-    script = load_script()
+    script = load_script("profile_train_step")
     assert script.main(["--device", "cpu", "--small", "--sections", "gla", "gla_batch1", "backward_modes", "tune",
                         "--json", str(tmp_path / "tune.json")]) == 0
     printed = capsys.readouterr().out
@@ -69,7 +59,7 @@ def test_the_sweep_can_be_narrowed_to_one_precision_and_kernel(tmp_path):
     """``--dtypes float32 --kernels keys``: the float32 key kernel's configurations only, in each mode."""
     if not fused.triton_available():
         pytest.skip("triton is not importable")
-    script = load_script()
+    script = load_script("profile_train_step")
     assert script.main(["--device", "cpu", "--small", "--sections", "tune", "--dtypes", "float32",
                         "--kernels", "keys", "--json", str(tmp_path / "tune.json")]) == 0
     swept = json.loads((tmp_path / "tune.json").read_text())
@@ -91,7 +81,7 @@ def test_the_values_kernels_channel_blocks_are_swept(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fused, "_launch", recording_launch)
     saved = dict(fused.VALUES_CHANNEL_BLOCK)
-    script = load_script()
+    script = load_script("profile_train_step")
     assert script.main(["--device", "cpu", "--small", "--sections", "tune", "--dtypes", "float32", "--backward-modes",
                         "stored_dS+values", "--kernels", "values", "--channel-blocks", "8", "16",
                         "--json", str(tmp_path / "tune.json")]) == 0
@@ -126,7 +116,7 @@ def test_the_sweep_times_the_backward_that_training_runs_at_its_size(tmp_path, m
 
     monkeypatch.setattr(fused, "_launch", recording_launch)
     monkeypatch.setattr(fused, "MIX_KERNEL_MIN_ELEMENTS", 0 if mixes else 2**62)
-    script = load_script()
+    script = load_script("profile_train_step")
     assert script.main(["--device", "cpu", "--small", "--sections", "tune", "--dtypes", "float32",
                         "--backward-modes", "stored_dS+values", "--kernels", "values", "--rows-options", "8",
                         "--channel-blocks", "16", "--json", str(tmp_path / "tune.json")]) == 0
@@ -156,9 +146,7 @@ def test_gla_forward_backward_issues_few_operations():
     to the layer's training path shows here first."""
     if not fused.triton_available():
         pytest.skip("triton is not importable")
-    spec = importlib.util.spec_from_file_location("count_gla_operations", SCRIPT.parent / "count_gla_operations.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("count_gla_operations")
     counted = script.count()
     assert counted["launches"] == ["forward", "queries", "keys"]
     total = len(counted["forward"]) + len(counted["backward"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -37,6 +38,15 @@ TINY_TRAIN = [
     "extras.print_config=false",
     "compare_bicubic=false",
 ]
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (a fresh one each call), to call its functions in-process."""
+    spec = importlib.util.spec_from_file_location(name, PROJECT_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
 
 
 def subprocess_env(wandb_mode: str = "disabled", **extra: str) -> dict[str, str]:
