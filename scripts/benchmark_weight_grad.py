@@ -8,24 +8,28 @@ ran at about a third of the GPU's TF32 peak, the slowest part of a convolution's
 
 * the network's 3x3 256 -> 256 convolutions at the training size (batch 16, 48x48): 0.26 ms each
   (167 TFLOP/s), 24 ms of the float32 eager training step;
-* GLA's stacked embeddings (256 -> 448 channels) at batch 16, 96x96: 2.09 ms (145 TFLOP/s), where the same
-  layer's input gradient took 0.83 ms; the one GLA row still short of its target (issue 9).
+* GLA's value and score embeddings (256 -> 512 channels) at batch 16, 96x96: 2.10 ms (165 TFLOP/s), where
+  the same layer's input gradient took 0.83 ms; the one GLA row still short of its target (issue 9). Its
+  training backward now computes the three embeddings' weight gradients as one (256 -> 576: match 64,
+  value 256, score 256 channels; ``float32_ops.relu_convolution_groups``), the shape timed here.
 
-In bf16 the same weight gradients ran at about 580 TFLOP/s. This script measures, before anything is wired
-into the model, whether a weight gradient computed another way is faster on the GPU at hand:
+In bf16 the same weight gradients ran at about 580 TFLOP/s. This script measures whether a weight gradient
+computed another way is faster on the GPU at hand:
 
 * ``cudnn``: ``convolution_backward`` for the weight alone, cuDNN's autotuner on, TF32 allowed (as the
   training steps run it);
 * ``im2col``: the 3x3 neighbourhoods of the input written out as a ``[positions, 9 C]`` matrix, then one
   TF32 matrix product with the output gradient (cuBLAS): more memory traffic, a plain GEMM;
-* ``triton P/O/C/warps/stages``: an implicit GEMM, no neighbourhoods written out: each program takes a
-  block of ``O`` output channels, one kernel tap and a block of ``C`` input channels, and sums
-  ``dy^T x_shifted`` over its share of the positions, ``P`` at a time (zero outside the image);
-  the shares' partial sums are added afterwards (deterministic).
+* ``triton P/O/C/warps/stages``: the implicit GEMM of :mod:`dlsn.models.conv_weight_grad`, no
+  neighbourhoods written out: each program takes a block of ``O`` output channels, one kernel tap and a
+  block of ``C`` input channels, and sums ``dy^T x_shifted`` over its share of the positions, ``P`` at a
+  time (zero outside the image); the shares' partial sums are added afterwards (deterministic).
 
 Every result is compared with the weight gradient in true float32 (cuDNN without TF32; on the CPU the
 plain operation): the error printed is the largest difference over the largest entry (TF32's rounding
-gives about 1e-3). ``--json`` writes the rows. Nothing in the model uses the alternatives yet.
+gives about 1e-3). ``--json`` writes the rows. GLA's embeddings in float32 training offer the kernel's
+configurations in ``conv_weight_grad.CONFIGS`` (a subset of those timed here) and im2col to a timed choice
+against cuDNN.
 """
 
 from __future__ import annotations
@@ -36,121 +40,37 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from dlsn.models import chunk_attention, float32_ops
+from dlsn.models import conv_weight_grad, float32_ops
 from dlsn.utils.files import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_train_step import median_ms  # noqa: E402
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
 # (name, batch, input channels, output channels, height, width)
 CASES = {
     "paper": [("body conv 256->256, batch 16, 48x48", 16, 256, 256, 48, 48),
-              ("GLA embeddings 256->448, batch 16, 48x48", 16, 256, 448, 48, 48),
-              ("GLA embeddings 256->448, batch 16, 96x96", 16, 256, 448, 96, 96)],
+              ("GLA embeddings 256->576, batch 16, 48x48", 16, 256, 576, 48, 48),
+              ("GLA embeddings 256->576, batch 16, 96x96", 16, 256, 576, 96, 96)],
     "small": [("toy 8->12, batch 2, 5x7", 2, 8, 12, 5, 7)],
 }
 # (positions per step, output channels per program, input channels per program, warps, stages). A program
 # does 2 O C multiply-adds per position for (O + C) loaded values: the larger tiles need less bandwidth (each
 # [P, O] gradient tile is read by 9 C / C_block programs, from L2 where they run together). All compile for
 # sm_90 to wgmma and for sm_80 to mma.sync, without register spills and within the GPUs' shared memory
-# (Triton 3.9; tests/test_benchmark_weight_grad.py). Not timed on a GPU yet.
+# (Triton 3.9; tests/test_conv_weight_grad.py). Not timed on a GPU yet.
 TRITON_CONFIGS = {
     "paper": [(32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (32, 128, 128, 8, 3),
               (64, 128, 128, 8, 2), (64, 128, 128, 8, 3), (32, 128, 256, 8, 3), (32, 256, 128, 8, 3)],
     "small": [(16, 16, 16, 4, 1), (8, 16, 8, 4, 1)],
 }
-KERNEL_SIZE, PADDING = 3, 1
-
-
-if triton is not None:
-    # A plain function: chunk_attention._launch_fixed compiles it (or runs it in Triton's interpreter on the CPU).
-    def _weight_grad_kernel(X, GRAD_Y, PARTIAL, n_positions, height, width, in_channels, out_channels,
-                            positions_per_split, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
-                            BLOCK_C: tl.constexpr, KERNEL: tl.constexpr, PAD: tl.constexpr,
-                            PRECISION: tl.constexpr):
-        """``PARTIAL[split, o, tap, c] = sum_p dy[p, o] x[p shifted by tap, c]`` over the split's positions;
-        ``X`` ``[P, C]`` and ``GRAD_Y`` ``[P, O]`` channels-last, P = N H W."""
-        o_block = tl.program_id(0)
-        c_blocks = (in_channels + BLOCK_C - 1) // BLOCK_C
-        tap = tl.program_id(1) // c_blocks
-        c_block = tl.program_id(1) % c_blocks
-        split = tl.program_id(2)
-        tap_row, tap_col = tap // KERNEL - PAD, tap % KERNEL - PAD
-        outputs = o_block * BLOCK_O + tl.arange(0, BLOCK_O)
-        inputs = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
-        start = split * positions_per_split
-        end = tl.minimum(start + positions_per_split, n_positions)
-        accumulator = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
-        for first in range(start, end, BLOCK_P):
-            positions = first + tl.arange(0, BLOCK_P)
-            inside = positions < end
-            image, pixel = positions // (height * width), positions % (height * width)
-            row, col = pixel // width + tap_row, pixel % width + tap_col
-            # the tap's input pixel: zero padding outside the image
-            source = inside & (row >= 0) & (row < height) & (col >= 0) & (col < width)
-            grad_y = tl.load(GRAD_Y + positions[:, None] * out_channels + outputs[None, :],
-                             mask=inside[:, None] & (outputs < out_channels)[None, :], other=0.0)
-            x = tl.load(X + ((image * height + row) * width + col)[:, None] * in_channels + inputs[None, :],
-                        mask=source[:, None] & (inputs < in_channels)[None, :], other=0.0)
-            accumulator += tl.dot(tl.trans(grad_y), x, input_precision=PRECISION)
-        taps = KERNEL * KERNEL
-        target = (PARTIAL + split * out_channels * taps * in_channels + outputs[:, None] * taps * in_channels
-                  + tap * in_channels + inputs[None, :])
-        tl.store(target, accumulator, mask=(outputs < out_channels)[:, None] & (inputs < in_channels)[None, :])
+KERNEL_SIZE, PADDING = conv_weight_grad.KERNEL_SIZE, conv_weight_grad.PADDING
 
 
 def weight_grad_cudnn(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x`` ``[N, C, H, W]``, ``grad_y`` ``[N, O, H, W]`` (channels-last), ``weight`` ``[O, C, 3, 3]``."""
     return torch.ops.aten.convolution_backward(grad_y, x, weight, None, [1, 1], [PADDING, PADDING], [1, 1],
                                                False, [0, 0], 1, [False, True, False])[1]
-
-
-def weight_grad_im2col(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
-    """The neighbourhoods as a ``[N H W, 9 C]`` matrix (one copy of a strided view), then one product."""
-    batch, channels, height, width = x.shape
-    out_channels = grad_y.shape[1]
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, PADDING, PADDING, PADDING, PADDING))  # [N, H+2, W+2, C]
-    s_batch, s_row, s_col, _ = padded.stride()
-    neighbourhoods = padded.as_strided((batch, height, width, KERNEL_SIZE, KERNEL_SIZE, channels),
-                                       (s_batch, s_row, s_col, s_row, s_col, 1))
-    columns = neighbourhoods.reshape(batch * height * width, KERNEL_SIZE * KERNEL_SIZE * channels)
-    grad_rows = grad_y.permute(0, 2, 3, 1).reshape(-1, out_channels)  # a view for channels-last
-    grad_weight = grad_rows.t() @ columns  # [O, 9 C]
-    return grad_weight.view(out_channels, KERNEL_SIZE, KERNEL_SIZE, channels).permute(0, 3, 1, 2)
-
-
-def weight_grad_triton(x: torch.Tensor, grad_y: torch.Tensor, config: tuple, precision: str = "tf32",
-                       programs_wanted: int = 528) -> torch.Tensor:
-    """The implicit GEMM of ``_weight_grad_kernel``; ``config`` ``(P, O, C, warps, stages)``. The positions
-    are split so that about ``programs_wanted`` programs run (4 per SM of an H100/H200)."""
-    block_p, block_o, block_c, warps, stages = config
-    batch, channels, height, width = x.shape
-    out_channels = grad_y.shape[1]
-    n_positions = batch * height * width
-    if max(x.numel(), grad_y.numel()) >= 2**31:
-        raise ValueError(f"weight_grad_triton: 32-bit offsets, got {x.numel()} and {grad_y.numel()} elements")
-    x_rows = x.permute(0, 2, 3, 1).contiguous()  # no copy for channels-last
-    grad_rows = grad_y.permute(0, 2, 3, 1).contiguous()
-    tiles = triton.cdiv(out_channels, block_o) * KERNEL_SIZE ** 2 * triton.cdiv(channels, block_c)
-    splits = max(1, min(triton.cdiv(programs_wanted, tiles), triton.cdiv(n_positions, block_p)))
-    per_split = triton.cdiv(triton.cdiv(n_positions, splits), block_p) * block_p
-    splits = triton.cdiv(n_positions, per_split)
-    partial = x.new_empty(splits, out_channels, KERNEL_SIZE ** 2, channels, dtype=torch.float32)
-    grid = (triton.cdiv(out_channels, block_o), KERNEL_SIZE ** 2 * triton.cdiv(channels, block_c), splits)
-    chunk_attention._launch_fixed(_weight_grad_kernel, grid, x.device, x_rows, grad_rows, partial, n_positions,
-                                  height, width, channels, out_channels, per_split, num_warps=warps,
-                                  num_stages=stages, BLOCK_P=block_p, BLOCK_O=block_o, BLOCK_C=block_c,
-                                  KERNEL=KERNEL_SIZE, PAD=PADDING, PRECISION=precision)
-    grad_weight = partial.sum(0) if splits > 1 else partial[0]
-    return grad_weight.view(out_channels, KERNEL_SIZE, KERNEL_SIZE, channels).permute(0, 3, 1, 2)
 
 
 def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
@@ -169,12 +89,13 @@ def measure_case(case: tuple, device: torch.device, size: str, warmup: int, repe
     weight = random(out_channels, channels, KERNEL_SIZE, KERNEL_SIZE)
     with float32_ops._cudnn_tf32(device, enabled=False):
         exact = weight_grad_cudnn(x, grad_y, weight).float()
-    methods = {"cudnn": lambda: weight_grad_cudnn(x, grad_y, weight), "im2col": lambda: weight_grad_im2col(x, grad_y)}
-    if triton is not None:
+    methods = {"cudnn": lambda: weight_grad_cudnn(x, grad_y, weight),
+               "im2col": lambda: conv_weight_grad.weight_grad_im2col(x, grad_y)}
+    if conv_weight_grad.triton is not None:
         precision = "tf32" if device.type == "cuda" else "ieee"  # the CPU: the formula is what is checked
         for config in TRITON_CONFIGS[size]:
-            methods["triton " + "/".join(map(str, config))] = (
-                lambda config=config: weight_grad_triton(x, grad_y, config, precision))
+            methods[conv_weight_grad.config_name(config)] = (
+                lambda config=config: conv_weight_grad.weight_grad(x, grad_y, config, precision))
     flops = 2 * batch * height * width * out_channels * channels * KERNEL_SIZE ** 2
     rows = []
     for method, run in methods.items():

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -48,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from dlsn.models import GLA
-from dlsn.models import chunk_attention, conv_epilogue, float32_ops, timed_choice
+from dlsn.models import chunk_attention, conv_epilogue, conv_weight_grad, float32_ops, timed_choice
 from dlsn.models.float32_ops import conv2d_float32, projections_float32
 from dlsn.models.gla import draw_rotations, draw_rotations_on_device, number_of_buckets, orthonormal_columns
 
@@ -274,6 +275,33 @@ def main() -> None:
         assert used, "relu_convolutions_in_one_node() is False in float32 training"
         assert errors[worst] <= 1e-3, f"{worst} differs by {errors[worst]:.3g} of its largest entry"
         return {"worst": worst, "relative_error": errors[worst]} | details
+
+    @check(f"GLA embeddings' weight gradient C={channels} {training_batch}x{training_size}x{training_size}: each method "
+           f"the timed choice offers (conv_weight_grad.methods(): im2col, Triton configurations) vs true float32, "
+           f"cuDNN's beside it")
+    def _():
+        torch.manual_seed(0)
+        stacked = channels // 4 + 2 * channels  # match, value and score embeddings, as one convolution's backward
+        x, grad_y = (torch.randn(training_batch, width, training_size, training_size, device=device).contiguous(
+            memory_format=torch.channels_last) for width in (channels, stacked))
+        weight = torch.randn(stacked, channels, 3, 3, device=device)
+        weight_only = (False, True, False)
+        with float32_ops._cudnn_tf32(device, enabled=False):
+            exact = conv_weight_grad._cudnn(grad_y, x, weight, 1, weight_only)[1]
+        scale = exact.abs().max().item()
+        details = {}
+        ways = {name: functools.partial(conv_weight_grad._by, name, grad_y, x, weight, 1, weight_only)
+                for name in conv_weight_grad.methods()}
+        ways["cudnn"] = functools.partial(conv_weight_grad._cudnn, grad_y, x, weight, 1, weight_only)
+        with float32_ops._cudnn_tf32(device, enabled=True):
+            for name, way in ways.items():
+                details[f"{name} error"] = (way()[1] - exact).abs().max().item() / scale
+                if cuda:  # information: the timed choice decides in training
+                    details[f"{name} ms"] = round(median_cuda_ms(way), 4)
+        others = [name for name in details if name.endswith("error") and not name.startswith("cudnn")]
+        worst = max(others, key=details.get)
+        assert details[worst] <= conv_weight_grad.AGREEMENT, f"{worst} is {details[worst]:.3g} of the largest entry"
+        return details
 
     @check("match embedding in true float32 with cuDNN TF32 on, each method")
     def _():

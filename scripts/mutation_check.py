@@ -269,6 +269,20 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_timed_choice.py::test_timed_backward_runs_the_fastest_variant_and_is_exact",),
     ),
     Mutation(
+        "embeddings-weight-gradient-choice-ignored",
+        "GLA's embeddings' backward (relu_convolution_groups) always takes cuDNN's weight gradient, whatever was chosen",
+        (Patch("dlsn/models/float32_ops.py", "grad_x, grad_weight, grad_bias = conv_weight_grad.convolution_backward(",
+               "grad_x, grad_weight, grad_bias = conv_weight_grad._cudnn("),),
+        ("tests/test_conv_weight_grad.py::test_gla_embeddings_backward_takes_the_chosen_weight_gradient",),
+    ),
+    Mutation(
+        "weight-gradient-disagreement-timed",
+        "a Triton weight-gradient configuration whose result differs from cuDNN's is still timed (and may be kept)",
+        (Patch("dlsn/models/conv_weight_grad.py", "if not difference <= AGREEMENT:  # also NaN",
+               "if False:"),),
+        ("tests/test_conv_weight_grad.py::test_the_timed_choice_keeps_the_faster_and_leaves_out_a_kernel_that_disagrees",),
+    ),
+    Mutation(
         "self-check-skips-timed-variants",
         "the fused kernel's self-check covers only the default backward, though timing may pick another",
         (Patch("dlsn/models/chunk_attention.py", 'variants = (backward_variants(device, dtype, combinations) if configured == "timed"',
@@ -324,8 +338,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "attend-and-mix-delta-unweighted",
         "attention and mixing in one node: the row term forgets the round weight, g . m instead of w_t (g . m)",
-        (Patch("dlsn/models/chunk_attention.py", "delta = (round_weights * row_dot.unsqueeze(1)).contiguous()",
-               "delta = row_dot.unsqueeze(1).expand_as(round_weights).contiguous()"),),
+        (Patch("dlsn/models/chunk_attention.py", "return (round_weights * row_dot.unsqueeze(1)).contiguous()",
+               "return row_dot.unsqueeze(1).expand_as(round_weights).contiguous()"),),
         ("tests/test_chunk_attention.py::test_attend_and_mix_equals_the_separate_nodes_and_falls_back_to_the_reference",
          "tests/test_chunk_attention.py::test_attention_and_mixing_in_one_node_keep_no_attended_values_for_backward"),
     ),

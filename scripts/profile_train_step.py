@@ -227,7 +227,7 @@ def backward_as_trained(inputs, attended, confidence):
         round_weights = torch.softmax(confidence, dim=1)
         mixed = (attended * round_weights.unsqueeze(-1)).sum(1)
         grad_mixed = torch.randn_like(mixed)
-        delta = (round_weights * (grad_mixed * mixed).sum(-1).unsqueeze(1)).contiguous()
+        delta = fused.mixed_row_terms(grad_mixed, mixed, round_weights)
 
         def run(mode=None, configs=None):
             fused._fused_backward(grad_mixed, None, *inputs, None, confidence, mode=mode, configs=configs,

@@ -8,8 +8,10 @@ and one kernel at a time. `scripts/check_fused_gla.py` alone launches about sixt
 backward variant the training steps' timed choice may try (`chunk_attention.backward_variants`), in
 float32 with true and with TF32 dot products and in bf16, at the self-check's sizes and at the paper
 layer's, a few seconds of compilation each; in float32 also as the attention node with the round mixing
-(`attend_and_mix`, float32 training at batch 16) runs them. This script launches the same work as
-independent tasks in parallel processes (one per precision and backward variant), so that the steps after
+(`attend_and_mix`, float32 training at batch 16) runs them; and the configurations of the Triton weight
+gradient that float32 training's timed choice offers for GLA's embeddings (`conv_weight_grad.CONFIGS`).
+This script launches the same work as independent tasks in parallel processes (one per precision and
+backward variant, one per weight-gradient configuration), so that the steps after
 it find the kernels in Triton's cache (`TRITON_CACHE_DIR`, by default `~/.triton/cache`) and spend the
 lent machine's time on checks and measurements instead.
 
@@ -41,7 +43,7 @@ from check_fused_gla import (  # noqa: E402
     outputs_and_gradients,
 )
 
-from dlsn.models import chunk_attention  # noqa: E402
+from dlsn.models import chunk_attention, conv_weight_grad  # noqa: E402
 
 
 def tasks(device: torch.device, small: bool) -> list[tuple]:
@@ -52,8 +54,11 @@ def tasks(device: torch.device, small: bool) -> list[tuple]:
     for dtype in (torch.float32, torch.bfloat16):
         found += [("GLA forward+backward", dtype, variant, str(device), problem)
                   for variant in chunk_attention.backward_variants(device, dtype)]
-    return found + [("self-check", dtype, precision, str(device), problem)
-                    for dtype, precision in SELF_CHECK_PRECISIONS]
+    found += [("self-check", dtype, precision, str(device), problem) for dtype, precision in SELF_CHECK_PRECISIONS]
+    if conv_weight_grad.triton is not None:
+        found += [("weight gradient", torch.float32, conv_weight_grad.config_name(config), str(device), problem)
+                  for config in conv_weight_grad.CONFIGS]
+    return found
 
 
 def run_task(task: tuple) -> float:
@@ -64,6 +69,20 @@ def run_task(task: tuple) -> float:
     if kind == "self-check":
         torch.set_float32_matmul_precision(detail)
         chunk_attention.self_check(device, dtype)
+    elif kind == "weight gradient":
+        # GLA's stacked embeddings' weight gradient, as its backward computes it where the configuration
+        # wins the timed choice. Every size argument is a multiple of 16 here as at batch 16: the same
+        # specialisation, so the same compiled kernel.
+        channels, chunk_size, sizes = GLA_PROBLEMS[problem]
+        config = {conv_weight_grad.config_name(config): config for config in conv_weight_grad.CONFIGS}[detail]
+        for batch, size in sizes:
+            layer, _, x, _ = gla_problem(channels, chunk_size, batch, size, device)
+            stacked = sum(conv.out_channels for conv in (layer.match_embedding, layer.value_embedding,
+                                                         layer.score_embedding))
+            grad_y = torch.randn(batch, stacked, size, size, device=device)
+            conv_weight_grad.weight_grad(x.contiguous(memory_format=torch.channels_last),
+                                         grad_y.contiguous(memory_format=torch.channels_last), config,
+                                         "tf32" if device.type == "cuda" else "ieee")
     else:
         torch.set_float32_matmul_precision("high")  # TF32 dot products in float32: what GLA's auto runs
         channels, chunk_size, sizes = GLA_PROBLEMS[problem]

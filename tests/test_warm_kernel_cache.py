@@ -53,3 +53,23 @@ def test_a_float32_task_also_launches_the_kernels_reading_the_mixed_gradient(mon
     assert launched == (unweighted + weighted + unweighted * (sizes - 1) if dtype == torch.float32
                         else unweighted * sizes)
     assert fused.MIX_KERNEL_MIN_ELEMENTS == threshold
+
+
+def test_the_weight_gradient_tasks_launch_each_configuration_the_timed_choice_offers(monkeypatch):
+    """One task per configuration of conv_weight_grad.CONFIGS; each launches it at every size, with the shapes of
+    GLA's stacked embeddings (match, value and score channels as one convolution)."""
+    from dlsn.models import conv_weight_grad
+
+    if not fused.triton_available():
+        pytest.skip("triton is not importable")
+    script = _load_script()
+    tasks = [task for task in script.tasks(torch.device("cpu"), small=True) if task[0] == "weight gradient"]
+    assert [task[2] for task in tasks] == [conv_weight_grad.config_name(config) for config in conv_weight_grad.CONFIGS]
+    launched = []
+    monkeypatch.setattr(conv_weight_grad, "weight_grad", lambda x, grad_y, config, precision: launched.append(
+        (tuple(x.shape), tuple(grad_y.shape), config, precision)))
+    script.run_task(tasks[0])
+    channels, _, sizes = script.GLA_PROBLEMS["small"]
+    stacked = channels // 4 + 2 * channels  # match, value, score
+    assert launched == [((batch, channels, size, size), (batch, stacked, size, size), conv_weight_grad.CONFIGS[0],
+                         "ieee") for batch, size in sizes]

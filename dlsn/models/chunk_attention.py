@@ -1426,8 +1426,7 @@ class _AttendAndMix(torch.autograd.Function):
         grad_mixed = grad_mixed.float().contiguous()
         if _fused_allowed(values, ctx.fallback):
             try:
-                row_dot = _delta(grad_mixed, mixed, grad_mixed.new_zeros(grad_mixed.shape[:2]))  # g . m
-                delta = (round_weights * row_dot.unsqueeze(1)).contiguous()
+                delta = mixed_row_terms(grad_mixed, mixed, round_weights)
                 return (*_fused_backward(grad_mixed, None, *inputs, None, confidence, delta=delta,
                                          round_weights=round_weights), None, None, None)
             except Exception as error:
@@ -1440,6 +1439,14 @@ class _AttendAndMix(torch.autograd.Function):
         per_round = (grad_mixed.unsqueeze(1) * attended.float()).sum(-1)  # dL/dw_t = g . y_t
         grad_confidence = round_weights * (per_round - (round_weights * per_round).sum(1, keepdim=True))
         return (*chunk_attention_reference_backward(grad_attended, grad_confidence, *inputs), None, None, None)
+
+
+def mixed_row_terms(grad_mixed: torch.Tensor, mixed: torch.Tensor, round_weights: torch.Tensor) -> torch.Tensor:
+    """The attention backward's row terms where the rounds are mixed in its node: ``delta_t = w_t (g . m)``,
+    float32 ``[N, T, L]``, from the mixed output ``m`` and its gradient ``g`` (``[N, L, C]``) and the round weights
+    ``w`` (``[N, T, L]``); ``g . m`` by one kernel."""
+    row_dot = _delta(grad_mixed, mixed, grad_mixed.new_zeros(grad_mixed.shape[:2]))
+    return (round_weights * row_dot.unsqueeze(1)).contiguous()
 
 
 def attend_and_mix(queries: torch.Tensor, keys: torch.Tensor, learned_score: torch.Tensor, values: torch.Tensor,

@@ -40,7 +40,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from dlsn.models import chunk_attention, timed_choice  # chunk_attention imports this module: used in calls only
+# chunk_attention imports this module, conv_weight_grad imports chunk_attention: used in calls only
+from dlsn.models import chunk_attention, conv_weight_grad, timed_choice
 
 try:
     import triton
@@ -446,10 +447,9 @@ class _ReluConvolutionGroups(torch.autograd.Function):
                 into.zero_()
             else:
                 torch.ops.aten.threshold_backward.grad_input(grad_group, output, 0, grad_input=into)
-        grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad, x, weight, [weight.shape[0]], stride=[1, 1], padding=[ctx.padding, ctx.padding],
-            dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=1,
-            output_mask=list(ctx.needs_input_grad[:3]))
+        # The weight gradient by cuDNN, or by another method where the timed choice found one faster
+        grad_x, grad_weight, grad_bias = conv_weight_grad.convolution_backward(
+            grad, x, weight, ctx.padding, ctx.needs_input_grad[:3])
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
@@ -470,6 +470,9 @@ def relu_convolution_groups(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     gradient and runs one ``convolution_backward`` for all of them (with the TF32 setting in force, as
     :func:`conv2d_float32`'s backward): the separate nodes ran two backward convolutions on CUDA and added
     their input gradients, and concatenated the stacked groups' gradients before their ReLU's backward.
+    Its weight gradient is cuDNN's unless the timed choice of :func:`conv_weight_grad.convolution_backward`
+    measured another method faster at that size (a Triton kernel or im2col + cuBLAS; float32 training on
+    CUDA, cuDNN's autotuner on).
     At batch 16, 96x96, 256 channels that is about 2.1 GB of memory traffic per layer where this is 1.0 GB,
     and six operations where this is four. Groups without a gradient get zeros. The result (outputs and
     gradients) is the separate nodes' to rounding; on the CPU bitwise.
