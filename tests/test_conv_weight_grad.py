@@ -66,10 +66,10 @@ def test_im2col_multiplies_in_tf32_on_cuda_whatever_the_setting():
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        with conv_weight_grad._tf32_matmuls(torch.device("cuda")):  # a device object: nothing runs on it
+        with float32_ops.float32_matmul_precision(torch.device("cuda"), "high"):  # a device object: nothing runs on it
             assert torch.get_float32_matmul_precision() == "high"
         assert torch.get_float32_matmul_precision() == "highest"
-        with conv_weight_grad._tf32_matmuls(CPU):
+        with float32_ops.float32_matmul_precision(CPU, "high"):
             assert torch.get_float32_matmul_precision() == "highest"
     finally:
         torch.set_float32_matmul_precision(previous)

@@ -22,14 +22,14 @@ it disagrees. ``scripts/benchmark_weight_grad.py`` times them all, and more conf
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 
 import torch
 import torch.nn.functional as F
 
-from dlsn.models import chunk_attention, timed_choice
+# float32_ops imports this module: used in calls only
+from dlsn.models import chunk_attention, float32_ops, timed_choice
 
 try:
     import triton
@@ -149,26 +149,10 @@ def weight_grad_im2col(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
                                        (s_batch, s_row, s_col, s_row, s_col, 1))
     columns = neighbourhoods.reshape(batch * height * width, KERNEL_SIZE * KERNEL_SIZE * channels)
     grad_rows = grad_y.permute(0, 2, 3, 1).reshape(-1, out_channels)  # a view for channels-last
-    with _tf32_matmuls(x.device):
+    # TF32 as cuDNN's TF32 convolutions round (the training configs ask for "highest" matrix products)
+    with float32_ops.float32_matmul_precision(x.device, "high"):
         grad_weight = grad_rows.t() @ columns  # [O, 9 C]
     return grad_weight.view(out_channels, KERNEL_SIZE, KERNEL_SIZE, channels).permute(0, 3, 1, 2)
-
-
-@contextlib.contextmanager
-def _tf32_matmuls(device: torch.device):
-    """cuBLAS float32 products in TF32 on CUDA (the training configs default to "highest"), put back after."""
-    try:
-        previous = torch.get_float32_matmul_precision()
-    except RuntimeError:  # the user mixed the old and new APIs of the setting; leave it alone
-        previous = None
-    if device.type != "cuda" or previous in (None, "high"):
-        yield
-        return
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def _tf32_convolutions() -> bool:

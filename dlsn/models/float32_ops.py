@@ -70,16 +70,18 @@ def _cudnn_tf32(device: torch.device, enabled: bool):
 
 
 @contextlib.contextmanager
-def _tf32_matmuls_off(device: torch.device):
-    """Through the legacy setting: torch >= 2.9 refuses cuBLAS calls when old and new ones disagree."""
+def float32_matmul_precision(device: torch.device, precision: str):
+    """cuBLAS float32 matrix products at ``precision`` ("highest": true float32, "high": TF32) on CUDA, whatever
+    the user's setting, put back after; the CPU's are left alone. Through the legacy setting: torch >= 2.9
+    refuses cuBLAS calls when old and new ones disagree."""
     try:
         previous = torch.get_float32_matmul_precision()
     except RuntimeError:  # the user mixed both APIs; leave their setting alone
         previous = None
-    if device.type != "cuda" or previous in (None, "highest"):
+    if device.type != "cuda" or previous in (None, precision):
         yield
         return
-    torch.set_float32_matmul_precision("highest")
+    torch.set_float32_matmul_precision(precision)
     try:
         yield
     finally:
@@ -89,7 +91,7 @@ def _tf32_matmuls_off(device: torch.device):
 @torch.library.custom_op("dlsn::projections_float32", mutates_args=())
 def projections_float32(match: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """``einsum("nld,tdb->ntlb", match, rotations)`` in true float32: ``[N, T, L, b]``, contiguous."""
-    with _tf32_matmuls_off(match.device):
+    with float32_matmul_precision(match.device, "highest"):
         return torch.einsum("nld,tdb->ntlb", match.float(), rotations.float()).contiguous()
 
 
