@@ -1,6 +1,6 @@
-"""The Triton weight gradient of 3x3 convolutions (dlsn.models.conv_weight_grad): its numbers (on the CPU, in
-Triton's interpreter), the timed choice that may put it in GLA's backward, and its compiles for the GPUs (slow:
-ahead of time, no GPU needed)."""
+"""The weight gradient of 3x3 convolutions other ways than cuDNN's (dlsn.models.conv_weight_grad): the numbers
+of the Triton kernel (on the CPU, in Triton's interpreter) and of im2col, the timed choice that may put them in
+GLA's backward, and the kernel's compiles for the GPUs (slow: ahead of time, no GPU needed)."""
 
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ def test_the_kernel_is_the_convolutions_weight_gradient_with_padding_and_splits(
 
 def test_im2col_is_the_convolutions_weight_gradient():
     x, grad_y, weight, _ = _problem()
-    torch.testing.assert_close(conv_weight_grad.weight_grad_im2col(x, grad_y).double(), _reference(grad_y, x, weight)[1],
-                               rtol=1e-5, atol=1e-5)
+    exact = _reference(grad_y, x, weight)[1]
+    torch.testing.assert_close(conv_weight_grad.weight_grad_im2col(x, grad_y).double(), exact, rtol=1e-5, atol=1e-5)
 
 
 def test_im2col_multiplies_in_tf32_on_cuda_whatever_the_setting():
@@ -66,7 +66,7 @@ def test_im2col_multiplies_in_tf32_on_cuda_whatever_the_setting():
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        with float32_ops.float32_matmul_precision(torch.device("cuda"), "high"):  # a device object: nothing runs on it
+        with float32_ops.float32_matmul_precision(torch.device("cuda"), "high"):  # nothing runs on the device
             assert torch.get_float32_matmul_precision() == "high"
         assert torch.get_float32_matmul_precision() == "highest"
         with float32_ops.float32_matmul_precision(CPU, "high"):
@@ -110,7 +110,7 @@ def test_the_other_methods_stand_in_only_where_they_compute_the_same():
     assert not conv_weight_grad.alternatives_apply(x.double(), weight.double(), 1)
     assert not conv_weight_grad.alternatives_apply(x[:, :, :3, :3], weight[..., :1, :1], 1)  # not 3x3
     # On CUDA, TF32 convolutions (the kernel's precision) must be allowed, by either API of the setting
-    cuda_x = types.SimpleNamespace(dtype=torch.float32, is_cuda=True)  # what alternatives_apply reads of a CUDA input
+    cuda_x = types.SimpleNamespace(dtype=torch.float32, is_cuda=True)  # what alternatives_apply reads of an input
     conv = torch.backends.cudnn.conv
     previous = conv.fp32_precision, torch.backends.cudnn.allow_tf32
     try:
