@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from dlsn.models import chunk_attention as fused
-from dlsn.models import float32_ops, timed_choice
+from dlsn.models import conv_weight_grad, float32_ops, timed_choice
 
 
 def paper_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -260,12 +260,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backward-mode", choices=fused.BACKWARD_MODE_CHOICES, default=None,
                         help="this project's fused attention backward (dlsn/models/chunk_attention.py "
                              "BACKWARD_MODE; default: the GPU generation's)")
+    parser.add_argument("--weight-grad", choices=("timed", "cudnn", *conv_weight_grad.methods()),
+                        default=conv_weight_grad.WEIGHT_GRAD_METHOD,
+                        help="GLA's embeddings' weight gradient in eager float32 training "
+                             "(dlsn/models/conv_weight_grad.py WEIGHT_GRAD_METHOD)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    # How this project computes the match convolution and the attention backward ("timed": the faster,
-    # timed on first use in the training steps): to time the step with one way forced.
+    # How this project computes the match convolution, the attention backward and the embeddings' weight
+    # gradient ("timed": the fastest, timed on first use in the training steps): to time the step with one
+    # way forced.
     float32_ops.FLOAT32_CONV_METHOD = args.float32_conv
+    conv_weight_grad.WEIGHT_GRAD_METHOD = args.weight_grad
     if args.backward_mode:
         for generation in fused.BACKWARD_MODE:
             fused.BACKWARD_MODE[generation] = args.backward_mode
@@ -296,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                        "cudnn_autotune": case != "published" and args.cudnn_autotune == "on",
                        "float32_conv": None if case == "published" else float32_ops.FLOAT32_CONV_METHOD,
                        "backward_mode": None if case == "published" else fused._backward_mode(device),
+                       "weight_grad": None if case == "published" else conv_weight_grad.WEIGHT_GRAD_METHOD,
                        # what "timed" picked so far in this process, with each candidate's time
                        "timed_choices": None if case == "published" else timed_choice.choices()}
             results.append(result)

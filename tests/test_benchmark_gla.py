@@ -225,7 +225,7 @@ def test_training_cases_of_this_project_run_with_cudnn_autotune_and_timed_choice
     exactly where the flag is on, with a fake clock."""
     import torch
 
-    from dlsn.models import chunk_attention, timed_choice
+    from dlsn.models import chunk_attention, conv_weight_grad, timed_choice
 
     if not chunk_attention.triton_available():
         pytest.skip("triton is not importable")
@@ -238,9 +238,13 @@ def test_training_cases_of_this_project_run_with_cudnn_autotune_and_timed_choice
     try:
         trained = script.run_case(dict(common, kind="gla_forward_backward", size=4, batch=1, impl="fused"))
         assert trained["cudnn_autotune"] is True
-        [(what, entry)] = trained["timed_choices"].items()
-        assert what.startswith("fused attention backward cpu torch.float32")
-        assert set(entry["ms"]) == set(chunk_attention.backward_variants(torch.device("cpu"), torch.float32))
+        # Two choices: the fused attention's backward, and the weight gradient of GLA's embeddings
+        attention, embeddings = sorted(trained["timed_choices"].items(), key=lambda item: not item[0].startswith(
+            "fused attention backward"))
+        assert attention[0].startswith("fused attention backward cpu torch.float32")
+        assert set(attention[1]["ms"]) == set(chunk_attention.backward_variants(torch.device("cpu"), torch.float32))
+        assert embeddings[0].startswith("convolution weight gradient cpu (1, ")
+        assert set(embeddings[1]["ms"]) == {"cudnn", *conv_weight_grad.methods()}
         timed_choice.forget()
         for case in (dict(kind="gla_forward_backward", size=4, batch=1, impl="published"),
                      dict(kind="dlsn_forward", size=4, batch=1, impl="fused"),

@@ -57,7 +57,8 @@ def test_training_step_benchmark_prints_one_row_per_case(tmp_path):
     command = [sys.executable, str(PROJECT_ROOT / "scripts" / "benchmark_train_step.py"), "--device", "cpu",
                "--cases", "project", "--precisions", "32-true", "--n-feats", "8", "--n-resgroups", "1",
                "--n-resblocks", "1", "--chunk-size", "16", "--n-hashes", "1", "--batch", "2", "--patch", "12",
-               "--warmup", "1", "--steps", "4", "--backward-mode", "atomic", "--json", str(json_path)]
+               "--warmup", "1", "--steps", "4", "--backward-mode", "atomic", "--weight-grad", "im2col",
+               "--json", str(json_path)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 32-true |")]
@@ -67,7 +68,8 @@ def test_training_step_benchmark_prints_one_row_per_case(tmp_path):
     (result,) = json.loads(json_path.read_text())
     assert result["case"] == "project" and result["steps"] == 4 and result["step_s"] > 0
     # the ways the run computed were recorded with its numbers; nothing is timed on the CPU
-    assert (result["float32_conv"], result["backward_mode"], result["timed_choices"]) == ("timed", "atomic", {})
+    assert (result["float32_conv"], result["backward_mode"], result["weight_grad"], result["timed_choices"]) == (
+        "timed", "atomic", "im2col", {})
 
 
 def test_gpu_summary_judges_the_training_step_against_the_published_code(tmp_path):
