@@ -74,7 +74,7 @@ def run_task(task: tuple) -> float:
         # wins the timed choice. Every size argument is a multiple of 16 here as at batch 16: the same
         # specialisation, so the same compiled kernel.
         channels, chunk_size, sizes = GLA_PROBLEMS[problem]
-        config = {conv_weight_grad.config_name(config): config for config in conv_weight_grad.CONFIGS}[detail]
+        config = conv_weight_grad.config_named(detail)
         for batch, size in sizes:
             layer, _, x, _ = gla_problem(channels, chunk_size, batch, size, device)
             stacked = sum(conv.out_channels for conv in (layer.match_embedding, layer.value_embedding,

@@ -115,13 +115,13 @@ def test_the_other_methods_stand_in_only_where_they_compute_the_same():
     previous = conv.fp32_precision, torch.backends.cudnn.allow_tf32
     try:
         conv.fp32_precision = "ieee"
-        assert not conv_weight_grad._tf32_convolutions() and not conv_weight_grad.alternatives_apply(cuda_x, weight, 1)
+        assert not float32_ops.cudnn_tf32_allowed() and not conv_weight_grad.alternatives_apply(cuda_x, weight, 1)
         conv.fp32_precision = "tf32"
-        assert conv_weight_grad._tf32_convolutions() and conv_weight_grad.alternatives_apply(cuda_x, weight, 1)
+        assert float32_ops.cudnn_tf32_allowed() and conv_weight_grad.alternatives_apply(cuda_x, weight, 1)
         torch.backends.cudnn.allow_tf32 = False  # the legacy switch: the per-operation setting reads "none"
-        assert not conv_weight_grad._tf32_convolutions()
+        assert not float32_ops.cudnn_tf32_allowed()
         torch.backends.cudnn.allow_tf32 = True
-        assert conv_weight_grad._tf32_convolutions()
+        assert float32_ops.cudnn_tf32_allowed()
     finally:
         torch.backends.cudnn.allow_tf32 = previous[1]
         conv.fp32_precision = previous[0]
@@ -182,6 +182,8 @@ def test_cudnn_stays_where_nothing_is_timed_or_the_kernel_does_not_apply(fake_cl
     assert timed_choice.choices() == {}
     monkeypatch.setattr(conv_weight_grad, "WEIGHT_GRAD_METHOD", "timed")
     monkeypatch.setattr(timed_choice, "timing_allowed", lambda device: False)  # the CPU, evaluation
+    # ... where the choice is not even looked up (no key built per backward)
+    monkeypatch.setattr(timed_choice, "fastest", lambda *args, **kwargs: pytest.fail("looked up a timed choice"))
     assert conv_weight_grad.weight_grad_method(grad_y, x, weight, 1) == "cudnn"
     assert timed_choice.choices() == {}
 

@@ -507,6 +507,21 @@ def test_cudnn_tf32_setting_is_forced_and_restored_per_operation():
         conv.fp32_precision = before
 
 
+def test_cudnn_tf32_setting_is_forced_and_read_through_the_legacy_switch_before_torch_2_9(monkeypatch):
+    """Without the per-operation setting (torch < 2.9), the switch and its reading go through cudnn.allow_tf32."""
+    from dlsn.models.float32_ops import _cudnn_tf32, cudnn_tf32_allowed
+
+    monkeypatch.setattr(torch.backends.cudnn, "conv", None, raising=False)  # as torch < 2.9 has none
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        with _cudnn_tf32(torch.device("cuda"), enabled=False):
+            assert torch.backends.cudnn.allow_tf32 is False and not cudnn_tf32_allowed()
+        assert torch.backends.cudnn.allow_tf32 is True and cudnn_tf32_allowed()
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 def test_tf32_split_is_exact_with_a_tf32_representable_high_part():
     from dlsn.models.float32_ops import tf32_split
 

@@ -155,24 +155,13 @@ def weight_grad_im2col(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     return grad_weight.view(out_channels, KERNEL_SIZE, KERNEL_SIZE, channels).permute(0, 3, 1, 2)
 
 
-def _tf32_convolutions() -> bool:
-    """Whether cuDNN may run float32 convolutions in TF32 now (the precision the kernel then uses)."""
-    precision = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", "none")
-    if precision != "none":  # torch >= 2.9's per-operation setting; "none" follows the global one
-        return precision == "tf32"
-    try:
-        return bool(torch.backends.cudnn.allow_tf32)
-    except RuntimeError:  # torch >= 2.9 refuses to answer when old and new settings were mixed
-        return False
-
-
 def alternatives_apply(x: torch.Tensor, weight: torch.Tensor, padding: int) -> bool:
     """Whether the other methods (:func:`methods`) can stand for cuDNN's weight gradient: float32, a 3x3 kernel
     with padding 1 (stride 1) and, on CUDA, TF32 convolutions allowed (so that they round as cuDNN does); on
     the CPU plain float32 (the kernel in Triton's interpreter: tests only, nothing is timed there)."""
     return (x.dtype == weight.dtype == torch.float32 and padding == PADDING
             and tuple(weight.shape[2:]) == (KERNEL_SIZE, KERNEL_SIZE)
-            and (not x.is_cuda or _tf32_convolutions()))
+            and (not x.is_cuda or float32_ops.cudnn_tf32_allowed()))
 
 
 def methods() -> tuple[str, ...]:
@@ -186,14 +175,18 @@ def _cudnn(grad_y, x, weight, padding, output_mask):
                                                output_padding=[0, 0], groups=1, output_mask=list(output_mask))
 
 
+def config_named(method: str) -> tuple:
+    """The configuration of ``CONFIGS`` that the method ``method`` (its :func:`config_name`) launches."""
+    return {config_name(config): config for config in CONFIGS}[method]
+
+
 def _by(method, grad_y, x, weight, padding, output_mask):
     """``convolution_backward``'s result with the weight gradient by ``method`` (of :func:`methods`)."""
     grad_x, _, grad_bias = _cudnn(grad_y, x, weight, padding, (output_mask[0], False, output_mask[2]))
     if method == "im2col":
         grad_weight = weight_grad_im2col(x, grad_y)
     else:
-        config = next(config for config in CONFIGS if config_name(config) == method)
-        grad_weight = weight_grad(x, grad_y, config, "tf32" if x.is_cuda else "ieee")
+        grad_weight = weight_grad(x, grad_y, config_named(method), "tf32" if x.is_cuda else "ieee")
     return grad_x, grad_weight.contiguous(memory_format=_memory_format(weight)), grad_bias
 
 
@@ -231,6 +224,8 @@ def weight_grad_method(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         return "cudnn"
     if WEIGHT_GRAD_METHOD != "timed":
         return WEIGHT_GRAD_METHOD
+    if not timed_choice.timing_allowed(x.device):  # the CPU, evaluation: no key to build
+        return "cudnn"
     key = ("convolution weight gradient", x.device, tuple(x.shape), tuple(weight.shape), _memory_format(x),
            _memory_format(grad_y))
     return timed_choice.fastest(key, lambda: _agreeing_candidates(grad_y, x, weight, padding), device=x.device,

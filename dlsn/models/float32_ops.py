@@ -50,17 +50,34 @@ except ImportError:  # the PyTorch formulas need no Triton
     triton = None
 
 
+def _cudnn_tf32_switch() -> tuple[object, str]:
+    """Where cuDNN's float32-convolution TF32 switch is set: torch >= 2.9's per-operation
+    ``cudnn.conv.fp32_precision`` ("tf32", "ieee", or "none": follow the global one), else ``cudnn.allow_tf32``."""
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
+    if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):
+        return cudnn_conv, "fp32_precision"
+    return torch.backends.cudnn, "allow_tf32"
+
+
+def cudnn_tf32_allowed() -> bool:
+    """Whether cuDNN may run float32 convolutions in TF32 now, whichever API of the setting was used."""
+    owner, name = _cudnn_tf32_switch()
+    if name == "fp32_precision" and owner.fp32_precision != "none":
+        return owner.fp32_precision == "tf32"
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # torch >= 2.9 refuses to answer when old and new settings were mixed
+        return False
+
+
 @contextlib.contextmanager
 def _cudnn_tf32(device: torch.device, enabled: bool):
     """cuDNN float32 convolutions with TF32 ``enabled`` or not, whatever the user's setting, restored after."""
-    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)  # per-operation setting, torch >= 2.9
     if device.type != "cuda":
         yield
         return
-    if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):
-        owner, name, value = cudnn_conv, "fp32_precision", "tf32" if enabled else "ieee"
-    else:
-        owner, name, value = torch.backends.cudnn, "allow_tf32", enabled
+    owner, name = _cudnn_tf32_switch()
+    value = ("tf32" if enabled else "ieee") if name == "fp32_precision" else enabled
     previous = getattr(owner, name)
     setattr(owner, name, value)
     try:
