@@ -37,18 +37,51 @@ def test_benchmark_prints_time_memory_and_breakdown_per_case(tmp_path):
     assert [(case["impl"], case["kind"], case["size"]) for case in recorded["cases"]] == [
         ("reference", "gla_forward", 32), ("reference", "gla_forward_backward", 32)]
     assert all({"median_s", "peak_mb", "convolution_s", "matmul_s"} <= set(case) for case in recorded["cases"])
-    # --kernel-table: each case's largest operators (on the CPU), largest first; the 3x3 convolutions of the
-    # embeddings (256 -> 64 + 512 channels) lead GLA's forward at 32x32
+    # --kernel-table: each case's largest operators (on the CPU), largest first. Which operator leads depends
+    # on the machine's load (a busy host slows index_select more than the convolutions): the ranking itself
+    # is checked on a fixed profile below.
     for case in recorded["cases"]:
         kernels = case["kernels"]
         assert case["kernels_on"] == "host" and len(kernels) == 3
         assert all(kernel["name"].startswith("aten::") and kernel["calls"] > 0 for kernel in kernels)
         assert [kernel["ms"] for kernel in kernels] == sorted((kernel["ms"] for kernel in kernels), reverse=True)
         assert sum(kernel["ms"] for kernel in kernels) <= case["kernel_ms"] + 1e-9
-    assert "conv" in recorded["cases"][0]["kernels"][0]["name"], recorded["cases"][0]["kernels"]
     assert result.stdout.count("ms per run in aten operators (host time); the largest:") == 2
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert table[0].startswith("| case | implementation | median ms") and len(table) == 2 + 2
+
+
+def test_kernel_table_ranks_by_own_time_per_step_and_totals_every_operator():
+    """top_kernels on a fixed profile: on the CPU the aten operators by self host time (not calls, not
+    inclusive time), on CUDA the kernels by device time; per step; the total over all of them."""
+    import types
+
+    import torch
+
+    script = load_script("benchmark_gla")
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(key, cpu_us, cuda_us, count, device_type=cpu):
+        return types.SimpleNamespace(key=key, self_cpu_time_total=cpu_us, self_device_time_total=cuda_us,
+                                     count=count, device_type=device_type)
+
+    events = [event("aten::convolution", 10.0, 0.0, 2),  # inclusive: its self time is small
+              event("aten::mkldnn_convolution", 600.0, 0.0, 2),
+              event("aten::index_select", 300.0, 0.0, 40),
+              event("aten::copy_", 100.0, 0.0, 80),
+              event("ProfilerStep#1", 5000.0, 0.0, 1),  # not an operator
+              event("sm90_xmma_fprop", 0.0, 900.0, 2, cuda),
+              event("triton_attention_kernel", 0.0, 1500.0, 2, cuda)]
+    profiler = types.SimpleNamespace(key_averages=lambda: events)
+
+    host = script.top_kernels(profiler, torch.device("cpu"), steps=2, rows=2)
+    assert host == {"kernels_on": "host", "kernel_ms": 0.505,
+                    "kernels": [{"name": "aten::mkldnn_convolution", "ms": 0.3, "calls": 1.0},
+                                {"name": "aten::index_select", "ms": 0.15, "calls": 20.0}]}
+    device = script.top_kernels(profiler, torch.device("cuda"), steps=2, rows=5)
+    assert device == {"kernels_on": "device", "kernel_ms": 1.2,
+                      "kernels": [{"name": "triton_attention_kernel", "ms": 0.75, "calls": 1.0},
+                                  {"name": "sm90_xmma_fprop", "ms": 0.45, "calls": 1.0}]}
 
 
 def test_targets_are_the_model_level_rows_of_issue_9():

@@ -262,6 +262,7 @@ WEIGHTED_MODES_LAUNCHES = ("queries", "keys", "keys-atomic", "queries", "values"
                            "keys_from_dS_no_values")
 
 
+@pytest.mark.slow  # about 1.5 minutes in the interpreter (the default suite neared its 15 minutes)
 def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches, monkeypatch):
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
     monkeypatch.setitem(fused.TIMED_KEY_CONFIGS, 90, {"float32": ((16, 8, 1),)})
