@@ -383,14 +383,23 @@ def logged_values(rows: list[dict[str, str]], key: str) -> list[float]:
 # train.py processes under way. Each has its own session (so that a timeout stops it with its DataLoader
 # workers), so a signal to this script does not reach them: stop_training_runs passes it on.
 _running: set[subprocess.Popen] = set()
+# Set by stop_training_runs. A run whose process started while the handler ran (in another thread, before
+# the run was in _running) sees it and stops its process itself.
+_stopping = False
+
+
+def _kill(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def stop_training_runs(signum, frame) -> None:
     """SIGTERM handler (e.g. ``timeout`` in gpu_check.sh): stop every train.py run, then exit. Left
     running, they would share the GPU with whatever is measured next."""
+    global _stopping
+    _stopping = True
     for process in list(_running):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        _kill(process)
     raise SystemExit(128 + signum)
 
 
@@ -406,13 +415,18 @@ def run_training(args: argparse.Namespace, precision: str, seed: int, run_dir: P
         # Its own session, so a timeout can stop train.py together with its DataLoader workers.
         process = subprocess.Popen([sys.executable, "train.py", *overrides], cwd=PROJECT_ROOT, env=env,
                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        _running.add(process)
         try:
+            _running.add(process)
+            if _stopping:
+                _kill(process)
             returncode = process.wait(timeout=args.train_timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            _kill(process)
             process.wait()
             returncode = None
+        except BaseException:  # the handler's SystemExit in this thread, Ctrl-C: the run must not outlive us
+            _kill(process)
+            raise
         finally:
             _running.discard(process)
     result: dict[str, Any] = {"precision": precision, "seed": seed, "run_dir": str(run_dir),

@@ -108,8 +108,54 @@ def test_sigterm_stops_the_train_py_runs_too(tmp_path):
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
-    time.sleep(1)
+    # SIGKILL takes effect when the kernel next schedules them: wait for that, however busy the machine.
+    deadline = time.monotonic() + 60
+    while train_py_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert train_py_processes() == [], output[-2000:]
+
+
+@pytest.mark.parametrize("handler_thread", ["another", "the run's"])
+def test_a_run_that_starts_while_sigterm_is_handled_is_stopped_too(tmp_path, monkeypatch, handler_thread):
+    """SIGTERM's handler stops the train.py processes it knows of. One started just then (Popen returned,
+    not yet registered) must stop too: with --parallel-runs the handler runs in the main thread while a
+    worker thread starts its run; without, the handler may run in the run's own thread as it registers."""
+    import signal
+    import threading
+
+    script = load_script("benchmark_precision")
+    args = script.parse_args(["--device", "cpu", "--train-timeout", "30"])
+    real_popen = subprocess.Popen
+    started: list[subprocess.Popen] = []
+
+    def sigterm_now():
+        try:
+            script.stop_training_runs(signal.SIGTERM, None)
+        except SystemExit:
+            pass
+
+    def popen_then_sigterm(command, **kwargs):  # a process that would run past the timeout, then the signal
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(120)"], **kwargs))
+        if handler_thread == "another":
+            handler = threading.Thread(target=sigterm_now)
+            handler.start()
+            handler.join()
+        return started[-1]
+
+    class RegisterUnderSigterm(set):
+        def add(self, process):
+            script.stop_training_runs(signal.SIGTERM, None)  # raises SystemExit before it registers
+
+    monkeypatch.setattr(script.subprocess, "Popen", popen_then_sigterm)
+    if handler_thread == "another":
+        result = script.run_training(args, "32-true", 0, tmp_path / "run")
+        # Killed at once: without the stop it would have run into --train-timeout ("timed out").
+        assert result["error"].startswith("train.py exited with -9"), result["error"]
+    else:
+        monkeypatch.setattr(script, "_running", RegisterUnderSigterm())
+        with pytest.raises(SystemExit):
+            script.run_training(args, "32-true", 0, tmp_path / "run")
+        assert started[0].wait(timeout=60) == -signal.SIGKILL
 
 
 def test_seeds_pair_each_precision_with_float32_of_the_same_seed_and_judge_the_mean(tmp_path):
