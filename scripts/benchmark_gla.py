@@ -57,7 +57,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dlsn.models import DLSN, GLA, timed_choice
+from dlsn.models import DLSN, GLA, kernel_failures, timed_choice
 from dlsn.models.allocator import keep_freed_memory
 from dlsn.models.gla import KEY_NORM_EPS, draw_rotations, gla_layers, number_of_buckets
 
@@ -243,6 +243,10 @@ def run_case(case: dict) -> dict:
     chosen = {what: entry for what, entry in timed_choice.choices().items() if what not in chosen_before}
     if chosen:
         result["timed_choices"] = chosen
+    # On CUDA the cases share one process: after a kernel's failure this case and every later one time the
+    # fallback, and the summary says so.
+    if case["impl"] != "authors" and kernel_failures():
+        result["kernel_failures"] = kernel_failures()
     if case.get("breakdown") or case.get("kernel_table"):
         # Profiled apart from the timed runs (the profiler slows the host); the breakdown averages as many
         # runs as were timed, the kernel table alone three at most.

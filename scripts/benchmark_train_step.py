@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from dlsn.models import chunk_attention as fused
-from dlsn.models import conv_weight_grad, float32_ops, timed_choice
+from dlsn.models import conv_weight_grad, float32_ops, kernel_failures, timed_choice
 
 
 def paper_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -262,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
                              "BACKWARD_MODE; default: the GPU generation's)")
     parser.add_argument("--weight-grad", choices=("timed", "cudnn", *conv_weight_grad.methods()),
                         default=conv_weight_grad.WEIGHT_GRAD_METHOD,
-                        help="GLA's embeddings' weight gradient in eager float32 training "
-                             "(dlsn/models/conv_weight_grad.py WEIGHT_GRAD_METHOD)")
+                        help="GLA's embeddings' weight gradient in eager float32 training with cuDNN's TF32 "
+                             "(dlsn/models/conv_weight_grad.py WEIGHT_GRAD_METHOD); the compiled and bf16 steps "
+                             "keep cuDNN's whatever this says")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                        "weight_grad": None if case == "published" else conv_weight_grad.WEIGHT_GRAD_METHOD,
                        # what "timed" picked so far in this process, with each candidate's time
                        "timed_choices": None if case == "published" else timed_choice.choices()}
+            if case != "published" and kernel_failures():  # this case (and later ones) timed the fallback
+                result["kernel_failures"] = kernel_failures()
             results.append(result)
             if args.json:  # after every case: a run cut short keeps what it measured
                 Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -297,6 +297,30 @@ def duration_rows(duration: dict | None) -> list[str]:
             f"<= {GPU_CHECK_LIMIT_S} s | {judged(duration['targets_s'] <= GPU_CHECK_LIMIT_S, duration.get('device'))} |"]
 
 
+# The measurements of this project's kernels: a case records ``kernel_failures`` where a fused kernel had failed by
+# then (it and every later case of the process time the PyTorch fallback).
+MEASUREMENT_FILES = ("train_step.json", "compile_bf16.json", "compile_32.json", "gla_targets.json",
+                     "gla_targets_bf16.json", "gla_compiled.json", "train_step_heuristics.json")
+
+
+def kernel_failure_rows(folder: Path) -> list[str]:
+    """One correctness row: whether the fused kernels ran throughout the measurements, or which fell back where."""
+    measured, failed = [], {}
+    for name in MEASUREMENT_FILES:
+        results = load(folder, name)
+        if results is None:
+            continue
+        measured.append(name)
+        for case in results["cases"] if isinstance(results, dict) else results:
+            for module, error in case.get("kernel_failures", {}).items():
+                failed.setdefault(f"{module} ({name})", error)
+    if not measured:
+        return []
+    detail = "; ".join(f"{where}: {error[:80]}" for where, error in failed.items())
+    return [f"| check: this project's fused kernels ran in every measurement (no PyTorch fallback) | | | | "
+            f"{detail} | correct | {'FAIL' if failed else 'PASS'} |"]
+
+
 def main(folder: Path) -> None:
     rows = ["| what | published | reference | fused | fused vs published | target | status |",
             "|---|---|---|---|---|---|---|"]
@@ -306,6 +330,7 @@ def main(folder: Path) -> None:
         rows.append(f"| check: {result['check']} | | | | {detail} | correct | {result['status']} |")
     if check is None:
         rows.append("| checks (check.json) | | | | | correct | MISSING |")
+    rows += kernel_failure_rows(folder)
 
     duration = load(folder, "duration.json")
     # Without --information gpu_check.sh ran no information step: their files are not missing, just not asked for.

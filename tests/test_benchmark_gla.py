@@ -284,5 +284,19 @@ def test_training_cases_of_this_project_run_with_cudnn_autotune_and_timed_choice
                      dict(kind="gla_forward_backward", size=4, batch=1, impl="fused", cudnn_autotune=False)):
             untimed = script.run_case(dict(common, **case))
             assert untimed["cudnn_autotune"] is False and "timed_choices" not in untimed, case
+            assert "kernel_failures" not in untimed, case
     finally:
         timed_choice.forget()
+
+
+def test_a_case_timed_after_a_kernel_failure_says_so(monkeypatch):
+    """On CUDA the cases share one process: after a fused kernel fails, this project's cases time PyTorch's
+    fallback. Each records the failures (the summary's check fails on them); the authors' code runs none."""
+    from dlsn.models import float32_ops
+
+    script = load_script("benchmark_gla")
+    common = dict(device="cpu", warmup=0, repeats=1, precision="32", smoke=True, kind="gla_forward", size=4, batch=1)
+    monkeypatch.setattr(float32_ops, "_failure", "RuntimeError: no kernel image")
+    for impl in ("reference", "fused", "published"):
+        assert script.run_case(dict(common, impl=impl))["kernel_failures"] == {
+            "float32_ops": "RuntimeError: no kernel image"}, impl

@@ -598,6 +598,42 @@ def test_launch_configurations_follow_the_gpu_generation(monkeypatch, capability
     assert set(fused.LAUNCH_CONFIGS) == set(fused.FORWARD_CHANNEL_BLOCK) == {80, 90}
 
 
+def test_a_launch_short_of_the_gpus_resources_runs_fewer_rows_and_says_so(monkeypatch):
+    """A configuration that does not fit the GPU (a Triton version that pipelines differently) is launched with
+    half the rows until it fits, kept so for the next launches, and warned once: the timed choice and the kernel
+    tables name the configuration asked for."""
+    from triton.runtime.errors import OutOfResources
+
+    launched = []
+
+    class ShortOfSharedMemory:  # fits with at most 16 rows
+        def __getitem__(self, grid):
+            def launch(*arguments, **options):
+                launched.append(options["BLOCK_M"])
+                if options["BLOCK_M"] > 16:
+                    raise OutOfResources(options["BLOCK_M"] * 4096, 65536, "shared memory")
+            return launch
+
+    monkeypatch.setattr(fused, "_kernel", lambda function, interpreted: ShortOfSharedMemory())
+    monkeypatch.setattr(fused, "_working_rows", {})
+    sizes = dict(chunk=64, qk_dim=16, v_dim=32, value_dtype=torch.float32, precision="ieee", strides=(), length=128,
+                 padded_length=128, n_chunks=2, n_rounds=1)
+
+    def launch():
+        fused._launch(None, "values", lambda rows, channels: (1,), [torch.zeros(1)], sizes, channel_block=None,
+                      config=(64, 8, 2))
+
+    with pytest.warns(RuntimeWarning, match=r"values kernel with 64 rows \(8 warps, 2 stages, 32 value channels\) "
+                                            r"ran out of the GPU's resources .*; it runs 32 rows") as warned:
+        launch()
+    assert launched == [64, 32, 16] and len(warned) == 2  # 64 -> 32 -> 16
+    launched.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        launch()
+    assert launched == [16]
+
+
 # ------------------------------------------------------------------------------------------------
 # The hashing kernel (bucket codes).
 # ------------------------------------------------------------------------------------------------

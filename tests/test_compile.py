@@ -71,6 +71,25 @@ def test_training_step_benchmark_prints_one_row_per_case(tmp_path):
     # the ways the run computed were recorded with its numbers; nothing is timed on the CPU
     assert (result["float32_conv"], result["backward_mode"], result["weight_grad"], result["timed_choices"]) == (
         "timed", "atomic", "im2col", {})
+    assert "kernel_failures" not in result  # every kernel ran (none failed)
+
+
+def test_training_step_benchmark_records_that_it_timed_a_fallback(tmp_path, monkeypatch):
+    """After a fused kernel's failure the process runs PyTorch's fallback (warned once): the case says so, and
+    gpu_check's summary fails the check on it, instead of presenting the fallback's time as the kernels'."""
+    import json
+
+    from dlsn.models import chunk_attention
+    from tests.helpers.runs import load_script
+
+    script = load_script("benchmark_train_step")
+    monkeypatch.setattr(chunk_attention, "_failure", "OutOfResources: shared memory")
+    json_path = tmp_path / "step.json"
+    script.main(["--device", "cpu", "--cases", "project", "--precisions", "32-true", "--n-feats", "8",
+                 "--n-resgroups", "1", "--n-resblocks", "1", "--chunk-size", "16", "--n-hashes", "1", "--batch", "2",
+                 "--patch", "12", "--warmup", "1", "--steps", "2", "--json", str(json_path)])
+    (result,) = json.loads(json_path.read_text())
+    assert result["kernel_failures"] == {"chunk_attention": "OutOfResources: shared memory"}
 
 
 def test_gpu_summary_judges_the_training_step_against_the_published_code(tmp_path):

@@ -205,6 +205,24 @@ def test_the_summary_sets_cudnns_weight_gradient_against_the_fastest_other_way(t
         "| weight gradient (TF32), GLA | | | no timings (weight_grad.txt) | | | (information) |"]
 
 
+def test_the_summary_fails_a_check_where_a_measurement_timed_a_kernels_fallback(tmp_path):
+    """A case of train_step.json or gla_targets.json that ran after a fused kernel had failed records it: the summary
+    says where, and the check fails (the target rows would otherwise show the fallback's time as the kernels')."""
+    def kernel_row():
+        return [row for row in summarise(tmp_path) if "fused kernels ran in every measurement" in row]
+
+    assert kernel_row() == []  # nothing measured: no verdict (the target rows say MISSING)
+    step = dict(case="project", precision="32-true", step_s=0.1, peak_mb=800.0, warmup_s=1.0, device="cuda")
+    (tmp_path / "train_step.json").write_text(json.dumps([step]))
+    (tmp_path / "gla_targets.json").write_text(json.dumps({"device": "cuda", "cases": []}))
+    [row] = kernel_row()
+    assert row.endswith("| correct | PASS |"), row
+    failed = dict(step, case="project-compiled", kernel_failures={"chunk_attention": "OutOfResources: shared memory"})
+    (tmp_path / "train_step.json").write_text(json.dumps([step, failed]))
+    [row] = kernel_row()
+    assert row.endswith("| chunk_attention (train_step.json): OutOfResources: shared memory | correct | FAIL |"), row
+
+
 def test_the_summary_reports_a_missing_duration(tmp_path):
     rows = summarise(tmp_path)
     assert "| gpu_check.sh: every target measured (duration.json) | | | | | <= 360 s | MISSING |" in rows

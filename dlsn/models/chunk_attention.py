@@ -823,9 +823,14 @@ def _launch(kernel_function, name: str, grid_of_rows, tensors, sizes, *, channel
                 kernel[grid_of_rows(rows, block_c)](*tensors, *sizes["strides"], sizes["length"],
                                                    sizes["padded_length"], sizes["n_chunks"], chunk,
                                                    sizes["n_rounds"], qk_dim, v_dim, **options)
-        except OutOfResources:
+        except OutOfResources as error:
             if rows <= 16:
                 raise
+            # Said once per configuration: the timed choice and the kernel tables name the configuration
+            # asked for, and this one runs with fewer rows from now on.
+            warnings.warn(f"dlsn: the {name} kernel with {rows} rows ({num_warps} warps, {num_stages} stages, "
+                          f"{block_c} value channels) ran out of the GPU's resources ({error}); it runs "
+                          f"{rows // 2} rows", RuntimeWarning, stacklevel=2)
             rows //= 2
             continue
         _working_rows[key] = rows

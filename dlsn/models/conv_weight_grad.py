@@ -195,7 +195,13 @@ def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
 
 
 def _relative_difference(result: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((result - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
+    """The largest difference in an output channel, relative to that channel's largest entry (or to 1e-3 of
+    the whole gradient's, if more): an error confined to channels with small gradients (GLA's 64 match
+    channels of the stacked 576, the partial last block of output channels) is not hidden by the others'
+    scale, and TF32's rounding (about 1e-3 of each channel's entries) stays far below ``AGREEMENT``."""
+    difference = (result - reference).abs().flatten(1).amax(1)
+    scale = reference.abs().flatten(1).amax(1)
+    return (difference / scale.clamp_min(1e-3 * scale.max()).clamp_min(1e-30)).max().item()
 
 
 def _agreeing_candidates(grad_y, x, weight, padding) -> dict:
@@ -211,7 +217,8 @@ def _agreeing_candidates(grad_y, x, weight, padding) -> dict:
             log.warning("dlsn: weight gradient %s failed, left out (%s: %s)", method, type(error).__name__, error)
             continue
         if not difference <= AGREEMENT:  # also NaN
-            log.warning("dlsn: weight gradient %s differs from cuDNN's by %.2e of its largest entry, left out",
+            log.warning("dlsn: weight gradient %s differs from cuDNN's by %.2e of an output channel's largest "
+                        "entry, left out",
                         method, difference)
             continue
         candidates[method] = functools.partial(_by, method, grad_y, x, weight, padding, weight_only)
