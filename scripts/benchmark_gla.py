@@ -245,8 +245,8 @@ def run_case(case: dict) -> dict:
         result["timed_choices"] = chosen
     # On CUDA the cases share one process: after a kernel's failure this case and every later one time the
     # fallback, and the summary says so.
-    if case["impl"] != "authors" and kernel_failures():
-        result["kernel_failures"] = kernel_failures()
+    if case["impl"] != "authors" and (failures := kernel_failures()):
+        result["kernel_failures"] = failures
     if case.get("breakdown") or case.get("kernel_table"):
         # Profiled apart from the timed runs (the profiler slows the host); the breakdown averages as many
         # runs as were timed, the kernel table alone three at most.

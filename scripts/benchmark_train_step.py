@@ -306,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                        "weight_grad": None if case == "published" else conv_weight_grad.WEIGHT_GRAD_METHOD,
                        # what "timed" picked so far in this process, with each candidate's time
                        "timed_choices": None if case == "published" else timed_choice.choices()}
-            if case != "published" and kernel_failures():  # this case (and later ones) timed the fallback
-                result["kernel_failures"] = kernel_failures()
+            if case != "published" and (failures := kernel_failures()):  # this case and later ones timed the fallback
+                result["kernel_failures"] = failures
             results.append(result)
             if args.json:  # after every case: a run cut short keeps what it measured
                 Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -305,12 +305,12 @@ MEASUREMENT_FILES = ("train_step.json", "compile_bf16.json", "compile_32.json", 
 
 def kernel_failure_rows(folder: Path) -> list[str]:
     """One correctness row: whether the fused kernels ran throughout the measurements, or which fell back where."""
-    measured, failed = [], {}
+    measured, failed = False, {}
     for name in MEASUREMENT_FILES:
         results = load(folder, name)
         if results is None:
             continue
-        measured.append(name)
+        measured = True
         for case in results["cases"] if isinstance(results, dict) else results:
             for module, error in case.get("kernel_failures", {}).items():
                 failed.setdefault(f"{module} ({name})", error)
