@@ -174,7 +174,7 @@ wait_for_steps() {  # wait for every step start_step started; a failed one fails
 } >"$OUT/gpu.txt" 2>&1
 echo "== $(tr '\n' ' ' <"$OUT/gpu.txt")"
 
-# The fused kernels' Triton compiles (about sixty, seconds each), in parallel processes: the steps below find
+# The fused kernels' Triton compiles (more than a hundred, seconds each), in parallel processes: the steps below find
 # them in Triton's cache instead of compiling them one at a time.
 step warm python3 scripts/warm_kernel_cache.py --device $device "${toy_warm[@]}"
 

@@ -92,6 +92,7 @@ import functools
 import inspect
 import itertools
 import warnings
+from collections.abc import Collection
 
 import torch
 
@@ -1087,14 +1088,17 @@ def _give_up(error: BaseException, kernel: str = "chunk-attention") -> None:
 SELF_CHECK_TOLERANCE = {"ieee": 1e-4, "tf32": 1e-2, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
-def self_check(device: torch.device, dtype: torch.dtype = torch.float32, combinations: bool = True) -> None:
+def self_check(device: torch.device, dtype: torch.dtype = torch.float32, combinations: bool = True,
+               variants: Collection[str] | None = None) -> None:
     """Fused forward and backward (each way it may run: :func:`backward_variants`, with ``combinations``)
     in ``dtype`` against the float64 reference on a small problem; raises if they differ (tolerance:
     ``SELF_CHECK_TOLERANCE``).
     Float32 uses the dot-product precision in force (TF32 or true float32), and each backward mode also as
     :class:`_AttendAndMix` runs it, from the mixed output's gradient and the round weights (the launch
     configurations are those checked above; the weighting changes only which rows are read and scales P and
-    dP by row). Covers padding, several chunks, a chunk split over blocks and strided (view) inputs."""
+    dP by row). Covers padding, several chunks, a chunk split over blocks and strided (view) inputs.
+    ``variants``: only the backward variants of these names (and, from the mixed gradient, the modes among
+    them), so that scripts/warm_kernel_cache.py can compile the check's kernels in parallel processes."""
     generator = torch.Generator().manual_seed(0)
     batch, rounds, length, chunk, qk_dim, v_dim = 2, 2, 100, 40, 12, 24
 
@@ -1130,9 +1134,14 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.float32, combina
 
     compare(("attended", "confidence"), fused, expected, dtype)
     configured = _backward_mode(device)
-    variants = (backward_variants(device, dtype, combinations) if configured == "timed"  # every way it may run
-                else {configured: (configured, {})})
-    for name, (mode, configs) in variants.items():
+    checked = (backward_variants(device, dtype, combinations) if configured == "timed"  # every way it may run
+               else {configured: (configured, {})})
+    if variants is not None:
+        if unknown := set(variants) - set(checked):
+            raise ValueError(f"self_check: no backward variant {sorted(unknown)} for {dtype} on {device}; "
+                             f"expected some of {list(checked)}")
+        checked = {name: variant for name, variant in checked.items() if name in variants}
+    for name, (mode, configs) in checked.items():
         fused_grads = _fused_backward(grad_attended, grad_confidence, *inputs, order, inverse, *fused, mode=mode,
                                       configs=configs)
         compare(("grad queries", "grad keys", "grad learned score", "grad values"), fused_grads, expected_grads,
@@ -1144,7 +1153,8 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.float32, combina
     expected_grads = chunk_attention_reference_backward(grad_weighted.double(), grad_confidence.double(), *exact,
                                                         order, inverse)
     delta = _delta(grad_weighted, fused[0], grad_confidence)
-    for mode in BACKWARD_MODES if configured == "timed" else (configured,):
+    for mode in [mode for mode in (BACKWARD_MODES if configured == "timed" else (configured,))
+                 if variants is None or mode in variants]:
         fused_grads = _fused_backward(grad_mixed, None, *inputs, order, inverse, None, fused[1], mode=mode,
                                       delta=delta, round_weights=round_weights)
         compare(("grad queries", "grad keys", "grad learned score", "grad values"), fused_grads, expected_grads,
