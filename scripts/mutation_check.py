@@ -285,8 +285,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "self-check-skips-timed-variants",
         "the fused kernel's self-check covers only the default backward, though timing may pick another",
-        (Patch("dlsn/models/chunk_attention.py", 'variants = (backward_variants(device, dtype, combinations) if configured == "timed"',
-               'variants = ({"two_kernels": ("two_kernels", {})} if configured == "timed"'),),
+        (Patch("dlsn/models/chunk_attention.py", 'checked = (backward_variants(device, dtype, combinations) if configured == "timed"',
+               'checked = ({"two_kernels": ("two_kernels", {})} if configured == "timed"'),),
         ("tests/test_timed_choice.py::test_self_check_runs_every_backward_variant_a_timed_choice_may_pick",),
     ),
     Mutation(
