@@ -156,6 +156,7 @@ def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu,
         runs.append(launches[-1])  # what the fake clock charges
 
     monkeypatch.setattr(fused, "_launch", charged_launch)
+    monkeypatch.setattr(timed_choice, "REPEATS", 1)  # the fake clock's times repeat exactly: one timed run each
     costs["keys-atomic@16/8/1"] = 0.5
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
     monkeypatch.setitem(fused.TIMED_KEY_CONFIGS, 90, {"float32": ((32, 8, 1), (16, 8, 1))})
@@ -200,6 +201,7 @@ def test_timed_values_and_query_configurations_run_as_chosen_and_are_exact(timin
         runs.append(launches[-1])
 
     monkeypatch.setattr(fused, "_launch", charged_launch)
+    monkeypatch.setattr(timed_choice, "REPEATS", 1)  # the fake clock's times repeat exactly: one timed run each
     # stored_dS+values with both: 0.5 + 0 + 1; with either alone 2.5 or 2; every other variant 2 or more
     costs.update({"values@16/4/1/C8": 0.0, "queries@16/8/1": 0.5, "keys-atomic": 2.0})
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
