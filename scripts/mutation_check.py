@@ -14,7 +14,7 @@ mutation is *caught* when those tests fail. Nothing in the checkout is modified.
 Before the mutations, the union of the selected tests runs on an unmodified copy and must pass without
 skips (otherwise a "caught" would mean nothing; e.g. ../shared must be there: DLSN_TEST_SHARED).
 A patch whose text is no longer found is reported as STALE (and fails the check): after a refactor,
-move the mutation to where the behaviour now lives. Runs in `pytest -m slow`
+move the mutation to where the behaviour now lives. Runs in `pytest -m long` (and `pytest -m slow`)
 (tests/test_mutation_check.py); see the README's testing section.
 """
 

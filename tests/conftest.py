@@ -2,8 +2,10 @@
 
 Tests marked ``slow`` (subprocess runs of train.py/eval.py that take more than a few seconds, DDP,
 sweeps, the mutation check) are skipped unless a marker expression is given, so plain ``pytest``
-stays fast. ``.ci/run`` runs the default suite (``pytest``) and then every slow test
-(``pytest -m slow``), which includes ``scripts/mutation_check.py`` (tests/test_mutation_check.py).
+stays fast. The slow tests that take many minutes each are also marked ``long``: the mutation check
+(``scripts/mutation_check.py``), the GPU check's rehearsal, the kernels' compilation for GPUs.
+``.ci/run`` runs the default suite (``pytest``) and then ``pytest -m "slow and not long"``;
+``pytest -m slow`` (or ``.ci/run --all``) runs them all.
 
 Shared code lives in the package ``tests/helpers`` (``from tests.helpers.runs import TINY_TRAIN, run_script``),
 not here. Test data outside the repository: ``../shared`` beside the checkout (``DLSN_TEST_SHARED`` overrides
@@ -20,6 +22,9 @@ from tests.helpers.runs import BENCHMARK_DIR, TINY_TRAIN, run_script  # noqa: F4
 
 
 def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items if "long" in item.keywords and "slow" not in item.keywords]
+    if unmarked:  # plain `pytest` would run them
+        raise pytest.UsageError(f"tests marked long must be marked slow too: {', '.join(unmarked)}")
     if config.option.markexpr:
         return
     skip_slow = pytest.mark.skip(reason="slow test: run with `pytest -m slow`")

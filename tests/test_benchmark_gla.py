@@ -131,6 +131,7 @@ def test_the_compiled_implementation_times_the_training_kinds_with_train_pys_com
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 97 s; tests/test_model.py::test_compiled_gla_matches_eager checks the same layer faster
 def test_the_compiled_gla_matches_the_eager_one_at_toy_sizes(tmp_path):
     """The ``compiled`` rows run GLA through torch.compile (Inductor on the CPU here) and record finite times;
     the compiled forward+backward is eager's."""
@@ -251,6 +252,7 @@ def test_gpu_check_summary_judges_the_targets_from_the_recorded_numbers(tmp_path
     assert "| 1.16x time, 0.31x memory | >= 1x | REHEARSAL |" in summary
 
 
+@pytest.mark.slow  # 41-63 s in the interpreter (the default suite had passed 15 minutes on a slow CPU)
 def test_training_cases_of_this_project_run_with_cudnn_autotune_and_timed_choices(monkeypatch):
     """As train.py's training steps: the fused forward+backward case runs with cuDNN's autotuner on, so
     the kernel's timed choices are made and recorded; evaluation-like (forward) and published cases run

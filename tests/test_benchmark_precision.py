@@ -30,6 +30,7 @@ def finite_positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow  # four train.py runs, 42 s (the default suite had passed 15 minutes on a slow CPU)
 def test_tiny_run_reports_throughput_memory_and_psnr_per_precision(tmp_path):
     json_path = tmp_path / "precision.json"
     proc = run_benchmark(*TINY, "--json", str(json_path), "--run-dir", str(tmp_path / "runs"))
@@ -63,6 +64,7 @@ def test_tiny_run_reports_throughput_memory_and_psnr_per_precision(tmp_path):
     assert sum(line.startswith(("- **PASS**", "- **FAIL**")) for line in proc.stdout.splitlines()) == 2
 
 
+@pytest.mark.slow  # train.py runs, 33 s
 def test_accuracy_only_runs_train_py_at_once_and_reports_in_run_order(tmp_path):
     """gpu_check.sh's way: no throughput part, the three train.py runs started together."""
     json_path = tmp_path / "precision.json"

@@ -519,6 +519,7 @@ def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 48 Triton compilations for sm_80/sm_90
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("value_type", ["bf16", "fp32"])
 @pytest.mark.parametrize("name", ["forward", "queries", "queries with dP in blocks", "keys", "keys with atomic dQ",

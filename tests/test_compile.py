@@ -26,6 +26,7 @@ def test_compiling_the_training_step_does_not_change_the_result(tmp_path):
 
 
 @pytest.mark.slow  # two compiling subprocesses, about 1.5 minutes (the default suite neared its 15 minutes)
+@pytest.mark.long
 def test_a_second_process_loads_the_compiled_training_step_from_the_disk_cache(tmp_path):
     """torch.compile keeps the compiled forward and backward graphs on disk (Inductor's FX graph cache) and
     the traced joint graph (AOTAutograd's cache), which refuses graphs holding an autocast context manager

@@ -43,6 +43,7 @@ def rehearse(out: Path, *options: str, **variables: str) -> subprocess.Completed
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 23 minutes on 2 cores without AVX-512
 def test_rehearsal_runs_every_step_and_fills_the_summary(tmp_path):
     out = tmp_path / "results"
     proc = rehearse(out, "--information")

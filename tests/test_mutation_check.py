@@ -40,6 +40,7 @@ def test_every_mutation_applies_to_this_tree_and_names_existing_tests():
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 25-40 minutes on 2 cores
 @pytest.mark.skipif(not ((OFFICIAL_FIXTURES / "dlsn_tiny_x2.pt").is_file() and (BENCHMARK_DIR / "Set5").is_dir()),
                     reason=f"the mutations' tests need ../shared (fixtures and benchmarks) at {SHARED_DIR}")
 def test_every_mutation_is_caught():

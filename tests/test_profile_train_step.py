@@ -16,6 +16,7 @@ from tests.helpers.runs import load_script
 
 
 @pytest.mark.slow
+@pytest.mark.long  # every section and the sweep in the interpreter: 7 minutes on 2 cores
 def test_sections_run_and_the_sweep_restores_the_launch_configurations(tmp_path, capsys):
     if not fused.triton_available():
         pytest.skip("triton is not importable")
@@ -67,6 +68,7 @@ def test_the_sweep_can_be_narrowed_to_one_precision_and_kernel(tmp_path):
         ("torch.float32", "keys", mode, rows) for mode in ("atomic", "two_kernels") for rows in (8, 16)]
 
 
+@pytest.mark.slow  # 23 s in the interpreter
 def test_the_values_kernels_channel_blocks_are_swept(tmp_path, monkeypatch):
     """``--kernels values --channel-blocks 8 16``: the values kernel runs with 8 and with all 16 value channels
     per program (the batch-16 96x96 row's largest kernel), each timed, and VALUES_CHANNEL_BLOCK is restored."""
@@ -95,7 +97,7 @@ def test_the_values_kernels_channel_blocks_are_swept(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("mixes", "with_backward_modes"), [
-    (True, False), (False, False), pytest.param(True, True, marks=pytest.mark.slow)],
+    (True, False), (False, False), pytest.param(True, True, marks=[pytest.mark.slow, pytest.mark.long])],
     ids=["attend_and_mix size", "below it", "attend_and_mix size, backward modes too"])
 def test_the_sweep_times_the_backward_that_training_runs_at_its_size(tmp_path, monkeypatch, capsys, mixes,
                                                                      with_backward_modes):

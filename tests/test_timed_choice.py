@@ -143,6 +143,7 @@ def launches(monkeypatch):
     return launched
 
 
+@pytest.mark.slow  # 13 backward variants in the interpreter, 81 s (the default suite had passed 15 minutes)
 def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu, launches, monkeypatch):
     """float32 on generation 90 (the interpreter's): every mode, the two with dV in the key kernel also
     with TIMED_KEY_CONFIGS' key kernels, TIMED_CONFIGS_MODE also with each pair of TIMED_QUERIES_CONFIGS' and
@@ -187,6 +188,7 @@ def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu,
 
 
 @pytest.mark.slow  # about a minute in the interpreter (the default suite was near its 15 minutes)
+@pytest.mark.long
 def test_timed_values_and_query_configurations_run_as_chosen_and_are_exact(timing_on_the_cpu, launches,
                                                                           monkeypatch):
     """A values-kernel and a query-kernel configuration the timed backward picks together are launched as
@@ -264,7 +266,8 @@ WEIGHTED_MODES_LAUNCHES = ("queries", "keys", "keys-atomic", "queries", "values"
                            "keys_from_dS_no_values")
 
 
-@pytest.mark.slow  # about 1.5 minutes in the interpreter (the default suite neared its 15 minutes)
+@pytest.mark.slow  # 1.5-2.5 minutes in the interpreter
+@pytest.mark.long
 def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches, monkeypatch):
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
     monkeypatch.setitem(fused.TIMED_KEY_CONFIGS, 90, {"float32": ((16, 8, 1),)})
