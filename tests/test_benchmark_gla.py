@@ -19,6 +19,7 @@ from tests.helpers.runs import load_script
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_gla.py"
 
 
+@pytest.mark.slow  # 15 s of benchmark subprocesses
 def test_benchmark_prints_time_memory_and_breakdown_per_case(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--sizes", "32", "--repeats", "1", "--no-train-step", "--breakdown",

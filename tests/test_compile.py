@@ -54,6 +54,7 @@ def test_a_second_process_loads_the_compiled_training_step_from_the_disk_cache(t
     assert second["fxgraph_miss"] == second["autograd_miss"] == second["autograd_bypass"] == 0, second
 
 
+@pytest.mark.slow  # 11 s of benchmark subprocesses
 def test_training_step_benchmark_prints_one_row_per_case(tmp_path):
     json_path = tmp_path / "step.json"
     command = [sys.executable, str(PROJECT_ROOT / "scripts" / "benchmark_train_step.py"), "--device", "cpu",

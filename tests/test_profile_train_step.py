@@ -56,6 +56,7 @@ def test_sections_run_and_the_sweep_restores_the_launch_configurations(tmp_path,
     assert fused.VALUES_CHANNEL_BLOCK == values_channel_blocks and fused.BACKWARD_MODE == modes
 
 
+@pytest.mark.slow  # 11 s in the interpreter
 def test_the_sweep_can_be_narrowed_to_one_precision_and_kernel(tmp_path):
     """``--dtypes float32 --kernels keys``: the float32 key kernel's configurations only, in each mode."""
     if not fused.triton_available():
@@ -97,7 +98,8 @@ def test_the_values_kernels_channel_blocks_are_swept(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("mixes", "with_backward_modes"), [
-    (True, False), (False, False), pytest.param(True, True, marks=[pytest.mark.slow, pytest.mark.long])],
+    (True, False), pytest.param(False, False, marks=pytest.mark.slow),
+    pytest.param(True, True, marks=[pytest.mark.slow, pytest.mark.long])],
     ids=["attend_and_mix size", "below it", "attend_and_mix size, backward modes too"])
 def test_the_sweep_times_the_backward_that_training_runs_at_its_size(tmp_path, monkeypatch, capsys, mixes,
                                                                      with_backward_modes):
