@@ -22,14 +22,15 @@ from tests.helpers.runs import BENCHMARK_DIR, TINY_TRAIN, run_script  # noqa: F4
 
 
 def pytest_collection_modifyitems(config, items):
-    unmarked = [item.nodeid for item in items if "long" in item.keywords and "slow" not in item.keywords]
+    # markers, not keywords: a parameter id or a file name "long" is a keyword too
+    unmarked = [item.nodeid for item in items if item.get_closest_marker("long") and not item.get_closest_marker("slow")]
     if unmarked:  # plain `pytest` would run them
         raise pytest.UsageError(f"tests marked long must be marked slow too: {', '.join(unmarked)}")
     if config.option.markexpr:
         return
     skip_slow = pytest.mark.skip(reason="slow test: run with `pytest -m slow`")
     for item in items:
-        if "slow" in item.keywords:
+        if item.get_closest_marker("slow"):
             item.add_marker(skip_slow)
 
 
