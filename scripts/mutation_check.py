@@ -336,6 +336,31 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_chunk_attention.py::test_fused_op_matches_reference_in_float32[stored_dS-padding, 3 chunks-cpu]",),
     ),
     Mutation(
+        "matmul-values-mirrored-neighbour",
+        "in the stored_dS+matmul backward the query kernel stores each key's weights under the mirrored neighbour "
+        "chunk's columns of the batched dV product",
+        (Patch("dlsn/models/chunk_attention.py",
+               "_window_tile(KEY_WEIGHTS, item_round, n_chunks, key_chunk, 2 - offset, chunk,",
+               "_window_tile(KEY_WEIGHTS, item_round, n_chunks, key_chunk, offset, chunk,"),),
+        ("tests/test_chunk_attention.py::test_fused_op_matches_reference_in_float32[stored_dS+matmul-padding, 3 chunks-cpu]",),
+    ),
+    Mutation(
+        "matmul-values-windows-unshifted",
+        "the batched dV product's windows of incoming-gradient rows start one chunk late (chunk c instead of c - 1)",
+        (Patch("dlsn/models/chunk_attention.py",
+               "chunk_at = (torch.arange(self.positions, device=device) - 1) % (self.padded // chunk)",
+               "chunk_at = torch.arange(self.positions, device=device) % (self.padded // chunk)"),),
+        ("tests/test_chunk_attention.py::test_fused_op_matches_reference_in_float32[stored_dS+matmul-padding, 3 chunks-cpu]",),
+    ),
+    Mutation(
+        "matmul-dP-rows-of-the-previous-chunk",
+        "the batched dP product takes each query chunk's incoming-gradient rows from the chunk before it",
+        (Patch("dlsn/models/chunk_attention.py",
+               "return rows.as_strided((count, self.chunk, width), (self.chunk * width, width, 1), self.chunk * width)",
+               "return rows.as_strided((count, self.chunk, width), (self.chunk * width, width, 1))"),),
+        ("tests/test_chunk_attention.py::test_fused_op_matches_reference_in_float32[stored_dS+matmul+dP-padding, 3 chunks-cpu]",),
+    ),
+    Mutation(
         "attend-and-mix-delta-unweighted",
         "attention and mixing in one node: the row term forgets the round weight, g . m instead of w_t (g . m)",
         (Patch("dlsn/models/chunk_attention.py", "return (round_weights * row_dot.unsqueeze(1)).contiguous()",

@@ -473,7 +473,8 @@ _DIVISIBLE_BY_16 = {"q_stride_n", "q_stride_l", "k_stride_n", "k_stride_l", "v_s
 
 
 def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False, config=None,
-                     dp_in_blocks: bool = False, store_ds: bool = False, channel_block: int | None = None):
+                     dp_in_blocks: bool = False, store_ds: bool = False, channel_block: int | None = None,
+                     store_p: bool = False, load_dp: bool = False):
     """Ahead-of-time compile of one kernel for sm_``arch`` at the paper configuration (C=256, d=64,
     k=128) with ``config`` (rows, warps, stages; default its LAUNCH_CONFIGS entry): Triton's front end,
     LLVM and ptxas, no GPU needed. Float32 backward kernels as float32 training at batch 16 runs them
@@ -495,13 +496,14 @@ def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False
                      INTERPRETED=False)
     if name == "queries":
         constants.update(EXACT_DELTA=value_type == "bf16", DELTA_ONLY=False, DP_IN_BLOCKS=dp_in_blocks,
-                         STORE_DS=store_ds)
+                         STORE_DS=store_ds, STORE_P=store_p, LOAD_DP=load_dp)
     if name.startswith("keys"):
         constants.update(ATOMIC_GRAD_Q=atomic, WITH_GRAD_V=not name.endswith("_no_values"),
                          LOAD_DS=name.startswith("keys_from_dS"))
     if name != "forward":
         constants.update(ROUND_WEIGHTED=value_type == "fp32")
-    float32_outputs = {"OUT", "LSE", "DELTA", "ROUND_WEIGHTS", "GRAD_Q", "GRAD_K", "GRAD_V", "GRAD_LS", "GRAD_SCORES"}
+    float32_outputs = {"OUT", "LSE", "DELTA", "ROUND_WEIGHTS", "GRAD_Q", "GRAD_K", "GRAD_V", "GRAD_LS", "GRAD_SCORES",
+                       "KEY_WEIGHTS", "GRAD_WEIGHTS"}
     signature, attributes = {}, {}
     for index, argument in enumerate(kernel.arg_names):
         if argument in constants:
@@ -588,6 +590,24 @@ def test_timed_query_configurations_compile_without_spills(arch, value_type, con
     compiled = _compile_for_gpu("queries", value_type, arch, config=config, dp_in_blocks=True, store_ds=True)
     assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[arch]
     assert register_spill_bytes(compiled) in (None, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("value_type", ["bf16", "fp32"])
+@pytest.mark.parametrize("load_dp", [False, True], ids=["stored_dS+matmul", "stored_dS+matmul+dP"])
+def test_the_query_kernel_storing_the_weights_compiles_without_spills(arch, value_type, load_dp):
+    """The "+matmul" backwards' query kernel (dS stored, the weights stored for the batched dV product, dP
+    summed over blocks of channels or with "+dP" read from the batched dP product), with its LAUNCH_CONFIGS
+    entry: it fits the GPU's shared memory and spills no more than the "stored_dS+values" query kernel (the
+    weights' store only writes a tile the kernel holds; the read dP replaces the loop computing it)."""
+    pytest.importorskip("triton.backends.nvidia")
+    with_weights = _compile_for_gpu("queries", value_type, arch, dp_in_blocks=True, store_ds=True, store_p=True,
+                                    load_dp=load_dp)
+    without = _compile_for_gpu("queries", value_type, arch, dp_in_blocks=True, store_ds=True)
+    assert with_weights.metadata.shared <= SHARED_MEMORY_LIMIT[arch]
+    assert (register_spill_bytes(with_weights) or 0) <= (register_spill_bytes(without) or 0), \
+        (register_spill_bytes(with_weights), register_spill_bytes(without))
 
 
 @pytest.mark.parametrize(("capability", "generation"), [((8, 0), 80), ((8, 9), 80), ((9, 0), 90), ((10, 0), 90)])

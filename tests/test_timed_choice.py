@@ -143,20 +143,34 @@ def launches(monkeypatch):
     return launched
 
 
-@pytest.mark.slow  # 13 backward variants in the interpreter, 81 s (the default suite had passed 15 minutes)
-def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu, launches, monkeypatch):
-    """float32 on generation 90 (the interpreter's): every mode, the two with dV in the key kernel also
-    with TIMED_KEY_CONFIGS' key kernels, TIMED_CONFIGS_MODE also with each pair of TIMED_QUERIES_CONFIGS' and
-    TIMED_VALUES_CONFIGS'. The fake clock charges a launch 1 ms, the atomic key kernel with 16 rows 0.5 ms:
-    "timed" keeps that variant, and the gradients it returns are the reference's."""
-    runs, costs = timing_on_the_cpu
-    recording_launch = fused._launch
+@pytest.fixture
+def charged(timing_on_the_cpu, launches, monkeypatch):
+    """The fake clock charges each kernel launch (its ``launches`` name) and the "+matmul" modes' batched dV
+    product ("values_matmul")."""
+    runs, _ = timing_on_the_cpu
+    recording_launch, matmul = fused._launch, fused._values_gradient_by_matmul
 
     def charged_launch(*args, **kwargs):
         recording_launch(*args, **kwargs)
-        runs.append(launches[-1])  # what the fake clock charges
+        runs.append(launches[-1])
+
+    def charged_matmul(*args, **kwargs):
+        launches.append("values_matmul")
+        runs.append("values_matmul")
+        return matmul(*args, **kwargs)
 
     monkeypatch.setattr(fused, "_launch", charged_launch)
+    monkeypatch.setattr(fused, "_values_gradient_by_matmul", charged_matmul)
+
+
+@pytest.mark.slow  # 13 backward variants in the interpreter, 81 s (the default suite had passed 15 minutes)
+def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu, launches, charged, monkeypatch):
+    """float32 on generation 90 (the interpreter's): every mode, the two with dV in the key kernel also
+    with TIMED_KEY_CONFIGS' key kernels, TIMED_CONFIGS_MODE also with each pair of TIMED_QUERIES_CONFIGS' and
+    TIMED_VALUES_CONFIGS', MATMUL_MODE with each of TIMED_QUERIES_CONFIGS'. The fake clock charges a launch (and
+    the batched dV product) 1 ms, the atomic key kernel with 16 rows 0.5 ms: "timed" keeps that variant, and
+    the gradients it returns are the reference's."""
+    runs, costs = timing_on_the_cpu
     monkeypatch.setattr(timed_choice, "REPEATS", 1)  # the fake clock's times repeat exactly: one timed run each
     costs["keys-atomic@16/8/1"] = 0.5
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
@@ -175,8 +189,9 @@ def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu,
         "stored_dS": 2.0, "stored_dS+values": 3.0,
         "two_kernels, keys 32/8/1": 2.0, "atomic, keys 32/8/1": 1.0,
         "two_kernels, keys 16/8/1": 2.0, "atomic, keys 16/8/1": 0.5,
+        "stored_dS+matmul": 3.0, "stored_dS+matmul+dP": 3.0,
         "stored_dS+values, values 16/4/1 C8": 3.0, "stored_dS+values, queries 16/8/1": 3.0,
-        "stored_dS+values, queries 16/8/1, values 16/4/1 C8": 3.0}}
+        "stored_dS+values, queries 16/8/1, values 16/4/1 C8": 3.0, "stored_dS+matmul, queries 16/8/1": 3.0}}
     assert launches[-1] == "keys-atomic@16/8/1", "the gradients returned are the chosen variant's"
     launches.clear()
     fused._fused_backward(*grads, *inputs, order, inverse, *outputs)
@@ -189,20 +204,13 @@ def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu,
 
 @pytest.mark.slow  # about a minute in the interpreter (the default suite was near its 15 minutes)
 @pytest.mark.long
-def test_timed_values_and_query_configurations_run_as_chosen_and_are_exact(timing_on_the_cpu, launches,
+def test_timed_values_and_query_configurations_run_as_chosen_and_are_exact(timing_on_the_cpu, launches, charged,
                                                                           monkeypatch):
     """A values-kernel and a query-kernel configuration the timed backward picks together are launched as
     chosen: their rows, the values kernel's channels per program (8 of 12: a second, part-masked block), and
     the query kernel's 16-row blocks of 32-row chunks, storing dS for the key kernel; the gradients are the
     reference's."""
     runs, costs = timing_on_the_cpu
-    recording_launch = fused._launch
-
-    def charged_launch(*args, **kwargs):
-        recording_launch(*args, **kwargs)
-        runs.append(launches[-1])
-
-    monkeypatch.setattr(fused, "_launch", charged_launch)
     monkeypatch.setattr(timed_choice, "REPEATS", 1)  # the fake clock's times repeat exactly: one timed run each
     # stored_dS+values with both: 0.5 + 0 + 1; with either alone 2.5 or 2; every other variant 2 or more
     costs.update({"values@16/4/1/C8": 0.0, "queries@16/8/1": 0.5, "keys-atomic": 2.0})
@@ -228,26 +236,33 @@ def test_timed_values_and_query_configurations_run_as_chosen_and_are_exact(timin
 def test_backward_variants_follow_the_precision_and_generation():
     gpu = torch.device("cpu")  # the interpreter stands for generation 90
     assert list(fused.backward_variants(gpu, torch.bfloat16)) == [
-        "two_kernels", "atomic", "two_kernels+values", "atomic+values", "stored_dS", "stored_dS+values"]
+        "two_kernels", "atomic", "two_kernels+values", "atomic+values", "stored_dS", "stored_dS+values",
+        "stored_dS+matmul", "stored_dS+matmul+dP"]
+    modes = len(fused.BACKWARD_MODES)
     float32 = fused.backward_variants(gpu, torch.float32)
     keys, values = fused.TIMED_KEY_CONFIGS[90]["float32"], fused.TIMED_VALUES_CONFIGS[90]["float32"]
     queries = fused.TIMED_QUERIES_CONFIGS[90]["float32"]
     pairs = (len(queries) + 1) * (len(values) + 1) - 1  # either may stay LAUNCH_CONFIGS', not both
-    assert len(float32) == 6 + 2 * len(keys) + pairs and list(float32)[:6] == list(fused.BACKWARD_MODES)
-    assert [configs for _, configs in float32.values()][:6 + 2 * len(keys)] == [{}] * 6 + [
+    assert len(float32) == modes + 2 * len(keys) + pairs + len(queries)
+    assert list(float32)[:modes] == list(fused.BACKWARD_MODES)
+    assert [configs for _, configs in float32.values()][:modes + 2 * len(keys)] == [{}] * modes + [
         {"keys": c} for c in keys for _ in "12"]
-    paired = [configs for _, configs in float32.values()][6 + 2 * len(keys):]
+    paired = [configs for _, configs in float32.values()][modes + 2 * len(keys):-len(queries)]
     assert {(c.get("queries"), c.get("values")) for c in paired} == {
         (q, v) for q in (None, *queries) for v in (None, *values)} - {(None, None)}
+    assert list(float32.values())[-len(queries):] == [("stored_dS+matmul", {"queries": c}) for c in queries]
     # the key configurations are the "keys" kernel's: not for the modes that run another key kernel; the values
-    # and query configurations are tried with the mode that was fastest at batch 16
+    # and query configurations are tried with the mode that was fastest at batch 16, the query configurations
+    # also with the mode that runs the same query kernel and computes dV by a matrix product
     assert {mode for mode, configs in float32.values() if "keys" in configs} == {"two_kernels", "atomic"}
-    assert {mode for mode, configs in float32.values() if {"values", "queries"} & set(configs)} == {
+    assert {mode for mode, configs in float32.values() if "values" in configs} == {
         fused.TIMED_CONFIGS_MODE} == {"stored_dS+values"}
+    assert {mode for mode, configs in float32.values() if "queries" in configs} == {
+        fused.TIMED_CONFIGS_MODE, fused.MATMUL_MODE}
     # without the combinations (checks in the interpreter): each configuration alone, in the same order
     singles = fused.backward_variants(gpu, torch.float32, combinations=False)
     assert list(singles) == [name for name, (_, configs) in float32.items() if len(configs) <= 1]
-    assert len(singles) == 6 + 2 * len(keys) + len(queries) + len(values)
+    assert len(singles) == modes + 2 * len(keys) + 2 * len(queries) + len(values)
 
 
 def test_backward_without_timing_runs_the_two_kernels(launches, monkeypatch):

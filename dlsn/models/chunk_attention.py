@@ -47,7 +47,11 @@ accumulates ``dV_j = sum_i P_ij dy_i`` (recomputing ``P`` once more); the key ke
 ``dP`` over blocks of channels. Or (``"stored_dS"``, ``"stored_dS+values"``) the query kernel stores
 ``dS`` (``[N*T, n_chunks, 3, k, k]``, float32) and the key kernel reads it instead of computing ``dP``
 again, the largest of its products; it then needs no values, and with the values kernel computing dV
-it only sums ``dS^T q`` and ``dS``. By default (``"timed"``)
+it only sums ``dS^T q`` and ``dS``. ``"stored_dS+matmul"`` has the query kernel store ``P`` as well, key-major,
+and computes ``dV`` as one batched matrix product (cuBLAS) over overlapping windows of the incoming
+gradient's rows in sorted order (:class:`_SortedWindows`, :func:`_values_gradient_by_matmul`);
+``"stored_dS+matmul+dP"`` also computes ``dP = dy V^T`` by one before the query kernel, which reads it
+(:func:`_grad_weights_by_matmul`): the kernels then do only the 64-wide products of the scores. By default (``"timed"``)
 the training steps time every way on first use (where no GPU sweep settled it, also a few launch
 configurations of the key, values and query kernels: ``TIMED_KEY_CONFIGS``, ``TIMED_VALUES_CONFIGS``,
 ``TIMED_QUERIES_CONFIGS``) and keep the fastest
@@ -263,6 +267,16 @@ if triton is not None:
         ``offset`` (0, 1, 2: the previous, own, next chunk) in ``GRAD_SCORES [N*T, n_chunks, 3, k, k]``."""
         tile = GRAD_SCORES + ((item_round * n_chunks + query_chunk) * 3 + offset) * chunk * chunk
         return tile + slots[:, None] * chunk + key_slots[None, :]
+
+    @triton.jit
+    def _window_tile(TABLE, item_round, n_chunks, chunk_index, window, chunk, slots, partner_slots):
+        """Addresses of ``[slots, partner slots]`` in ``TABLE [N*T, n_chunks + 2, k, 3k]``, a batched matrix
+        product's operand or result: row ``slot`` of chunk ``chunk_index``, column ``window k + partner slot``,
+        ``window`` 0, 1, 2 for the partner chunk ``chunk_index - 1``, ``chunk_index``, ``chunk_index + 1``
+        (:func:`_grad_weights_by_matmul`, :func:`_values_gradient_by_matmul`); ``slots`` and ``partner_slots``
+        broadcast to the tile's shape."""
+        rows = (item_round * (n_chunks + 2) + chunk_index) * chunk + slots
+        return TABLE + rows * (3 * chunk) + window * chunk + partner_slots
 
     @triton.jit
     def _grad_weights_in_blocks(GRAD_OUT, V, item, v_stride_n, v_stride_l, grad_row, has_output, key_pos,
@@ -481,13 +495,13 @@ if triton is not None:
                  mask=key_valid[:, None] & channel_valid[None, :])
 
     def _backward_queries_kernel(
-        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, ROUND_WEIGHTS, GRAD_Q, GRAD_SCORES,
+        Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, ROUND_WEIGHTS, GRAD_Q, GRAD_SCORES, KEY_WEIGHTS, GRAD_WEIGHTS,
         q_stride_n, q_stride_l, k_stride_n, k_stride_l, v_stride_n, v_stride_l, ls_stride_n, ls_stride_l,
         length, padded_length, n_chunks, chunk, n_rounds, qk_dim, v_dim,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
         PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, EXACT_DELTA: tl.constexpr,
         DELTA_ONLY: tl.constexpr, DP_IN_BLOCKS: tl.constexpr, STORE_DS: tl.constexpr,
-        ROUND_WEIGHTED: tl.constexpr,
+        ROUND_WEIGHTED: tl.constexpr, STORE_P: tl.constexpr, LOAD_DP: tl.constexpr,
     ):
         """dQ of one query block, summed over the keys of its 3 neighbour chunks.
 
@@ -499,7 +513,11 @@ if triton is not None:
         the key kernel: ``y`` came from rounded weights, so ``dy . y`` would not match that sum.
         ``DELTA_ONLY`` stops there (the key kernel computes dQ with atomic additions). With ``STORE_DS``
         it also stores ``dS`` (float32, zero for padded duplicate queries) in ``GRAD_SCORES`` for the key
-        kernel, which then does not recompute ``dP``.
+        kernel, which then does not recompute ``dP``. With ``STORE_P`` it stores the weights that multiply
+        the incoming gradient rows (``P``, or ``P w`` from the mixed gradient), transposed, in ``KEY_WEIGHTS``
+        for dV as one batched matrix product (:func:`_values_gradient_by_matmul`). With ``LOAD_DP`` it reads
+        ``dP = g V^T`` from ``GRAD_WEIGHTS``, where a batched matrix product wrote it
+        (:func:`_grad_weights_by_matmul`), instead of computing it.
         """
         item_round = tl.program_id(1).to(tl.int64)
         item = item_round // n_rounds
@@ -537,7 +555,11 @@ if triton is not None:
                                               slot_valid)
                     scores = _dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned
                     weights = tl.where(key_valid[None, :], tl.exp(scores - lse[:, None]), 0.0)
-                    if DP_IN_BLOCKS:
+                    if LOAD_DP:
+                        grad_weights = tl.load(_window_tile(GRAD_WEIGHTS, item_round, n_chunks, query_chunk, offset,
+                                                            chunk, slots[:, None], key_slots[None, :]),
+                                               mask=slot_valid[:, None] & key_valid[None, :], other=0.0)
+                    elif DP_IN_BLOCKS:
                         grad_weights = _grad_weights_in_blocks(GRAD_OUT, V, item, v_stride_n, v_stride_l,
                                                                grad_row, has_output, key_pos, key_valid, v_dim,
                                                                BLOCK_M, BLOCK_N, BLOCK_C, PRECISION, INTERPRETED)
@@ -555,6 +577,14 @@ if triton is not None:
                             tl.store(_grad_scores_tile(GRAD_SCORES, item_round, n_chunks, query_chunk, offset, chunk,
                                                        slots, key_slots),
                                      grad_scores, mask=slot_valid[:, None] & key_valid[None, :])
+                        if STORE_P:
+                            weights_of_grad_out = weights
+                            if ROUND_WEIGHTED:  # dy_t = w_t g: dV = (P w)^T g
+                                weights_of_grad_out = weights * round_weight[:, None]
+                            # [query slot, key slot] in the key's row: key chunk c sees query chunk c + 1 - offset
+                            key_weights = _window_tile(KEY_WEIGHTS, item_round, n_chunks, key_chunk, 2 - offset, chunk,
+                                                       key_slots[None, :], slots[:, None])
+                            tl.store(key_weights, weights_of_grad_out, mask=slot_valid[:, None] & key_valid[None, :])
             if pass_index == 0:
                 tl.store(DELTA + image_row, delta, mask=has_output)
         if not DELTA_ONLY:  # image-order rows; a padded duplicate's dQ is zero (no output): not stored
@@ -750,12 +780,21 @@ DP_CHANNEL_BLOCK = {90: 64, 80: 64}
 # "stored_dS" (deterministic): the query kernel stores dS for the key kernel, which then neither
 # recomputes dP = dy V^T (256 of its 640 multiply-adds per query-key pair in float32) nor holds the keys'
 # values, at the price of writing and reading dS ([N*T, L, 3k] float32: 170 MB per layer at the
-# training size); with "+values" the key kernel is left with dK and dls from q and dS alone. "timed":
+# training size); with "+values" the key kernel is left with dK and dls from q and dS alone. "stored_dS+matmul"
+# runs the same query and key kernels, the query kernel also storing the weights P (P w from the mixed
+# gradient), and computes dV = P^T dy as one batched cuBLAS product instead of the values kernel, which
+# recomputes P and on the H200 ran the 256-channel products at 33 TFLOP/s (3.3 of 20.1 ms at batch 16, 96x96):
+# about 3.7 GB more memory traffic per layer there (the weights written and read, the gradient rows and dV in
+# sorted order), about 0.9 ms at the H200's bandwidth, against 87 GFLOP that cuBLAS runs near the TF32 peak
+# (about 0.3 ms). "stored_dS+matmul+dP" also computes dP = dy V^T, the query kernel's largest product (another
+# 87 GFLOP, 2.2 ms for the whole kernel there), as one batched product that the query kernel reads: about 2.5 GB
+# more traffic (dP written and read, the values in sorted order). Neither was timed on a GPU yet (2026-11-30). "timed":
 # every way is timed on first use at each size where cuDNN's autotuner is on (the training steps; see
 # dlsn.models.timed_choice) and the fastest kept; "two_kernels" elsewhere. Runs that ask for
 # deterministic algorithms get "two_kernels".
 BACKWARD_MODE = {90: "timed", 80: "timed"}
-BACKWARD_MODES = ("two_kernels", "atomic", "two_kernels+values", "atomic+values", "stored_dS", "stored_dS+values")
+BACKWARD_MODES = ("two_kernels", "atomic", "two_kernels+values", "atomic+values", "stored_dS", "stored_dS+values",
+                  "stored_dS+matmul", "stored_dS+matmul+dP")
 BACKWARD_MODE_CHOICES = (*BACKWARD_MODES, "timed")
 # Launch configurations that the "timed" backward also tries beside LAUNCH_CONFIGS' own, where no GPU sweep
 # settled the choice: (rows, warps, stages), the values kernel's also with its value channels per program.
@@ -786,6 +825,7 @@ TIMED_VALUES_CONFIGS = {90: {"float32": ((32, 4, 2, 256), (64, 8, 1, 64), (64, 4
                                         (64, 8, 2, 256))}, 80: {}}
 TIMED_QUERIES_CONFIGS = {90: {"float32": ((64, 8, 1), (64, 8, 2))}, 80: {}}
 TIMED_CONFIGS_MODE = "stored_dS+values"
+MATMUL_MODE = "stored_dS+matmul"
 _working_rows: dict[tuple, int] = {}
 
 
@@ -796,7 +836,13 @@ def _precision_class(dtype: torch.dtype) -> str:
 def _key_kernel_name(mode: str) -> str:
     """The ``LAUNCH_CONFIGS`` name of the key kernel that backward ``mode`` runs."""
     name = "keys_from_dS" if mode.startswith("stored_dS") else "keys"
-    return name + "_no_values" if mode.endswith("+values") else name
+    return name + "_no_values" if _values_apart(mode) else name
+
+
+def _values_apart(mode: str) -> bool:
+    """Whether backward ``mode`` computes dV outside the key kernel: by the values kernel (``"+values"``) or
+    by a batched matrix product (``"+matmul"``)."""
+    return mode.endswith("+values") or "+matmul" in mode
 
 
 def _launch(kernel_function, name: str, grid_of_rows, tensors, sizes, *, channel_block: int | None,
@@ -913,7 +959,8 @@ def backward_variants(device: torch.device, dtype: torch.dtype,
     ``LAUNCH_CONFIGS``' by kernel: ``"keys"``, ``"queries"``: (rows, warps, stages); ``"values"``: (rows,
     warps, stages, channels)), the first the default. ``TIMED_KEY_CONFIGS`` apply to the modes whose key
     kernel is ``"keys"`` (dV in it, dP recomputed); every pair of ``TIMED_VALUES_CONFIGS`` and
-    ``TIMED_QUERIES_CONFIGS`` (either may stay ``LAUNCH_CONFIGS``') to ``TIMED_CONFIGS_MODE``.
+    ``TIMED_QUERIES_CONFIGS`` (either may stay ``LAUNCH_CONFIGS``') to ``TIMED_CONFIGS_MODE``, and
+    ``TIMED_QUERIES_CONFIGS`` alone to ``MATMUL_MODE`` (the same query kernel; it has no values kernel).
     ``combinations=False`` leaves out the pairs with both a query and a values configuration: every kernel
     launch configuration still runs, in fewer variants (the query and values kernels share no buffer they
     write: a pair is correct when each of its two is). For checks in Triton's interpreter, where each
@@ -937,6 +984,9 @@ def backward_variants(device: torch.device, dtype: torch.dtype,
             described.append(f"values {'/'.join(map(str, values_config[:3]))} C{values_config[3]}")
         if configs:
             variants[", ".join((TIMED_CONFIGS_MODE, *described))] = (TIMED_CONFIGS_MODE, configs)
+    for queries_config in queries_configs[1:]:  # the same query kernel, storing the weights too
+        name = f"{MATMUL_MODE}, queries {'/'.join(map(str, queries_config))}"
+        variants[name] = (MATMUL_MODE, {"queries": queries_config})
     return variants
 
 
@@ -983,11 +1033,22 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     elif delta is None:
         delta = _delta(grad_attended, attended, grad_confidence)
     atomic, values_kernel = mode.startswith("atomic"), mode.endswith("+values")
-    stored = mode.startswith("stored_dS")
+    stored, values_matmul, dp_matmul = mode.startswith("stored_dS"), "+matmul" in mode, mode.endswith("+dP")
     # dS of every query against its 3k keys, per round and chunk: [N*T, n_chunks, 3, k, k] (e.g. 170 MB
     # per layer at the training size in float32), written by the query kernel, read by the key kernel.
     grad_scores = (queries.new_empty(batch * rounds * n_chunks * 3 * chunk * chunk, dtype=torch.float32) if stored
                    else delta)  # an unused pointer otherwise
+    # "+matmul": the weights of every key against its 3k queries, key-major, for dV as one batched product;
+    # the two spare chunks per round only pad the product's batch (see _values_gradient_by_matmul).
+    key_weights = queries.new_empty(batch * rounds, n_chunks + 2, chunk, 3 * chunk, dtype=torch.float32) \
+        if values_matmul else delta
+    if values_matmul:
+        key_weights[:, n_chunks:].zero_()
+        windows = _SortedWindows(order, inverse, chunk)
+        grad_rows = windows.rows(grad_attended, shared_by_rounds=round_weights is not None)
+    # "+dP": dP = dy V^T of every query against its 3k keys, by one batched product, for the query kernel.
+    grad_weights = _grad_weights_by_matmul(windows, grad_rows, windows.rows(values, shared_by_rounds=True)) \
+        if dp_matmul else delta
     # Per round, rows 0 .. L-1 are the positions in image order; rows L .. P-1 the padded duplicate keys.
     grad = dict(
         queries=(queries.new_zeros if atomic else queries.new_empty)(batch, rounds, padded, qk_dim,
@@ -1012,13 +1073,16 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     # VALUES_CHANNEL_BLOCK's unless a timed variant says otherwise.
     values_launch, values_channels = ((configs["values"][:3], configs["values"][3]) if "values" in configs
                                       else (None, VALUES_CHANNEL_BLOCK[generation]))
-    # The "+values" modes' query and key kernels sum dP over blocks of channels; the others hold all.
-    dp_channel_block = min(DP_CHANNEL_BLOCK[generation], _power_of_two(v_dim)) if values_kernel else None
+    # Where dV is computed apart, the query and key kernels sum dP over blocks of channels; the others hold all.
+    values_apart = _values_apart(mode)
+    dp_channel_block = min(DP_CHANNEL_BLOCK[generation], _power_of_two(v_dim)) if values_apart else None
     with _on_device(values.device):  # queries first: with exact_delta it completes delta
         if exact_delta or not atomic:
-            _launch(_backward_queries_kernel, "queries", grid, (*inputs, grad["queries"], grad_scores), sizes,
+            _launch(_backward_queries_kernel, "queries", grid,
+                    (*inputs, grad["queries"], grad_scores, key_weights, grad_weights), sizes,
                     channel_block=dp_channel_block, config=configs.get("queries"), EXACT_DELTA=exact_delta,
-                    DELTA_ONLY=atomic, DP_IN_BLOCKS=values_kernel, STORE_DS=stored, ROUND_WEIGHTED=round_weighted)
+                    DELTA_ONLY=atomic, DP_IN_BLOCKS=values_apart, STORE_DS=stored, ROUND_WEIGHTED=round_weighted,
+                    STORE_P=values_matmul, LOAD_DP=dp_matmul)
         if values_kernel:
             _launch(_backward_values_kernel, "values", grid_by_channels, (*inputs, grad["values"]), sizes,
                     channel_block=min(values_channels, _power_of_two(v_dim)), config=values_launch,
@@ -1026,7 +1090,9 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
         _launch(_backward_keys_kernel, _key_kernel_name(mode), grid,
                 (*inputs, grad["keys"], grad["values"], grad["learned"], grad["queries"], grad_scores), sizes,
                 channel_block=dp_channel_block, config=configs.get("keys"), ATOMIC_GRAD_Q=atomic,
-                WITH_GRAD_V=not values_kernel, LOAD_DS=stored, ROUND_WEIGHTED=round_weighted)
+                WITH_GRAD_V=not values_apart, LOAD_DS=stored, ROUND_WEIGHTED=round_weighted)
+    if values_matmul:
+        grad["values"] = _values_gradient_by_matmul(windows, key_weights, grad_rows)
 
     length = sizes["length"]
     if padded > length:  # fold the padded duplicates' key gradients (rows L .. P-1) into their positions'
@@ -1038,6 +1104,80 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     return tuple(grad[name][:, :, :length].sum(1).to(tensor.dtype)
                  for name, tensor in (("queries", queries), ("keys", keys), ("learned", learned_score),
                                       ("values", values)))
+
+
+class _SortedWindows:
+    """A round's rows in sorted order laid out for batched matrix products over the chunk neighbourhoods.
+
+    Chunk ``c`` of a round sees the chunks ``c - 1, c, c + 1`` (cyclically). With each round's rows laid out as
+    the sorted chunks ``n-1, 0, 1, ..., n-1, 0`` (``n + 2`` chunks, ``k`` rows each), chunk ``c``'s neighbourhood is
+    the window of ``3k`` rows starting at chunk position ``c``, chunk ``c`` itself the ``k`` rows at ``c + 1``, and
+    consecutive windows start ``k`` rows apart: one strided batch of products over every round's ``n + 2`` chunk
+    positions reads overlapping windows, without a 3x copy (the last two positions of each round only pad the
+    batch: their results are not read, and two spare chunks close the last round's windows)."""
+
+    def __init__(self, order: torch.Tensor, inverse: torch.Tensor, chunk: int):
+        self.batch, self.rounds, self.padded = order.shape
+        self.length, self.chunk = inverse.shape[-1], chunk
+        self.positions = self.padded // chunk + 2  # chunk positions per round
+        self.order, self.inverse = order, inverse
+        device = order.device
+        chunk_at = (torch.arange(self.positions, device=device) - 1) % (self.padded // chunk)
+        self._sorted_index = (chunk_at[:, None] * chunk + torch.arange(chunk, device=device)).flatten()
+
+    def rows(self, table: torch.Tensor, shared_by_rounds: bool) -> torch.Tensor:
+        """``table``'s rows (``[N, L, C]``, shared by the rounds, or ``[N, T, L, C]``) at every round's sorted
+        entries in this layout, float32 ``[N*T * (n + 2) * k + 2k, C]``."""
+        item_round = torch.arange(self.batch * self.rounds, device=self.order.device)
+        first_row = (item_round // self.rounds if shared_by_rounds else item_round) * self.length
+        sorted_rows = self.order.reshape(-1, self.padded).long()[:, self._sorted_index] + first_row[:, None]
+        rows = torch.cat([sorted_rows.flatten(), sorted_rows.new_zeros(2 * self.chunk)])
+        return table.reshape(-1, table.shape[-1]).index_select(0, rows).float()
+
+    def windows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every chunk position's neighbourhood in ``rows`` (from :meth:`rows`): ``[N*T * (n + 2), 3k, C]``."""
+        count, width = self.batch * self.rounds * self.positions, rows.shape[-1]
+        return rows.as_strided((count, 3 * self.chunk, width), (self.chunk * width, width, 1))
+
+    def own_chunks(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every chunk position's own chunk in ``rows``: ``[N*T * (n + 2), k, C]``."""
+        count, width = self.batch * self.rounds * self.positions, rows.shape[-1]
+        return rows.as_strided((count, self.chunk, width), (self.chunk * width, width, 1), self.chunk * width)
+
+    def to_key_rows(self, sorted_rows: torch.Tensor) -> torch.Tensor:
+        """Per-chunk results ``[N*T * (n + 2), k, C]`` back to the rows the key kernels write, ``[N, T, P, C]``:
+        each position's first sorted occurrence in image order, then the padded duplicates as they are."""
+        width, item_round = sorted_rows.shape[-1], torch.arange(self.batch * self.rounds, device=self.order.device)
+        rows = torch.cat([self.inverse.reshape(-1, self.length).long(),
+                          torch.arange(self.length, self.padded, device=self.order.device).expand(len(item_round), -1)],
+                         dim=1) + (item_round * self.positions * self.chunk)[:, None]
+        return sorted_rows.reshape(-1, width).index_select(0, rows.flatten()).view(
+            self.batch, self.rounds, self.padded, width)
+
+
+def _values_gradient_by_matmul(windows: _SortedWindows, key_weights: torch.Tensor,
+                               grad_rows: torch.Tensor) -> torch.Tensor:
+    """dV of every round, ``[N, T, P, C]`` float32 in the key kernels' rows, as one batched matrix product.
+
+    Key chunk ``c``'s dV is ``A_c G_c``: ``A_c = key_weights[c]`` ``[k, 3k]``, its keys' weights ``P`` (``P w``
+    from the mixed gradient) from the query chunks ``c - 1, c, c + 1``, stored by the query kernel, and ``G_c``
+    those chunks' incoming gradient rows, the window at ``c`` of ``grad_rows`` (:class:`_SortedWindows`). The
+    query kernel computes ``P`` once; cuBLAS then runs the ``P^T dy`` products (TF32 where float32 matrix
+    products may use it) instead of the values kernel, which recomputes ``P`` and on an H200 reached about a
+    tenth of the tensor cores' TF32 rate."""
+    chunk = windows.chunk
+    grad_sorted = torch.bmm(key_weights.view(-1, chunk, 3 * chunk), windows.windows(grad_rows))
+    return windows.to_key_rows(grad_sorted)
+
+
+def _grad_weights_by_matmul(windows: _SortedWindows, grad_rows: torch.Tensor,
+                            value_rows: torch.Tensor) -> torch.Tensor:
+    """``dP = g V^T`` of every query chunk against its 3k keys, ``[N*T, n + 2, k, 3k]`` float32 (the query
+    kernel's ``GRAD_WEIGHTS``; the last two chunk positions of each round are padding): query chunk ``c``'s
+    incoming gradient rows times the values of its window, one batched product (cuBLAS). Unweighted by the
+    rounds' weights, which the query kernel applies, as to the dP it computes itself."""
+    products = torch.bmm(windows.own_chunks(grad_rows), windows.windows(value_rows).transpose(1, 2))
+    return products.view(windows.batch * windows.rounds, windows.positions, windows.chunk, 3 * windows.chunk)
 
 
 # Rows and channels per program of the float32 backward's delta (_delta_kernel); not timed on a GPU.
