@@ -263,8 +263,9 @@ KERNELS = ("forward", "queries", "keys", "values", "keys_no_values", "keys_from_
 
 def backward_kernels(mode: str, dtype: torch.dtype) -> list[str]:
     """The kernels swept in backward ``mode``: the query kernel where the mode runs it (float32's atomic
-    modes do not; in the "+values" modes it sums dP over blocks of channels, with the same
-    ``LAUNCH_CONFIGS`` entry), its key kernel and its values kernel."""
+    modes do not; in the modes that compute dV apart it sums dP over blocks of channels, or with "+dP" reads
+    it, with the same ``LAUNCH_CONFIGS`` entry), its key kernel and its values kernel (the "+values" modes; the
+    "+matmul" modes' batched products are cuBLAS's, not swept)."""
     atomic, values_kernel = mode.startswith("atomic"), mode.endswith("+values")
     queries = [] if atomic and dtype == torch.float32 else ["queries"]
     return queries + (["values"] if values_kernel else []) + [fused._key_kernel_name(mode)]

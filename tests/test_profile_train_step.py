@@ -47,7 +47,9 @@ def test_sections_run_and_the_sweep_restores_the_launch_configurations(tmp_path,
                                           for kernel in ("queries", "values", "keys_no_values")
                                           ] + [("queries", "stored_dS"), ("keys_from_dS", "stored_dS")] + [
                                               (kernel, "stored_dS+values")
-                                              for kernel in ("queries", "values", "keys_from_dS_no_values")]
+                                              for kernel in ("queries", "values", "keys_from_dS_no_values")] + [
+                                              (kernel, mode) for mode in ("stored_dS+matmul", "stored_dS+matmul+dP")
+                                              for kernel in ("queries", "keys_from_dS_no_values")]
     assert sorted((r["dtype"], r["kernel"], r["backward_mode"] or "", r["rows"]) for r in swept) == sorted(
         (dtype, kernel, mode or "", rows) for dtype in ("torch.bfloat16", "torch.float32") for kernel, mode in kernels
         for rows in (8, 16) if not (dtype == "torch.float32" and kernel == "queries" and mode.startswith("atomic")))

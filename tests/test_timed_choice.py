@@ -127,7 +127,8 @@ def test_capture_keeps_an_earlier_choice_and_times_nothing(timing_on_the_cpu, mo
 def launches(monkeypatch):
     """The fused kernels launched: name, "-atomic" for the key kernel's atomic dQ, "@rows/warps/stages"
     for a configuration other than LAUNCH_CONFIGS' (the values kernel's with "/C" and its channels per program),
-    " weighted" where the kernel reads the mixed output's gradient and the round weights."""
+    " weighted" where the kernel reads the mixed output's gradient and the round weights; and the "+matmul"
+    modes' batched products, "values_gradient" (dV) and "grad_weights" (dP)."""
     launched: list[str] = []
     original = fused._launch
 
@@ -140,27 +141,32 @@ def launches(monkeypatch):
         return original(function, name, *args, **kwargs)
 
     monkeypatch.setattr(fused, "_launch", recording_launch)
+    for name in ("_values_gradient_by_matmul", "_grad_weights_by_matmul"):  # the "+matmul" modes' batched products
+        monkeypatch.setattr(fused, name, _recorded(getattr(fused, name), launched, name.split("_by_")[0].strip("_")))
     return launched
+
+
+def _recorded(function, names: list, name: str):
+    def recorded(*args, **kwargs):
+        names.append(name)
+        return function(*args, **kwargs)
+
+    return recorded
 
 
 @pytest.fixture
 def charged(timing_on_the_cpu, launches, monkeypatch):
-    """The fake clock charges each kernel launch (its ``launches`` name) and the "+matmul" modes' batched dV
-    product ("values_matmul")."""
+    """The fake clock charges what ``launches`` records: each kernel launch and each batched product."""
     runs, _ = timing_on_the_cpu
-    recording_launch, matmul = fused._launch, fused._values_gradient_by_matmul
+    for name in ("_launch", "_values_gradient_by_matmul", "_grad_weights_by_matmul"):
+        recording = getattr(fused, name)
 
-    def charged_launch(*args, **kwargs):
-        recording_launch(*args, **kwargs)
-        runs.append(launches[-1])
+        def charged_call(*args, recording=recording, **kwargs):
+            result = recording(*args, **kwargs)
+            runs.append(launches[-1])
+            return result
 
-    def charged_matmul(*args, **kwargs):
-        launches.append("values_matmul")
-        runs.append("values_matmul")
-        return matmul(*args, **kwargs)
-
-    monkeypatch.setattr(fused, "_launch", charged_launch)
-    monkeypatch.setattr(fused, "_values_gradient_by_matmul", charged_matmul)
+        monkeypatch.setattr(fused, name, charged_call)
 
 
 @pytest.mark.slow  # 13 backward variants in the interpreter, 81 s (the default suite had passed 15 minutes)
@@ -189,7 +195,7 @@ def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu,
         "stored_dS": 2.0, "stored_dS+values": 3.0,
         "two_kernels, keys 32/8/1": 2.0, "atomic, keys 32/8/1": 1.0,
         "two_kernels, keys 16/8/1": 2.0, "atomic, keys 16/8/1": 0.5,
-        "stored_dS+matmul": 3.0, "stored_dS+matmul+dP": 3.0,
+        "stored_dS+matmul": 3.0, "stored_dS+matmul+dP": 4.0,
         "stored_dS+values, values 16/4/1 C8": 3.0, "stored_dS+values, queries 16/8/1": 3.0,
         "stored_dS+values, queries 16/8/1, values 16/4/1 C8": 3.0, "stored_dS+matmul, queries 16/8/1": 3.0}}
     assert launches[-1] == "keys-atomic@16/8/1", "the gradients returned are the chosen variant's"
@@ -276,9 +282,11 @@ def test_backward_without_timing_runs_the_two_kernels(launches, monkeypatch):
 
 
 # The kernels of each backward mode in BACKWARD_MODES' order, with LAUNCH_CONFIGS' configurations.
+BATCHED_PRODUCTS = ("values_gradient", "grad_weights")
 WEIGHTED_MODES_LAUNCHES = ("queries", "keys", "keys-atomic", "queries", "values", "keys_no_values", "values",
                            "keys_no_values-atomic", "queries", "keys_from_dS", "queries", "values",
-                           "keys_from_dS_no_values")
+                           "keys_from_dS_no_values", "queries", "keys_from_dS_no_values", "values_gradient",
+                           "grad_weights", "queries", "keys_from_dS_no_values", "values_gradient")
 
 
 @pytest.mark.slow  # 1.5-2.5 minutes in the interpreter
@@ -291,12 +299,16 @@ def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches
     fused.self_check(CPU)
     assert launches == ["forward", "queries", "keys", "keys-atomic", "queries", "values", "keys_no_values",
                         "values", "keys_no_values-atomic", "queries", "keys_from_dS", "queries", "values",
-                        "keys_from_dS_no_values", "queries", "keys@16/8/1", "keys-atomic@16/8/1",
+                        "keys_from_dS_no_values",
+                        "queries", "keys_from_dS_no_values", "values_gradient",  # stored_dS+matmul
+                        "grad_weights", "queries", "keys_from_dS_no_values", "values_gradient",  # its +dP
+                        "queries", "keys@16/8/1", "keys-atomic@16/8/1",
                         "queries", "values@16/4/1/C8", "keys_from_dS_no_values",
                         "queries@16/8/1", "values", "keys_from_dS_no_values",
                         "queries@16/8/1", "values@16/4/1/C8", "keys_from_dS_no_values",
+                        "queries@16/8/1", "keys_from_dS_no_values", "values_gradient",
                         # float32: each mode again as attend_and_mix runs it
-                        *(f"{name} weighted" for name in WEIGHTED_MODES_LAUNCHES)]
+                        *(name if name in BATCHED_PRODUCTS else f"{name} weighted" for name in WEIGHTED_MODES_LAUNCHES)]
     launches.clear()
     # combinations=False: the variants of backward_variants(..., combinations=False), which leaves out the pairs
     asked = []
@@ -309,7 +321,8 @@ def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches
     fused.self_check(CPU, torch.bfloat16)  # no alternative configurations in half precision
     assert launches == ["forward", "queries", "keys", "queries", "keys-atomic", "queries", "values",
                         "keys_no_values", "queries", "values", "keys_no_values-atomic", "queries", "keys_from_dS",
-                        "queries", "values", "keys_from_dS_no_values"]
+                        "queries", "values", "keys_from_dS_no_values", "queries", "keys_from_dS_no_values",
+                        "values_gradient", "grad_weights", "queries", "keys_from_dS_no_values", "values_gradient"]
     launches.clear()
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "two_kernels"))
     fused.self_check(CPU)
