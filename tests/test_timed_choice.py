@@ -285,8 +285,8 @@ def test_backward_without_timing_runs_the_two_kernels(launches, monkeypatch):
 BATCHED_PRODUCTS = ("values_gradient", "grad_weights")
 WEIGHTED_MODES_LAUNCHES = ("queries", "keys", "keys-atomic", "queries", "values", "keys_no_values", "values",
                            "keys_no_values-atomic", "queries", "keys_from_dS", "queries", "values",
-                           "keys_from_dS_no_values", "queries", "keys_from_dS_no_values", "values_gradient",
-                           "grad_weights", "queries", "keys_from_dS_no_values", "values_gradient")
+                           "keys_from_dS_no_values", "queries", "values_gradient", "keys_from_dS_no_values",
+                           "grad_weights", "queries", "values_gradient", "keys_from_dS_no_values")
 
 
 @pytest.mark.slow  # 1.5-2.5 minutes in the interpreter
@@ -300,13 +300,13 @@ def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches
     assert launches == ["forward", "queries", "keys", "keys-atomic", "queries", "values", "keys_no_values",
                         "values", "keys_no_values-atomic", "queries", "keys_from_dS", "queries", "values",
                         "keys_from_dS_no_values",
-                        "queries", "keys_from_dS_no_values", "values_gradient",  # stored_dS+matmul
-                        "grad_weights", "queries", "keys_from_dS_no_values", "values_gradient",  # its +dP
+                        "queries", "values_gradient", "keys_from_dS_no_values",  # stored_dS+matmul
+                        "grad_weights", "queries", "values_gradient", "keys_from_dS_no_values",  # its +dP
                         "queries", "keys@16/8/1", "keys-atomic@16/8/1",
                         "queries", "values@16/4/1/C8", "keys_from_dS_no_values",
                         "queries@16/8/1", "values", "keys_from_dS_no_values",
                         "queries@16/8/1", "values@16/4/1/C8", "keys_from_dS_no_values",
-                        "queries@16/8/1", "keys_from_dS_no_values", "values_gradient",
+                        "queries@16/8/1", "values_gradient", "keys_from_dS_no_values",
                         # float32: each mode again as attend_and_mix runs it
                         *(name if name in BATCHED_PRODUCTS else f"{name} weighted" for name in WEIGHTED_MODES_LAUNCHES)]
     launches.clear()
@@ -321,8 +321,8 @@ def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches
     fused.self_check(CPU, torch.bfloat16)  # no alternative configurations in half precision
     assert launches == ["forward", "queries", "keys", "queries", "keys-atomic", "queries", "values",
                         "keys_no_values", "queries", "values", "keys_no_values-atomic", "queries", "keys_from_dS",
-                        "queries", "values", "keys_from_dS_no_values", "queries", "keys_from_dS_no_values",
-                        "values_gradient", "grad_weights", "queries", "keys_from_dS_no_values", "values_gradient"]
+                        "queries", "values", "keys_from_dS_no_values", "queries", "values_gradient",
+                        "keys_from_dS_no_values", "grad_weights", "queries", "values_gradient", "keys_from_dS_no_values"]
     launches.clear()
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "two_kernels"))
     fused.self_check(CPU)

@@ -1054,7 +1054,7 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
         queries=(queries.new_zeros if atomic else queries.new_empty)(batch, rounds, padded, qk_dim,
                                                                      dtype=torch.float32),
         keys=queries.new_empty(batch, rounds, padded, qk_dim, dtype=torch.float32),
-        values=queries.new_empty(batch, rounds, padded, v_dim, dtype=torch.float32),
+        values=None if values_matmul else queries.new_empty(batch, rounds, padded, v_dim, dtype=torch.float32),
         learned=queries.new_empty(batch, rounds, padded, chunk, dtype=torch.float32),
     )
 
@@ -1087,12 +1087,14 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
             _launch(_backward_values_kernel, "values", grid_by_channels, (*inputs, grad["values"]), sizes,
                     channel_block=min(values_channels, _power_of_two(v_dim)), config=values_launch,
                     ROUND_WEIGHTED=round_weighted)
+        if values_matmul:
+            grad["values"] = _values_gradient_by_matmul(windows, key_weights, grad_rows)
+            # not held through the key kernel: at batch 16, 96x96 the products' inputs take 1.2 GB (1.9 with dP)
+            del key_weights, grad_rows, grad_weights
         _launch(_backward_keys_kernel, _key_kernel_name(mode), grid,
                 (*inputs, grad["keys"], grad["values"], grad["learned"], grad["queries"], grad_scores), sizes,
                 channel_block=dp_channel_block, config=configs.get("keys"), ATOMIC_GRAD_Q=atomic,
                 WITH_GRAD_V=not values_apart, LOAD_DS=stored, ROUND_WEIGHTED=round_weighted)
-    if values_matmul:
-        grad["values"] = _values_gradient_by_matmul(windows, key_weights, grad_rows)
 
     length = sizes["length"]
     if padded > length:  # fold the padded duplicates' key gradients (rows L .. P-1) into their positions'
