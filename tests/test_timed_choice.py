@@ -169,12 +169,12 @@ def charged(timing_on_the_cpu, launches, monkeypatch):
         monkeypatch.setattr(fused, name, charged_call)
 
 
-@pytest.mark.slow  # 13 backward variants in the interpreter, 81 s (the default suite had passed 15 minutes)
+@pytest.mark.slow  # 16 backward variants in the interpreter, 85 s (the default suite had passed 15 minutes)
 def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu, launches, charged, monkeypatch):
     """float32 on generation 90 (the interpreter's): every mode, the two with dV in the key kernel also
     with TIMED_KEY_CONFIGS' key kernels, TIMED_CONFIGS_MODE also with each pair of TIMED_QUERIES_CONFIGS' and
     TIMED_VALUES_CONFIGS', MATMUL_MODE with each of TIMED_QUERIES_CONFIGS'. The fake clock charges a launch (and
-    the batched dV product) 1 ms, the atomic key kernel with 16 rows 0.5 ms: "timed" keeps that variant, and
+    each batched product) 1 ms, the atomic key kernel with 16 rows 0.5 ms: "timed" keeps that variant, and
     the gradients it returns are the reference's."""
     runs, costs = timing_on_the_cpu
     monkeypatch.setattr(timed_choice, "REPEATS", 1)  # the fake clock's times repeat exactly: one timed run each
