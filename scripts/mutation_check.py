@@ -348,8 +348,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "matmul-values-windows-unshifted",
         "the batched dV product's windows of incoming-gradient rows start one chunk late (chunk c instead of c - 1)",
         (Patch("dlsn/models/chunk_attention.py",
-               "chunk_at = (torch.arange(self.positions, device=device) - 1) % (self.padded // chunk)",
-               "chunk_at = torch.arange(self.positions, device=device) % (self.padded // chunk)"),),
+               "chunk_at = (torch.arange(self.chunk_positions, device=order.device) - 1) % (self.padded // chunk)",
+               "chunk_at = torch.arange(self.chunk_positions, device=order.device) % (self.padded // chunk)"),),
         ("tests/test_chunk_attention.py::test_fused_op_matches_reference_in_float32[stored_dS+matmul-padding, 3 chunks-cpu]",),
     ),
     Mutation(

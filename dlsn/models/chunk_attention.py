@@ -1121,38 +1121,38 @@ class _SortedWindows:
     def __init__(self, order: torch.Tensor, inverse: torch.Tensor, chunk: int):
         self.batch, self.rounds, self.padded = order.shape
         self.length, self.chunk = inverse.shape[-1], chunk
-        self.positions = self.padded // chunk + 2  # chunk positions per round
-        self.order, self.inverse = order, inverse
-        device = order.device
-        chunk_at = (torch.arange(self.positions, device=device) - 1) % (self.padded // chunk)
-        self._sorted_index = (chunk_at[:, None] * chunk + torch.arange(chunk, device=device)).flatten()
+        self.chunk_positions = self.padded // chunk + 2  # per round
+        self.inverse = inverse
+        self.item_round = torch.arange(self.batch * self.rounds, device=order.device)
+        chunk_at = (torch.arange(self.chunk_positions, device=order.device) - 1) % (self.padded // chunk)
+        sorted_index = (chunk_at[:, None] * chunk + torch.arange(chunk, device=order.device)).flatten()
+        self._image_positions = order.reshape(-1, self.padded).long()[:, sorted_index]  # [N*T, (n + 2) k]
 
     def rows(self, table: torch.Tensor, shared_by_rounds: bool) -> torch.Tensor:
         """``table``'s rows (``[N, L, C]``, shared by the rounds, or ``[N, T, L, C]``) at every round's sorted
         entries in this layout, float32 ``[N*T * (n + 2) * k + 2k, C]``."""
-        item_round = torch.arange(self.batch * self.rounds, device=self.order.device)
-        first_row = (item_round // self.rounds if shared_by_rounds else item_round) * self.length
-        sorted_rows = self.order.reshape(-1, self.padded).long()[:, self._sorted_index] + first_row[:, None]
+        first_row = (self.item_round // self.rounds if shared_by_rounds else self.item_round) * self.length
+        sorted_rows = self._image_positions + first_row[:, None]
         rows = torch.cat([sorted_rows.flatten(), sorted_rows.new_zeros(2 * self.chunk)])
         return table.reshape(-1, table.shape[-1]).index_select(0, rows).float()
 
     def windows(self, rows: torch.Tensor) -> torch.Tensor:
         """Every chunk position's neighbourhood in ``rows`` (from :meth:`rows`): ``[N*T * (n + 2), 3k, C]``."""
-        count, width = self.batch * self.rounds * self.positions, rows.shape[-1]
+        count, width = self.batch * self.rounds * self.chunk_positions, rows.shape[-1]
         return rows.as_strided((count, 3 * self.chunk, width), (self.chunk * width, width, 1))
 
     def own_chunks(self, rows: torch.Tensor) -> torch.Tensor:
         """Every chunk position's own chunk in ``rows``: ``[N*T * (n + 2), k, C]``."""
-        count, width = self.batch * self.rounds * self.positions, rows.shape[-1]
+        count, width = self.batch * self.rounds * self.chunk_positions, rows.shape[-1]
         return rows.as_strided((count, self.chunk, width), (self.chunk * width, width, 1), self.chunk * width)
 
     def to_key_rows(self, sorted_rows: torch.Tensor) -> torch.Tensor:
         """Per-chunk results ``[N*T * (n + 2), k, C]`` back to the rows the key kernels write, ``[N, T, P, C]``:
         each position's first sorted occurrence in image order, then the padded duplicates as they are."""
-        width, item_round = sorted_rows.shape[-1], torch.arange(self.batch * self.rounds, device=self.order.device)
-        rows = torch.cat([self.inverse.reshape(-1, self.length).long(),
-                          torch.arange(self.length, self.padded, device=self.order.device).expand(len(item_round), -1)],
-                         dim=1) + (item_round * self.positions * self.chunk)[:, None]
+        width, item_round = sorted_rows.shape[-1], self.item_round
+        duplicates = torch.arange(self.length, self.padded, device=item_round.device).expand(len(item_round), -1)
+        rows = torch.cat([self.inverse.reshape(-1, self.length).long(), duplicates], dim=1) + (
+            item_round * self.chunk_positions * self.chunk)[:, None]
         return sorted_rows.reshape(-1, width).index_select(0, rows.flatten()).view(
             self.batch, self.rounds, self.padded, width)
 
@@ -1179,7 +1179,7 @@ def _grad_weights_by_matmul(windows: _SortedWindows, grad_rows: torch.Tensor,
     incoming gradient rows times the values of its window, one batched product (cuBLAS). Unweighted by the
     rounds' weights, which the query kernel applies, as to the dP it computes itself."""
     products = torch.bmm(windows.own_chunks(grad_rows), windows.windows(value_rows).transpose(1, 2))
-    return products.view(windows.batch * windows.rounds, windows.positions, windows.chunk, 3 * windows.chunk)
+    return products.view(windows.batch * windows.rounds, windows.chunk_positions, windows.chunk, 3 * windows.chunk)
 
 
 # Rows and channels per program of the float32 backward's delta (_delta_kernel); not timed on a GPU.
