@@ -361,6 +361,16 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_chunk_attention.py::test_fused_op_matches_reference_in_float32[stored_dS+matmul+dP-padding, 3 chunks-cpu]",),
     ),
     Mutation(
+        "matmul-values-duplicate-not-folded",
+        "the sum of the batched dV over the rounds misses the padded duplicate of the first padded position",
+        (Patch("dlsn/models/chunk_attention.py",
+               "duplicated = position_valid & (sorted_index >= length - padding)",
+               "duplicated = position_valid & (sorted_index > length - padding)"),),
+        ("tests/test_chunk_attention.py::test_sorted_rows_summed_over_rounds_are_each_positions_rows_and_padded_"
+         "duplicates[padding, partial position block-cpu]",
+         "tests/test_chunk_attention.py::test_fused_op_matches_reference_in_float32[stored_dS+matmul-padding, 3 chunks-cpu]"),
+    ),
+    Mutation(
         "attend-and-mix-delta-unweighted",
         "attention and mixing in one node: the row term forgets the round weight, g . m instead of w_t (g . m)",
         (Patch("dlsn/models/chunk_attention.py", "return (round_weights * row_dot.unsqueeze(1)).contiguous()",

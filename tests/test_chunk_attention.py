@@ -6,6 +6,7 @@ are tiny; the fixture cases are marked slow. On a CUDA machine the same tests al
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from pathlib import Path
 
@@ -896,29 +897,57 @@ def test_the_float32_backwards_delta_is_each_rows_dot_product_less_the_log_sum_e
     torch.testing.assert_close(delta.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 3, 37, 16, 20), (1, 2, 40, 10, 300), (1, 1, 9, 9, 8)],
+                         ids=["padding, partial position block", "exact multiple, two channel blocks", "one chunk"])
+def test_sorted_rows_summed_over_rounds_are_each_positions_rows_and_padded_duplicates(shape, device):
+    """``_SortedWindows.sum_over_rounds`` (one kernel; the "+matmul" modes' dV): per-round results in the
+    batched products' layout (``n + 2`` chunk positions per round, chunk position ``c`` holding sorted chunk
+    ``c``) summed in image order, over the rounds and over each position's copies in the padded order."""
+    batch, rounds, length, chunk, width = shape
+    _, order, inverse = random_problem(batch, rounds, length, chunk, 1, 1)
+    windows = fused._SortedWindows(order.to(device), inverse.to(device), chunk)
+    n_chunks = order.shape[-1] // chunk
+    generator = torch.Generator().manual_seed(1)
+    sorted_rows = torch.randn(batch * rounds * (n_chunks + 2), chunk, width, generator=generator)
+    expected = torch.zeros(batch, length, width, dtype=torch.float64)
+    per_round = sorted_rows.double().view(batch, rounds, (n_chunks + 2) * chunk, width)
+    for item, hash_round in itertools.product(range(batch), range(rounds)):  # every sorted entry, duplicates too
+        expected[item].index_add_(0, order[item, hash_round], per_round[item, hash_round, :order.shape[-1]])
+    summed = windows.sum_over_rounds(sorted_rows.to(device))
+    assert summed.shape == (batch, length, width) and summed.dtype == torch.float32
+    torch.testing.assert_close(summed.double().cpu(), expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("name", ["forward", "backward", "delta"])
+@pytest.mark.parametrize("name", ["forward", "backward", "delta", "sum of sorted rows"])
 def test_mix_rounds_kernels_compile_for_gpus(name, arch):
-    """Both mixing kernels at the paper layer's C=256 (the backward holds all channels), and the float32
-    backward's delta kernel, for sm_80 and sm_90: no spills."""
+    """Both mixing kernels at the paper layer's C=256 (the backward holds all channels), the float32
+    backward's delta kernel and the "+matmul" modes' sum of dV over the rounds, for sm_80 and sm_90: no spills."""
     pytest.importorskip("triton.backends.nvidia")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    function = {"forward": fused._mix_rounds_kernel, "backward": fused._mix_rounds_backward_kernel,
-                "delta": fused._delta_kernel}[name]
+    function, constants, warps = {
+        "forward": (fused._mix_rounds_kernel, dict(BLOCK_L=fused.MIX_BLOCK_POSITIONS, BLOCK_C=256), fused.MIX_WARPS),
+        "backward": (fused._mix_rounds_backward_kernel, dict(BLOCK_L=fused.MIX_BLOCK_POSITIONS, BLOCK_C=256),
+                     fused.MIX_WARPS),
+        "delta": (fused._delta_kernel, dict(BLOCK_R=fused.DELTA_BLOCK_ROWS, BLOCK_C=fused.DELTA_BLOCK_CHANNELS),
+                  fused.DELTA_WARPS),
+        "sum of sorted rows": (fused._sum_sorted_rows_kernel,
+                               dict(BLOCK_L=fused.SUM_BLOCK_POSITIONS, BLOCK_C=fused.SUM_BLOCK_CHANNELS),
+                               fused.SUM_WARPS),
+    }[name]
     kernel = fused._kernel(function, False)
-    constants = (dict(BLOCK_R=fused.DELTA_BLOCK_ROWS, BLOCK_C=fused.DELTA_BLOCK_CHANNELS) if name == "delta"
-                 else dict(BLOCK_L=fused.MIX_BLOCK_POSITIONS, BLOCK_C=256))
-    pointers = [argument for argument in kernel.arg_names if argument.isupper() and argument not in constants]
-    signature = {argument: "constexpr" if argument in constants else "*fp32" if argument in pointers else "i32"
+    pointers = {argument: "*i64" if argument == "INVERSE" else "*fp32" for argument in kernel.arg_names
+                if argument.isupper() and argument not in constants}
+    signature = {argument: "constexpr" if argument in constants else pointers.get(argument, "i32")
                  for argument in kernel.arg_names}
     attributes = {(index,): [["tt.divisibility", 16]] for index, argument in enumerate(kernel.arg_names)
                   if argument in pointers}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes)
-    compiled = triton_compile(source, GPUTarget("cuda", arch, 32),
-                              fused.DELTA_WARPS if name == "delta" else fused.MIX_WARPS, 1)
+    compiled = triton_compile(source, GPUTarget("cuda", arch, 32), warps, 1)
     assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[arch]
     spill = register_spill_bytes(compiled)
     assert spill is None or spill == 0, f"{spill} bytes of register spills per thread"

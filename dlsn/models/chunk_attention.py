@@ -49,8 +49,8 @@ accumulates ``dV_j = sum_i P_ij dy_i`` (recomputing ``P`` once more); the key ke
 again, the largest of its products; it then needs no values, and with the values kernel computing dV
 it only sums ``dS^T q`` and ``dS``. ``"stored_dS+matmul"`` has the query kernel store ``P`` as well, key-major,
 and computes ``dV`` as one batched matrix product (cuBLAS) over overlapping windows of the incoming
-gradient's rows in sorted order (:class:`_SortedWindows`, :func:`_values_gradient_by_matmul`);
-``"stored_dS+matmul+dP"`` also computes ``dP = dy V^T`` by one before the query kernel, which reads it
+gradient's rows in sorted order (:class:`_SortedWindows`, :func:`_values_gradient_by_matmul`), which one
+more kernel sums over the rounds in image order; ``"stored_dS+matmul+dP"`` also computes ``dP = dy V^T`` by one before the query kernel, which reads it
 (:func:`_grad_weights_by_matmul`): the kernels then do only the 64-wide products of the scores. By default (``"timed"``)
 the training steps time every way on first use (where no GPU sweep settled it, also a few launch
 configurations of the key, values and query kernels: ``TIMED_KEY_CONFIGS``, ``TIMED_VALUES_CONFIGS``,
@@ -626,6 +626,30 @@ if triton is not None:
             tl.store(GRAD_WEIGHTS + row, tl.sum(grad_out * attended, axis=1), mask=position_valid)
             tl.store(GRAD_ATTENDED + tiles, grad_out * weight[:, None], mask=valid)
 
+    def _sum_sorted_rows_kernel(SORTED, INVERSE, OUT, length, padding, rows_per_round, n_rounds, width,
+                                BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+        """``out[n, l] = sum_t sorted[n T + t, s] (+ sorted[n T + t, s + padding] where s >= L - padding)``,
+        ``s = inverse[n, t, l]``, for a block of positions and channels: per-round rows in sorted order summed
+        over the rounds at each position, with its padded duplicate (the copy of sorted index ``s`` that
+        padding appended at ``s + padding``) folded in, in that order."""
+        item = tl.program_id(1).to(tl.int64)
+        positions = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+        channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        position_valid = positions < length
+        channel_valid = channels < width
+        total = tl.zeros([BLOCK_L, BLOCK_C], tl.float32)
+        for hash_round in range(n_rounds):
+            item_round = item * n_rounds + hash_round
+            sorted_index = tl.load(INVERSE + item_round * length + positions, mask=position_valid, other=0)
+            rows = item_round * rows_per_round + sorted_index.to(tl.int64)
+            total += tl.load(SORTED + rows[:, None] * width + channels[None, :],
+                             mask=position_valid[:, None] & channel_valid[None, :], other=0.0)
+            duplicated = position_valid & (sorted_index >= length - padding)
+            total += tl.load(SORTED + (rows + padding)[:, None] * width + channels[None, :],
+                             mask=duplicated[:, None] & channel_valid[None, :], other=0.0)
+        tl.store(OUT + (item * length + positions)[:, None] * width + channels[None, :], total,
+                 mask=position_valid[:, None] & channel_valid[None, :])
+
     def _delta_kernel(GRAD_ATTENDED, ATTENDED, GRAD_CONFIDENCE, DELTA, n_rows, v_dim,
                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """``delta[r] = dy[r] . y[r] - dlse[r]`` for a block of rows: the float32 backward's row term in one
@@ -691,7 +715,8 @@ def _kernel(function, interpreted: bool):
         return InterpretedFunction(function)
     # Sizes that vary with the image are not specialised on (no recompilation per validation image).
     arguments = inspect.signature(function).parameters
-    return triton.jit(function, do_not_specialize=[name for name in ("length", "padded_length", "n_chunks", "numel")
+    return triton.jit(function, do_not_specialize=[name for name in ("length", "padded_length", "n_chunks", "numel",
+                                                                     "padding", "rows_per_round")
                                                    if name in arguments])
 
 
@@ -784,8 +809,9 @@ DP_CHANNEL_BLOCK = {90: 64, 80: 64}
 # runs the same query and key kernels, the query kernel also storing the weights P (P w from the mixed
 # gradient), and computes dV = P^T dy as one batched cuBLAS product instead of the values kernel, which
 # recomputes P and on the H200 ran the 256-channel products at 33 TFLOP/s (3.3 of 20.1 ms at batch 16, 96x96):
-# about 3.7 GB more memory traffic per layer there (the weights written and read, the gradient rows and dV in
-# sorted order), about 0.9 ms at the H200's bandwidth, against 87 GFLOP that cuBLAS runs near the TF32 peak
+# about 2.8 GB more memory traffic per layer there (the weights written and read, the gradient rows and dV in
+# sorted order; one kernel sums dV over the rounds straight from that order, where the values kernel's per-round
+# rows are summed after it), about 0.7 ms at the H200's bandwidth, against 87 GFLOP that cuBLAS runs near the TF32 peak
 # (about 0.3 ms). "stored_dS+matmul+dP" also computes dP = dy V^T, the query kernel's largest product (another
 # 87 GFLOP, 2.2 ms for the whole kernel there), as one batched product that the query kernel reads: about 2.5 GB
 # more traffic (dP written and read, the values in sorted order). Neither was timed on a GPU yet (2026-11-30). "timed":
@@ -1050,13 +1076,16 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     grad_weights = _grad_weights_by_matmul(windows, grad_rows, windows.rows(values, shared_by_rounds=True)) \
         if dp_matmul else delta
     # Per round, rows 0 .. L-1 are the positions in image order; rows L .. P-1 the padded duplicate keys.
+    # "summed": gradients already summed over the rounds, [N, L, D].
+    summed = {}
     grad = dict(
         queries=(queries.new_zeros if atomic else queries.new_empty)(batch, rounds, padded, qk_dim,
                                                                      dtype=torch.float32),
         keys=queries.new_empty(batch, rounds, padded, qk_dim, dtype=torch.float32),
-        values=None if values_matmul else queries.new_empty(batch, rounds, padded, v_dim, dtype=torch.float32),
         learned=queries.new_empty(batch, rounds, padded, chunk, dtype=torch.float32),
     )
+    if not values_matmul:
+        grad["values"] = queries.new_empty(batch, rounds, padded, v_dim, dtype=torch.float32)
 
     def grid(rows, block_c):  # a program per block of rows of one chunk, item and round
         return (n_chunks * triton.cdiv(chunk, rows), batch * rounds)
@@ -1087,12 +1116,12 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
             _launch(_backward_values_kernel, "values", grid_by_channels, (*inputs, grad["values"]), sizes,
                     channel_block=min(values_channels, _power_of_two(v_dim)), config=values_launch,
                     ROUND_WEIGHTED=round_weighted)
-        if values_matmul:
-            grad["values"] = _values_gradient_by_matmul(windows, key_weights, grad_rows)
+        if values_matmul:  # already summed over the rounds in image order
+            summed["values"] = _values_gradient_by_matmul(windows, key_weights, grad_rows)
             # not held through the key kernel: at batch 16, 96x96 the products' inputs take 1.2 GB (1.9 with dP)
             del key_weights, grad_rows, grad_weights
         _launch(_backward_keys_kernel, _key_kernel_name(mode), grid,
-                (*inputs, grad["keys"], grad["values"], grad["learned"], grad["queries"], grad_scores), sizes,
+                (*inputs, grad["keys"], grad.get("values", delta), grad["learned"], grad["queries"], grad_scores), sizes,
                 channel_block=dp_channel_block, config=configs.get("keys"), ATOMIC_GRAD_Q=atomic,
                 WITH_GRAD_V=not values_apart, LOAD_DS=stored, ROUND_WEIGHTED=round_weighted)
 
@@ -1100,12 +1129,17 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
     if padded > length:  # fold the padded duplicates' key gradients (rows L .. P-1) into their positions'
         row_offsets = torch.arange(batch * rounds, device=order.device).view(batch, rounds, 1) * padded
         positions = (order[..., length:] + row_offsets).flatten()
-        for name in ("keys", "learned", "values"):
+        for name in [name for name in ("keys", "learned", "values") if name in grad]:
             duplicates = grad[name][:, :, length:].reshape(positions.numel(), -1).clone()  # same storage
             grad[name].view(batch * rounds * padded, -1).index_add_(0, positions, duplicates)
-    return tuple(grad[name][:, :, :length].sum(1).to(tensor.dtype)
+    summed.update({name: rows[:, :, :length].sum(1) for name, rows in grad.items() if name not in summed})
+    return tuple(summed[name].to(tensor.dtype)
                  for name, tensor in (("queries", queries), ("keys", keys), ("learned", learned_score),
                                       ("values", values)))
+
+
+# Positions and channels per program of _SortedWindows.sum_over_rounds (_sum_sorted_rows_kernel); not timed on a GPU.
+SUM_BLOCK_POSITIONS, SUM_BLOCK_CHANNELS, SUM_WARPS = 16, 256, 4
 
 
 class _SortedWindows:
@@ -1146,20 +1180,24 @@ class _SortedWindows:
         count, width = self.batch * self.rounds * self.chunk_positions, rows.shape[-1]
         return rows.as_strided((count, self.chunk, width), (self.chunk * width, width, 1), self.chunk * width)
 
-    def to_key_rows(self, sorted_rows: torch.Tensor) -> torch.Tensor:
-        """Per-chunk results ``[N*T * (n + 2), k, C]`` back to the rows the key kernels write, ``[N, T, P, C]``:
-        each position's first sorted occurrence in image order, then the padded duplicates as they are."""
-        width, item_round = sorted_rows.shape[-1], self.item_round
-        duplicates = torch.arange(self.length, self.padded, device=item_round.device).expand(len(item_round), -1)
-        rows = torch.cat([self.inverse.reshape(-1, self.length).long(), duplicates], dim=1) + (
-            item_round * self.chunk_positions * self.chunk)[:, None]
-        return sorted_rows.reshape(-1, width).index_select(0, rows.flatten()).view(
-            self.batch, self.rounds, self.padded, width)
+    def sum_over_rounds(self, sorted_rows: torch.Tensor) -> torch.Tensor:
+        """Per-chunk results ``[N*T * (n + 2), k, C]`` (chunk position ``c`` holding sorted chunk ``c``) summed
+        over the rounds in image order, float32 ``[N, L, C]``, each position's padded duplicate folded in, by one
+        kernel: no ``[N, T, L, C]`` gather is written and read again."""
+        width = sorted_rows.shape[-1]
+        summed = sorted_rows.new_empty(self.batch, self.length, width, dtype=torch.float32)
+        block_c = min(SUM_BLOCK_CHANNELS, _power_of_two(width))
+        grid = (triton.cdiv(self.length, SUM_BLOCK_POSITIONS), self.batch, triton.cdiv(width, block_c))
+        _launch_fixed(_sum_sorted_rows_kernel, grid, sorted_rows.device, sorted_rows.contiguous(),
+                      self.inverse.contiguous(), summed, self.length, self.padded - self.length,
+                      self.chunk_positions * self.chunk, self.rounds, width, num_warps=SUM_WARPS,
+                      BLOCK_L=SUM_BLOCK_POSITIONS, BLOCK_C=block_c)
+        return summed
 
 
 def _values_gradient_by_matmul(windows: _SortedWindows, key_weights: torch.Tensor,
                                grad_rows: torch.Tensor) -> torch.Tensor:
-    """dV of every round, ``[N, T, P, C]`` float32 in the key kernels' rows, as one batched matrix product.
+    """dV ``[N, L, C]`` float32, summed over the rounds, from one batched matrix product.
 
     Key chunk ``c``'s dV is ``A_c G_c``: ``A_c = key_weights[c]`` ``[k, 3k]``, its keys' weights ``P`` (``P w``
     from the mixed gradient) from the query chunks ``c - 1, c, c + 1``, stored by the query kernel, and ``G_c``
@@ -1169,7 +1207,7 @@ def _values_gradient_by_matmul(windows: _SortedWindows, key_weights: torch.Tenso
     tenth of the tensor cores' TF32 rate."""
     chunk = windows.chunk
     grad_sorted = torch.bmm(key_weights.view(-1, chunk, 3 * chunk), windows.windows(grad_rows))
-    return windows.to_key_rows(grad_sorted)
+    return windows.sum_over_rounds(grad_sorted)
 
 
 def _grad_weights_by_matmul(windows: _SortedWindows, grad_rows: torch.Tensor,
