@@ -50,11 +50,11 @@ again, the largest of its products; it then needs no values, and with the values
 it only sums ``dS^T q`` and ``dS``. ``"stored_dS+matmul"`` has the query kernel store ``P`` as well, key-major,
 and computes ``dV`` as one batched matrix product (cuBLAS) over overlapping windows of the incoming
 gradient's rows in sorted order (:class:`_SortedWindows`, :func:`_values_gradient_by_matmul`), which one
-more kernel sums over the rounds in image order; ``"stored_dS+matmul+dP"`` also computes ``dP = dy V^T`` by one before the query kernel, which reads it
-(:func:`_grad_weights_by_matmul`): the kernels then do only the 64-wide products of the scores. By default (``"timed"``)
-the training steps time every way on first use (where no GPU sweep settled it, also a few launch
-configurations of the key, values and query kernels: ``TIMED_KEY_CONFIGS``, ``TIMED_VALUES_CONFIGS``,
-``TIMED_QUERIES_CONFIGS``) and keep the fastest
+more kernel sums over the rounds in image order; ``"stored_dS+matmul+dP"`` also computes ``dP = dy V^T`` by
+one before the query kernel, which reads it (:func:`_grad_weights_by_matmul`): the kernels then do only the
+64-wide products of the scores. By default (``"timed"``) the training steps time every way on first use
+(where no GPU sweep settled it, also a few launch configurations of the key, values and query kernels:
+``TIMED_KEY_CONFIGS``, ``TIMED_VALUES_CONFIGS``, ``TIMED_QUERIES_CONFIGS``) and keep the fastest
 (:mod:`dlsn.models.timed_choice`); elsewhere the two kernels run.
 
 Everything accumulates in float32; inputs may be float32, bfloat16 or float16 (query and key of
@@ -1121,7 +1121,8 @@ def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score
             # not held through the key kernel: at batch 16, 96x96 the products' inputs take 1.2 GB (1.9 with dP)
             del key_weights, grad_rows, grad_weights
         _launch(_backward_keys_kernel, _key_kernel_name(mode), grid,
-                (*inputs, grad["keys"], grad.get("values", delta), grad["learned"], grad["queries"], grad_scores), sizes,
+                (*inputs, grad["keys"], grad.get("values", delta),  # an unused pointer with "+matmul"
+                 grad["learned"], grad["queries"], grad_scores), sizes,
                 channel_block=dp_channel_block, config=configs.get("keys"), ATOMIC_GRAD_Q=atomic,
                 WITH_GRAD_V=not values_apart, LOAD_DS=stored, ROUND_WEIGHTED=round_weighted)
 
