@@ -151,6 +151,17 @@ def backward_variant(device: torch.device, dtype: torch.dtype, name: str):
         configs.update(saved_configs)
 
 
+@contextlib.contextmanager
+def forward_mode(device: torch.device, mode: str):
+    """The fused forward as ``mode`` (one of ``chunk_attention.FORWARD_MODES``), restored after."""
+    saved = dict(chunk_attention.FORWARD_MODE)
+    chunk_attention.FORWARD_MODE.update(dict.fromkeys(saved, mode))
+    try:
+        yield
+    finally:
+        chunk_attention.FORWARD_MODE.update(saved)
+
+
 def names(layer):
     return ["output", "input gradient"] + [f"grad {n}" for n, _ in layer.named_parameters()]
 
@@ -206,6 +217,21 @@ def main() -> None:
                 torch.set_float32_matmul_precision("high")  # both sides: TF32
                 try:
                     with backward_variant(device, torch.float32, variant):
+                        got = outputs_and_gradients(fused, x, rotations)
+                    want = outputs_and_gradients(reference, x, rotations)
+                finally:
+                    torch.set_float32_matmul_precision("highest")
+                return agreement(fused, got, want, 2e-2)
+
+        # Every other forward the float32 training steps' timed choice may pick.
+        for mode in chunk_attention.FORWARD_MODES[1:]:
+            @check(f"fused (forward {mode}) vs reference GLA C={channels} k={chunk_size} {batch}x{size}x{size}, "
+                   f"float32, matmul precision high")
+            def _():
+                fused, reference, x, rotations = gla_problem(channels, chunk_size, batch, size, device)
+                torch.set_float32_matmul_precision("high")  # both sides: TF32
+                try:
+                    with forward_mode(device, mode):
                         got = outputs_and_gradients(fused, x, rotations)
                     want = outputs_and_gradients(reference, x, rotations)
                 finally:

@@ -53,6 +53,7 @@ from check_fused_gla import (  # noqa: E402
     GLA_PROBLEMS,
     SELF_CHECK_PRECISIONS,
     backward_variant,
+    forward_mode,
     gla_problem,
     outputs_and_gradients,
 )
@@ -137,6 +138,10 @@ def run_task(task: tuple) -> float:
                     # that read the mixed gradient and the round weights, other specialisations.
                     with chunk_attention.mixing_from(0):
                         outputs_and_gradients(fused, x, rotations)
+                    if detail == chunk_attention.BACKWARD_MODES[0]:  # once, in the group's first task:
+                        for mode in chunk_attention.FORWARD_MODES[1:]:  # the forwards the timed choice may pick
+                            with forward_mode(device, mode):
+                                outputs_and_gradients(fused, x, rotations)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start

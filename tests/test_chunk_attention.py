@@ -101,6 +101,39 @@ def test_fused_op_matches_reference_in_float32(shape, device, backward_mode):
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPE_PARAMS)
+def test_the_weights_and_matmul_forward_matches_the_reference(shape, dtype, monkeypatch):
+    """The "weights+matmul" forward (the kernel stores P, one batched P V product over the values' rows in
+    sorted order): outputs as the float64 reference's, and the backward from its saved outputs (float32: the
+    row term reads the attended values) the reference's gradients; on every shape, padding, one and two chunks
+    (windows whose neighbour chunks coincide) and a chunk over several blocks included. bfloat16 values enter
+    the product in float32, so it is checked to the float32 tolerance on the outputs."""
+    monkeypatch.setattr(fused, "FORWARD_MODE", dict.fromkeys(fused.FORWARD_MODE, "weights+matmul"))
+    launched = []
+    original = fused._launch
+    monkeypatch.setattr(fused, "_launch", lambda function, name, *args, **kwargs:
+                        launched.append(name) or original(function, name, *args, **kwargs))
+    inputs, order, inverse = random_problem(*shape, dtype=dtype)
+    fused_inputs = [t.detach().requires_grad_(True) for t in inputs]
+    exact_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    attended, confidence = fused.chunk_attention(*fused_inputs, order, inverse)
+    assert launched == ["forward_weights"]
+    expected_attended, expected_confidence = fused.chunk_attention_reference(*exact_inputs, order, inverse)
+    assert attended.dtype == torch.float32 and confidence.dtype == torch.float32
+    torch.testing.assert_close(attended.double(), expected_attended, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(confidence.double(), expected_confidence, rtol=1e-4, atol=1e-4)
+
+    grad_attended, grad_confidence = torch.randn_like(attended), torch.randn_like(confidence)
+    ((attended * grad_attended).sum() + (confidence * grad_confidence).sum()).backward()
+    ((expected_attended * grad_attended.double()).sum() + (expected_confidence * grad_confidence.double()).sum()
+     ).backward()
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2  # bfloat16: the backward kernels' products
+    for name, got, want in zip(("queries", "keys", "learned_score", "values"), fused_inputs, exact_inputs):
+        scale = want.grad.abs().max().item()
+        assert (got.grad.double() - want.grad).abs().max() <= tolerance * max(1.0, scale), name
+
+
 def test_fused_op_in_bfloat16_is_close_to_float32(backward_mode):
     inputs, order, inverse = random_problem(2, 2, 37, 16, 8, 12)
     low = [t.detach().bfloat16().requires_grad_(True) for t in inputs]
@@ -489,7 +522,8 @@ def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    function = {"forward": fused._forward_kernel, "queries": fused._backward_queries_kernel,
+    function = {"forward": fused._forward_kernel, "forward_weights": fused._forward_kernel,
+                "queries": fused._backward_queries_kernel,
                 "keys": fused._backward_keys_kernel, "keys_no_values": fused._backward_keys_kernel,
                 "keys_from_dS": fused._backward_keys_kernel, "keys_from_dS_no_values": fused._backward_keys_kernel,
                 "values": fused._backward_values_kernel}[name]
@@ -497,7 +531,8 @@ def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False
     rows, num_warps, num_stages = config or fused.LAUNCH_CONFIGS[arch][name, "half" if value_type == "bf16"
                                                                        else "float32"]
     dp_in_blocks = dp_in_blocks or name.endswith("_no_values")
-    channel_block = channel_block or {"forward": fused.FORWARD_CHANNEL_BLOCK, "values": fused.VALUES_CHANNEL_BLOCK}.get(
+    channel_block = channel_block or {"forward": fused.FORWARD_CHANNEL_BLOCK, "values": fused.VALUES_CHANNEL_BLOCK,
+                                      "forward_weights": {arch: 16}}.get(  # no values read: as _forward_by_matmul
         name, fused.DP_CHANNEL_BLOCK if dp_in_blocks else {arch: 256})[arch]
     constants = dict(BLOCK_M=rows, BLOCK_N=rows, BLOCK_D=64, BLOCK_C=channel_block, PRECISION="tf32",
                      INTERPRETED=False)
@@ -507,10 +542,12 @@ def _compile_for_gpu(name: str, value_type: str, arch: int, atomic: bool = False
     if name.startswith("keys"):
         constants.update(ATOMIC_GRAD_Q=atomic, WITH_GRAD_V=not name.endswith("_no_values"),
                          LOAD_DS=name.startswith("keys_from_dS"))
-    if name != "forward":
+    if name.startswith("forward"):
+        constants.update(WEIGHTS_ONLY=name == "forward_weights")
+    else:
         constants.update(ROUND_WEIGHTED=value_type == "fp32")
     float32_outputs = {"OUT", "LSE", "DELTA", "ROUND_WEIGHTS", "GRAD_Q", "GRAD_K", "GRAD_V", "GRAD_LS", "GRAD_SCORES",
-                       "KEY_WEIGHTS", "GRAD_WEIGHTS"}
+                       "KEY_WEIGHTS", "GRAD_WEIGHTS", "WEIGHTS"}
     signature, attributes = {}, {}
     for index, argument in enumerate(kernel.arg_names):
         if argument in constants:
@@ -597,6 +634,21 @@ def test_timed_query_configurations_compile_without_spills(arch, value_type, con
     compiled = _compile_for_gpu("queries", value_type, arch, config=config, dp_in_blocks=True, store_ds=True)
     assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[arch]
     assert register_spill_bytes(compiled) in (None, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("value_type", ["bf16", "fp32"])
+def test_the_forward_storing_the_weights_compiles_without_spills(arch, value_type):
+    """The "weights+matmul" forward's kernel (WEIGHTS_ONLY: scores twice, P stored, no values) with its
+    LAUNCH_CONFIGS entry fits the GPU's shared memory and spills nothing; on sm_90 its 64-row blocks run the
+    score products on wgmma, the point of them."""
+    pytest.importorskip("triton.backends.nvidia")
+    compiled = _compile_for_gpu("forward_weights", value_type, arch)
+    assert compiled.metadata.shared <= SHARED_MEMORY_LIMIT[arch]
+    assert register_spill_bytes(compiled) in (None, 0)
+    if arch >= 90:
+        assert "wgmma.mma_async" in compiled.asm["ptx"]
 
 
 @pytest.mark.slow

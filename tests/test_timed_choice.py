@@ -184,7 +184,7 @@ def test_timed_backward_runs_the_fastest_variant_and_is_exact(timing_on_the_cpu,
     monkeypatch.setitem(fused.TIMED_VALUES_CONFIGS, 90, {"float32": ((16, 4, 1, 8),)})
     monkeypatch.setitem(fused.TIMED_QUERIES_CONFIGS, 90, {"float32": ((16, 8, 1),)})
     inputs, order, inverse = random_problem(2, 2, 70, 32, 8, 12)  # 32-row chunks: the 16-row blocks differ
-    outputs = fused._fused_forward(*inputs, order, inverse)
+    outputs = fused._fused_forward(*inputs, order, inverse, mode="fused")
     grads = [torch.randn_like(outputs[0]), torch.randn_like(outputs[1])]
     launches.clear()
     got = fused._fused_backward(*grads, *inputs, order, inverse, *outputs)
@@ -225,7 +225,7 @@ def test_timed_values_and_query_configurations_run_as_chosen_and_are_exact(timin
     monkeypatch.setitem(fused.TIMED_VALUES_CONFIGS, 90, {"float32": ((16, 4, 1, 8),)})
     monkeypatch.setitem(fused.TIMED_QUERIES_CONFIGS, 90, {"float32": ((16, 8, 1),)})
     inputs, order, inverse = random_problem(2, 2, 70, 32, 8, 12)
-    outputs = fused._fused_forward(*inputs, order, inverse)
+    outputs = fused._fused_forward(*inputs, order, inverse, mode="fused")
     grads = [torch.randn_like(outputs[0]), torch.randn_like(outputs[1])]
     launches.clear()
     got = fused._fused_backward(*grads, *inputs, order, inverse, *outputs)
@@ -237,6 +237,39 @@ def test_timed_values_and_query_configurations_run_as_chosen_and_are_exact(timin
                                                     *[t.double() for t in inputs], order, inverse)
     for name, got_grad, want_grad in zip(("queries", "keys", "learned", "values"), got, want):
         torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_timed_forward_keeps_the_faster_way_for_float32_values_only(timing_on_the_cpu, monkeypatch):
+    """Float32 values: both forwards (FORWARD_MODES) run on first use at a size, are timed and the faster is
+    kept (the fake clock charges a kernel launch 1 ms, the "weights+matmul" forward's 0.5); its outputs are the
+    reference's. bfloat16 values are not timed (TIMED_FORWARD_DTYPES): the fused kernel runs."""
+    runs, costs = timing_on_the_cpu
+    monkeypatch.setattr(timed_choice, "REPEATS", 1)  # the fake clock's times repeat exactly: one timed run each
+    costs["forward_weights"] = 0.5
+    launched = []
+    original = fused._launch
+
+    def recording(function, name, *args, **kwargs):
+        launched.append(name)
+        runs.append(name)
+        return original(function, name, *args, **kwargs)
+
+    monkeypatch.setattr(fused, "_launch", recording)
+    inputs, order, inverse = random_problem(2, 2, 37, 16, 8, 12)
+    outputs = fused._fused_forward(*inputs, order, inverse)
+    [(what, entry)] = timed_choice.choices().items()
+    assert what.startswith("fused attention forward cpu torch.float32 ieee (2, 2, 48) 8 12 16"), what
+    assert entry == {"choice": "weights+matmul", "ms": {"fused": 1.0, "weights+matmul": 0.5}}
+    # each once untimed, once timed, then the choice
+    assert launched == ["forward", "forward_weights", "forward", "forward_weights", "forward_weights"]
+    for got, want in zip(outputs, fused.chunk_attention_reference(*[t.double() for t in inputs], order, inverse)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    launched.clear()
+    fused._fused_forward(*inputs, order, inverse)
+    assert launched == ["forward_weights"], "the kept choice runs alone"
+    launched.clear()
+    fused._fused_forward(*[t.bfloat16() for t in inputs], order, inverse)
+    assert launched == ["forward"] and len(timed_choice.choices()) == 1
 
 
 def test_backward_variants_follow_the_precision_and_generation():
@@ -274,7 +307,7 @@ def test_backward_variants_follow_the_precision_and_generation():
 def test_backward_without_timing_runs_the_two_kernels(launches, monkeypatch):
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "timed"))
     inputs, order, inverse = random_problem(1, 2, 20, 10, 4, 6)
-    outputs = fused._fused_forward(*inputs, order, inverse)
+    outputs = fused._fused_forward(*inputs, order, inverse)  # not timed either
     launches.clear()
     fused._fused_backward(torch.randn_like(outputs[0]), torch.randn_like(outputs[1]), *inputs, order, inverse,
                           *outputs)
@@ -297,7 +330,8 @@ def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches
     monkeypatch.setitem(fused.TIMED_VALUES_CONFIGS, 90, {"float32": ((16, 4, 1, 8),)})
     monkeypatch.setitem(fused.TIMED_QUERIES_CONFIGS, 90, {"float32": ((16, 8, 1),)})
     fused.self_check(CPU)
-    assert launches == ["forward", "queries", "keys", "keys-atomic", "queries", "values", "keys_no_values",
+    assert launches == ["forward", "forward_weights",  # float32: also the "weights+matmul" forward
+                        "queries", "keys", "keys-atomic", "queries", "values", "keys_no_values",
                         "values", "keys_no_values-atomic", "queries", "keys_from_dS", "queries", "values",
                         "keys_from_dS_no_values",
                         "queries", "values_gradient", "keys_from_dS_no_values",  # stored_dS+matmul
@@ -326,7 +360,7 @@ def test_self_check_runs_every_backward_variant_a_timed_choice_may_pick(launches
     launches.clear()
     monkeypatch.setattr(fused, "BACKWARD_MODE", dict.fromkeys(fused.BACKWARD_MODE, "two_kernels"))
     fused.self_check(CPU)
-    assert launches == ["forward", "queries", "keys", "queries weighted", "keys weighted"]
+    assert launches == ["forward", "forward_weights", "queries", "keys", "queries weighted", "keys weighted"]
 
 
 def test_timed_float32_convolution_keeps_the_faster_method(timing_on_the_cpu, monkeypatch):

@@ -33,7 +33,8 @@ def _load_script():
 def test_a_float32_task_also_launches_the_kernels_reading_the_mixed_gradient(monkeypatch, dtype):
     """Float32 training at batch 16 mixes the rounds in the attention's node (attend_and_mix), whose backward
     kernels read the mixed gradient and the round weights: specialisations of their own, warmed by the
-    float32 tasks (once, at the first size); bf16 never runs them. The mixing threshold is put back."""
+    float32 tasks (once, at the first size); bf16 never runs them. The first float32 task also runs each
+    forward the float32 timed choice may pick. The mixing threshold and the forward mode are put back."""
     if not fused.triton_available():
         pytest.skip("triton is not importable")
     script = _load_script()
@@ -53,9 +54,11 @@ def test_a_float32_task_also_launches_the_kernels_reading_the_mixed_gradient(mon
     sizes = len(script.GLA_PROBLEMS["small"][2])
     unweighted = [("forward", None), ("queries", False), ("keys", False)]
     weighted = [("forward", None), ("queries", True), ("keys", True)]
-    assert launched == (unweighted + weighted + unweighted * (sizes - 1) if dtype == torch.float32
-                        else unweighted * sizes)
+    forward_weights = [("forward_weights", None), ("queries", False), ("keys", False)]
+    assert launched == (unweighted + weighted + forward_weights + unweighted * (sizes - 1)
+                        if dtype == torch.float32 else unweighted * sizes)
     assert fused.MIX_KERNEL_MIN_ELEMENTS == threshold
+    assert set(fused.FORWARD_MODE.values()) == {"timed"}
 
 
 def test_the_weight_gradient_tasks_launch_each_configuration_the_timed_choice_offers(monkeypatch):

@@ -294,13 +294,30 @@ if triton is not None:
             grad_weights += _dot(grad_out, tl.trans(v), PRECISION, INTERPRETED)
         return grad_weights
 
+    @triton.jit
+    def _key_block_scores(q, K, LS, order_row, item, k_stride_n, k_stride_l, ls_stride_n, ls_stride_l, key_chunk,
+                          key_slots, chunk, slots, slot_valid, dims, dim_valid, PRECISION: tl.constexpr,
+                          INTERPRETED: tl.constexpr):
+        """Scores ``q . k_j + ls[j, r]`` of a query block against the keys ``key_slots`` of sorted chunk
+        ``key_chunk`` (``-inf`` past the chunk), with those keys' image positions and validity."""
+        key_valid = key_slots < chunk
+        key_pos = _positions(order_row + key_chunk * chunk, key_slots, key_valid)
+        k = _rows(K, item, k_stride_n, k_stride_l, key_pos, dims, key_valid, dim_valid)
+        learned = _learned_scores(LS, item, ls_stride_n, ls_stride_l, key_pos, slots, key_valid, slot_valid)
+        scores = _dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned
+        return tl.where(key_valid[None, :], scores, float("-inf")), key_pos, key_valid
+
     def _forward_kernel(
-        Q, K, V, LS, ORDER, OUT, LSE,
+        Q, K, V, LS, ORDER, OUT, LSE, WEIGHTS,
         q_stride_n, q_stride_l, k_stride_n, k_stride_l, v_stride_n, v_stride_l, ls_stride_n, ls_stride_l,
         length, padded_length, n_chunks, chunk, n_rounds, qk_dim, v_dim,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-        PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+        PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, WEIGHTS_ONLY: tl.constexpr,
     ):
+        """The attention of a query block (see the module docstring). ``WEIGHTS_ONLY`` (the
+        ``"weights+matmul"`` forward): no values are read; a second pass over the keys stores the softmax
+        weights ``P`` query-major in ``WEIGHTS [N*T, n_chunks + 2, k, 3k]`` for one batched ``P V`` product
+        (:func:`_forward_by_matmul`), and only the log-sum-exp is written in image order."""
         item_round = tl.program_id(1).to(tl.int64)  # n * T + t
         item = item_round // n_rounds
         query_chunk, slots, slot_valid = _block_of_chunk(chunk, BLOCK_M)
@@ -320,28 +337,40 @@ if triton is not None:
         for offset in tl.static_range(3):  # previous, own, next chunk
             key_chunk = (query_chunk + offset - 1 + n_chunks) % n_chunks
             for key_start in range(0, chunk, BLOCK_N):
-                key_slots = key_start + tl.arange(0, BLOCK_N)
-                key_valid = key_slots < chunk
-                key_pos = _positions(order_row + key_chunk * chunk, key_slots, key_valid)
-                k = _rows(K, item, k_stride_n, k_stride_l, key_pos, dims, key_valid, dim_valid)
-                learned = _learned_scores(LS, item, ls_stride_n, ls_stride_l, key_pos, slots, key_valid, slot_valid)
-                scores = _dot(q, tl.trans(k), PRECISION, INTERPRETED) + learned
-                scores = tl.where(key_valid[None, :], scores, float("-inf"))
+                scores, key_pos, key_valid = _key_block_scores(
+                    q, K, LS, order_row, item, k_stride_n, k_stride_l, ls_stride_n, ls_stride_l, key_chunk,
+                    key_start + tl.arange(0, BLOCK_N), chunk, slots, slot_valid, dims, dim_valid, PRECISION,
+                    INTERPRETED)
                 new_max = tl.maximum(running_max, tl.max(scores, axis=1))
                 rescale = tl.exp(running_max - new_max)
                 weights = tl.exp(scores - new_max[:, None])
                 running_sum = running_sum * rescale + tl.sum(weights, axis=1)
-                v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
-                acc = acc * rescale[:, None] + _dot(weights.to(v.dtype), v, PRECISION, INTERPRETED)
+                if not WEIGHTS_ONLY:
+                    v = _rows(V, item, v_stride_n, v_stride_l, key_pos, channels, key_valid, channel_valid)
+                    acc = acc * rescale[:, None] + _dot(weights.to(v.dtype), v, PRECISION, INTERPRETED)
                 running_max = new_max
 
         # Only the first sorted occurrence of a position (sorted index < L) has an output row.
         stored = slot_valid & (sorted_queries < length)
-        out_rows = OUT + (item_round * length + query_pos[:, None]) * v_dim + channels[None, :]
-        tl.store(out_rows, (acc / running_sum[:, None]).to(OUT.dtype.element_ty),
-                 mask=stored[:, None] & channel_valid[None, :])
-        if tl.program_id(2) == 0:  # the first channel block writes the log-sum-exp
-            tl.store(LSE + item_round * length + query_pos, running_max + tl.log(running_sum), mask=stored)
+        if WEIGHTS_ONLY:  # every sorted row, padded duplicates too: the batched product computes all
+            log_sum = running_max + tl.log(running_sum)
+            for offset in tl.static_range(3):
+                key_chunk = (query_chunk + offset - 1 + n_chunks) % n_chunks
+                for key_start in range(0, chunk, BLOCK_N):
+                    key_slots = key_start + tl.arange(0, BLOCK_N)
+                    scores, key_pos, key_valid = _key_block_scores(
+                        q, K, LS, order_row, item, k_stride_n, k_stride_l, ls_stride_n, ls_stride_l, key_chunk,
+                        key_slots, chunk, slots, slot_valid, dims, dim_valid, PRECISION, INTERPRETED)
+                    tl.store(_window_tile(WEIGHTS, item_round, n_chunks, query_chunk, offset, chunk, slots[:, None],
+                                          key_slots[None, :]),
+                             tl.exp(scores - log_sum[:, None]), mask=slot_valid[:, None] & key_valid[None, :])
+            tl.store(LSE + item_round * length + query_pos, log_sum, mask=stored)
+        else:
+            out_rows = OUT + (item_round * length + query_pos[:, None]) * v_dim + channels[None, :]
+            tl.store(out_rows, (acc / running_sum[:, None]).to(OUT.dtype.element_ty),
+                     mask=stored[:, None] & channel_valid[None, :])
+            if tl.program_id(2) == 0:  # the first channel block writes the log-sum-exp
+                tl.store(LSE + item_round * length + query_pos, running_max + tl.log(running_sum), mask=stored)
 
     def _backward_keys_kernel(
         Q, K, V, LS, ORDER, GRAD_OUT, LSE, DELTA, ROUND_WEIGHTS, GRAD_K, GRAD_V, GRAD_LS, GRAD_Q, GRAD_SCORES,
@@ -776,7 +805,10 @@ LAUNCH_CONFIGS = {
          # The "stored_dS" modes' key kernels, not timed yet: the largest blocks that compile for sm_90
          # with at most about 100 bytes of spills per thread (Triton 3.9; with dV 32 rows, as the "keys" kernel).
          ("keys_from_dS", "half"): (32, 8, 1), ("keys_from_dS", "float32"): (32, 8, 1),
-         ("keys_from_dS_no_values", "half"): (64, 8, 1), ("keys_from_dS_no_values", "float32"): (64, 8, 1)},
+         ("keys_from_dS_no_values", "half"): (64, 8, 1), ("keys_from_dS_no_values", "float32"): (64, 8, 1),
+         # The "weights+matmul" forward's kernel (scores and weights only, no [rows, C] accumulator), not timed
+         # yet: 64-row blocks, which sm_90 runs on wgmma.
+         ("forward_weights", "half"): (64, 4, 1), ("forward_weights", "float32"): (64, 4, 1)},
     # Older GPUs (A100): first choices, not timed, that compile within an A100's shared memory with at
     # most a few register spills (tests/test_chunk_attention.py compiles them for sm_80 without a GPU).
     80: {("forward", "half"): (64, 8, 2), ("forward", "float32"): (32, 8, 2),
@@ -785,11 +817,26 @@ LAUNCH_CONFIGS = {
          ("keys_no_values", "half"): (32, 8, 1), ("keys_no_values", "float32"): (32, 8, 1),
          ("values", "half"): (64, 8, 2), ("values", "float32"): (32, 8, 2),
          ("keys_from_dS", "half"): (32, 8, 1), ("keys_from_dS", "float32"): (32, 8, 1),
-         ("keys_from_dS_no_values", "half"): (64, 8, 1), ("keys_from_dS_no_values", "float32"): (32, 8, 1)},
+         ("keys_from_dS_no_values", "half"): (64, 8, 1), ("keys_from_dS_no_values", "float32"): (32, 8, 1),
+         ("forward_weights", "half"): (64, 4, 1), ("forward_weights", "float32"): (64, 4, 1)},
 }
 # Value channels per forward program: a second block of a wider layer recomputes the scores. On the
 # H200 all 256 channels of the paper layer in one block beat blocks of 128 in both precisions.
 FORWARD_CHANNEL_BLOCK = {90: 256, 80: 128}
+# How the forward computes the attended values, per GPU generation: "fused" (one kernel: scores, online
+# softmax and the P V products, about 50 TFLOP/s in float32 on the H200: 2.08 of the batch-16 96x96 row's
+# 20.1 ms) or "weights+matmul" (the kernel stores P, [N*T, L, 3k] float32, and cuBLAS computes P V over the
+# values' rows in sorted order, _forward_by_matmul): about 3 GB more memory traffic at batch 16, 96x96
+# (P written and read, the values' rows and the result in sorted order, the result gathered back), about
+# 0.7 ms at the H200's bandwidth, against 87 GFLOP that cuBLAS runs near the TF32 peak (about 0.3 ms) and a
+# kernel left with the 64-wide score products, computed twice. Not yet run on a GPU (2026-11-30). "timed": both
+# are timed on first use at each size where cuDNN's autotuner is on (the training steps), for the value dtypes
+# of TIMED_FORWARD_DTYPES (float32: the speed target still short is float32's), and the faster kept; "fused"
+# elsewhere, so evaluation and the CPU never depend on a timing.
+FORWARD_MODE = {90: "timed", 80: "timed"}
+FORWARD_MODES = ("fused", "weights+matmul")
+FORWARD_MODE_CHOICES = (*FORWARD_MODES, "timed")
+TIMED_FORWARD_DTYPES = (torch.float32,)
 # Value channels per values-kernel program (its accumulator's width, like the forward's), and per step
 # of the query and key kernels' dP loops when the values kernel computes dV (the "+values" modes).
 VALUES_CHANNEL_BLOCK = {90: 256, 80: 128}
@@ -958,15 +1005,29 @@ def _unit_column_stride(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def _fused_forward(queries, keys, learned_score, values, order, inverse):
+def _fused_forward(queries, keys, learned_score, values, order, inverse, mode: str | None = None):
+    """Attended values and log-sum-exp (:func:`chunk_attention`); ``mode`` one of ``FORWARD_MODE_CHOICES``
+    (default: the device's ``FORWARD_MODE``)."""
+    arguments = (queries, keys, learned_score, values, order, inverse)
     queries, keys, learned_score, values = map(_unit_column_stride, (queries, keys, learned_score, values))
-    order = order.to(torch.int32).contiguous()
-    sizes = _sizes(queries, keys, learned_score, values, order, inverse)
+    order32 = order.to(torch.int32).contiguous()
+    sizes = _sizes(queries, keys, learned_score, values, order32, inverse)
+    mode = mode or FORWARD_MODE[_generation(values.device)]
+    if mode == "timed":
+        if values.dtype not in TIMED_FORWARD_DTYPES:
+            mode = FORWARD_MODES[0]
+        else:
+            key = ("fused attention forward", values.device, values.dtype, sizes["precision"], tuple(order.shape),
+                   sizes["qk_dim"], sizes["v_dim"], sizes["chunk"])
+            mode = timed_choice.fastest(
+                key, lambda: {name: functools.partial(_fused_forward, *arguments, mode=name) for name in FORWARD_MODES},
+                device=values.device, default=FORWARD_MODES[0])
+    if mode == "weights+matmul":
+        return _forward_by_matmul(queries, keys, learned_score, values, order, order32, inverse, sizes)
     batch, rounds = order.shape[:2]
-    length, v_dim = sizes["length"], sizes["v_dim"]
+    length, v_dim, n_chunks, chunk = sizes["length"], sizes["v_dim"], sizes["n_chunks"], sizes["chunk"]
     attended = values.new_empty(batch, rounds, length, v_dim, dtype=torch.float32)
     confidence = values.new_empty(batch, rounds, length, dtype=torch.float32)
-    n_chunks, chunk = sizes["n_chunks"], sizes["chunk"]
     channel_block = min(FORWARD_CHANNEL_BLOCK[_generation(values.device)], _power_of_two(v_dim))
 
     def grid(rows, block_c):
@@ -974,9 +1035,41 @@ def _fused_forward(queries, keys, learned_score, values, order, inverse):
 
     with _on_device(values.device):
         _launch(_forward_kernel, "forward", grid,
-                (queries, keys, values, learned_score, order, attended, confidence), sizes,
-                channel_block=channel_block)
+                (queries, keys, values, learned_score, order32, attended, confidence, attended), sizes,
+                channel_block=channel_block, WEIGHTS_ONLY=False)
     return attended, confidence
+
+
+def _forward_by_matmul(queries, keys, learned_score, values, order, order32, inverse, sizes):
+    """The ``"weights+matmul"`` forward. The forward kernel stores the softmax weights ``P`` of every sorted query
+    against its 3k keys (``WEIGHTS_ONLY``) and the log-sum-exp; one batched product (cuBLAS, TF32 where float32
+    matrix products may use it) of each query chunk's weights ``[k, 3k]`` with its window of the values' rows in
+    sorted order (:class:`_SortedWindows`: the 3k keys of chunk ``c`` are the window at ``c``) gives the attended
+    values, gathered back to image order. The 256-channel ``P V`` products, 80% of the forward's multiply-adds,
+    leave the Triton kernel, which on the H200 ran them at about 50 TFLOP/s in float32."""
+    batch, rounds = order.shape[:2]
+    length, n_chunks, chunk = sizes["length"], sizes["n_chunks"], sizes["chunk"]
+    confidence = values.new_empty(batch, rounds, length, dtype=torch.float32)
+    weights = values.new_empty(batch * rounds, n_chunks + 2, chunk, 3 * chunk, dtype=torch.float32)
+    weights[:, n_chunks:].zero_()  # the product's padding positions: their results are not read
+
+    def grid(rows, block_c):
+        return (n_chunks * triton.cdiv(chunk, rows), batch * rounds, 1)
+
+    with _on_device(values.device):
+        _launch(_forward_kernel, "forward_weights", grid,
+                (queries, keys, values, learned_score, order32, confidence, confidence, weights), sizes,
+                channel_block=16, WEIGHTS_ONLY=True)  # no values read: OUT and BLOCK_C unused
+    windows = _SortedWindows(order, inverse, chunk)
+    value_rows = windows.rows(values, shared_by_rounds=True)
+    with _autocast_off(values.device):
+        attended_sorted = torch.bmm(weights.view(-1, chunk, 3 * chunk), windows.windows(value_rows))
+    return windows.image_rows(attended_sorted), confidence
+
+
+def _autocast_off(device: torch.device):
+    """The batched products run in float32 (TF32 where allowed) also inside a mixed-precision region."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def backward_variants(device: torch.device, dtype: torch.dtype,
@@ -1181,6 +1274,15 @@ class _SortedWindows:
         count, width = self.batch * self.rounds * self.chunk_positions, rows.shape[-1]
         return rows.as_strided((count, self.chunk, width), (self.chunk * width, width, 1), self.chunk * width)
 
+    def image_rows(self, sorted_rows: torch.Tensor) -> torch.Tensor:
+        """Per-chunk results ``[N*T * (n + 2), k, C]`` (chunk position ``c`` holding sorted chunk ``c``) at each
+        position's first sorted occurrence, in image order: ``[N, T, L, C]``."""
+        width = sorted_rows.shape[-1]
+        rows = self.inverse.reshape(-1, self.length).long() + (
+            self.item_round * self.chunk_positions * self.chunk)[:, None]
+        return sorted_rows.reshape(-1, width).index_select(0, rows.flatten()).view(
+            self.batch, self.rounds, self.length, width)
+
     def sum_over_rounds(self, sorted_rows: torch.Tensor) -> torch.Tensor:
         """Per-chunk results ``[N*T * (n + 2), k, C]`` (chunk position ``c`` holding sorted chunk ``c``) summed
         over the rounds in image order, float32 ``[N, L, C]``, each position's padded duplicate folded in, by one
@@ -1207,7 +1309,8 @@ def _values_gradient_by_matmul(windows: _SortedWindows, key_weights: torch.Tenso
     products may use it) instead of the values kernel, which recomputes ``P`` and on an H200 reached about a
     tenth of the tensor cores' TF32 rate."""
     chunk = windows.chunk
-    grad_sorted = torch.bmm(key_weights.view(-1, chunk, 3 * chunk), windows.windows(grad_rows))
+    with _autocast_off(grad_rows.device):
+        grad_sorted = torch.bmm(key_weights.view(-1, chunk, 3 * chunk), windows.windows(grad_rows))
     return windows.sum_over_rounds(grad_sorted)
 
 
@@ -1217,7 +1320,8 @@ def _grad_weights_by_matmul(windows: _SortedWindows, grad_rows: torch.Tensor,
     kernel's ``GRAD_WEIGHTS``; the last two chunk positions of each round are padding): query chunk ``c``'s
     incoming gradient rows times the values of its window, one batched product (cuBLAS). Unweighted by the
     rounds' weights, which the query kernel applies, as to the dP it computes itself."""
-    products = torch.bmm(windows.own_chunks(grad_rows), windows.windows(value_rows).transpose(1, 2))
+    with _autocast_off(grad_rows.device):
+        products = torch.bmm(windows.own_chunks(grad_rows), windows.windows(value_rows).transpose(1, 2))
     return products.view(windows.batch * windows.rounds, windows.chunk_positions, windows.chunk, 3 * windows.chunk)
 
 
@@ -1271,8 +1375,8 @@ SELF_CHECK_TOLERANCE = {"ieee": 1e-4, "tf32": 1e-2, torch.bfloat16: 5e-2, torch.
 
 def self_check(device: torch.device, dtype: torch.dtype = torch.float32, combinations: bool = True,
                variants: Collection[str] | None = None) -> None:
-    """Fused forward and backward (each way it may run: :func:`backward_variants`, with ``combinations``)
-    in ``dtype`` against the float64 reference on a small problem; raises if they differ (tolerance:
+    """Fused forward (each way it may run: ``FORWARD_MODES``) and backward (each way it may run:
+    :func:`backward_variants`, with ``combinations``) in ``dtype`` against the float64 reference on a small problem; raises if they differ (tolerance:
     ``SELF_CHECK_TOLERANCE``).
     Float32 uses the dot-product precision in force (TF32 or true float32), and each backward mode also as
     :class:`_AttendAndMix` runs it, from the mixed output's gradient and the round weights (the launch
@@ -1314,6 +1418,10 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.float32, combina
                 raise RuntimeError(f"self-check ({what}): {name} differs from the reference by {error:.3g}")
 
     compare(("attended", "confidence"), fused, expected, dtype)
+    if FORWARD_MODE[_generation(device)] == "timed" and dtype in TIMED_FORWARD_DTYPES:  # the others it may run
+        for mode in FORWARD_MODES[1:]:
+            compare(("attended", "confidence"), _fused_forward(*inputs, order, inverse, mode=mode), expected,
+                    f"{dtype}, forward {mode}")
     configured = _backward_mode(device)
     checked = (backward_variants(device, dtype, combinations) if configured == "timed"  # every way it may run
                else {configured: (configured, {})})
