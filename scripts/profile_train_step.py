@@ -258,7 +258,9 @@ def section_backward_modes(args, device) -> None:
         print(f"{dtype}, {reads}: " + "; ".join(timings), flush=True)
 
 
-KERNELS = ("forward", "queries", "keys", "values", "keys_no_values", "keys_from_dS", "keys_from_dS_no_values")
+KERNELS = ("forward", "forward_weights", "queries", "keys", "values", "keys_no_values", "keys_from_dS",
+           "keys_from_dS_no_values")
+FORWARD_KERNELS = {"forward": "fused", "forward_weights": "weights+matmul"}  # the forward mode that runs each
 
 
 def backward_kernels(mode: str, dtype: torch.dtype) -> list[str]:
@@ -291,7 +293,7 @@ def section_tune(args, device) -> list[dict]:
               f"L={args.patch ** 2}, C={args.channels}, k={args.chunk} (defaults: {defaults}; forward channel block "
               f"{original_channel_block}, values {original_channel_blocks['values']}, backward {original_mode}); "
               f"the backward {reads}", flush=True)
-        sweeps = [("forward", None)] + [(name, mode) for mode in args.backward_modes
+        sweeps = [(name, None) for name in FORWARD_KERNELS] + [(name, mode) for mode in args.backward_modes
                                          for name in backward_kernels(mode, dtype)]
         sweeps = [(name, mode) for name, mode in sweeps if name in args.kernels]
         for name, mode in sweeps:
@@ -308,9 +310,8 @@ def section_tune(args, device) -> list[dict]:
                 if channel_block:
                     channel_block_tables[name][generation] = channel_block
                 fused._working_rows.clear()
-                if name == "forward":
-                    def run():
-                        fused._fused_forward(*inputs)
+                if name in FORWARD_KERNELS:
+                    run = functools.partial(fused._fused_forward, *inputs, mode=FORWARD_KERNELS[name])
                 else:  # the backward runs both kernels: time it whole, and with the other kernel at its default
                     run = backward
                 label = dict(kernel=name, dtype=str(dtype), rows=rows, warps=warps, stages=stages,
@@ -328,7 +329,7 @@ def section_tune(args, device) -> list[dict]:
                     table[generation] = original_channel_blocks[table_name]
             fused.BACKWARD_MODE[generation] = original_mode
             timings.sort(key=lambda r: float("inf") if r["ms"] is None else r["ms"])
-            what = "forward" if name == "forward" else f"backward ({mode}, {name} varied)"
+            what = f"forward ({FORWARD_KERNELS[name]})" if name in FORWARD_KERNELS else f"backward ({mode}, {name} varied)"
             print(f"{what}: " + "; ".join(
                 f"{r['rows']}/{r['warps']}/{r['stages']}" + (f"/c{r['channel_block']}" if r["channel_block"] else "")
                 + (f" {r['ms']:.3f} ms" if r["ms"] is not None else " failed")

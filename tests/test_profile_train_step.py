@@ -42,7 +42,7 @@ def test_sections_run_and_the_sweep_restores_the_launch_configurations(tmp_path,
     swept = json.loads((tmp_path / "tune.json").read_text())
     # --small: rows 8 and 16, one warp count, one stage count, one channel block; two dtypes, the forward
     # and each backward mode's kernels (float32's atomic modes have no query kernel)
-    kernels = [("forward", None)] + [(kernel, mode) for mode in ("two_kernels", "atomic") for kernel in ("queries", "keys")
+    kernels = [("forward", None), ("forward_weights", None)] + [(kernel, mode) for mode in ("two_kernels", "atomic") for kernel in ("queries", "keys")
                                      ] + [(kernel, mode) for mode in ("two_kernels+values", "atomic+values")
                                           for kernel in ("queries", "values", "keys_no_values")
                                           ] + [("queries", "stored_dS"), ("keys_from_dS", "stored_dS")] + [
@@ -115,7 +115,7 @@ def test_the_sweep_times_the_backward_that_training_runs_at_its_size(tmp_path, m
     original_launch = fused._launch
 
     def recording_launch(function, name, *args, **kwargs):
-        if name != "forward":
+        if not name.startswith("forward"):
             dtype = "float32" if args[2]["value_dtype"] == torch.float32 else "bf16"  # args: grid, tensors, sizes
             weighted.append((dtype, name, bool(kwargs.get("ROUND_WEIGHTED"))))
         return original_launch(function, name, *args, **kwargs)
