@@ -371,6 +371,33 @@ MUTATIONS: tuple[Mutation, ...] = (
          "tests/test_chunk_attention.py::test_fused_op_matches_reference_in_float32[stored_dS+matmul-padding, 3 chunks-cpu]"),
     ),
     Mutation(
+        "forward-weights-mirrored-window",
+        "the weights+matmul forward's kernel stores each query's weights under the mirrored neighbour chunk's "
+        "columns of the batched P V product",
+        (Patch("dlsn/models/chunk_attention.py",
+               "tl.store(_window_tile(WEIGHTS, item_round, n_chunks, query_chunk, offset, chunk,",
+               "tl.store(_window_tile(WEIGHTS, item_round, n_chunks, query_chunk, 2 - offset, chunk,"),),
+        ("tests/test_chunk_attention.py::test_the_weights_and_matmul_forward_matches_the_reference[padding, 3 chunks-"
+         "dtype0]",),
+    ),
+    Mutation(
+        "forward-image-rows-of-unpadded-rounds",
+        "the weights+matmul forward gathers its results back to image order as if each round's product had P rows, "
+        "not its n + 2 chunk positions",
+        (Patch("dlsn/models/chunk_attention.py",
+               "self.item_round * self.chunk_positions * self.chunk)[:, None]",
+               "self.item_round * self.padded)[:, None]"),),
+        ("tests/test_chunk_attention.py::test_the_weights_and_matmul_forward_matches_the_reference[padding, 3 chunks-"
+         "dtype0]",),
+    ),
+    Mutation(
+        "forward-timed-in-bf16",
+        "the forward's timed choice also times bfloat16 values, whose training steps were not meant to change",
+        (Patch("dlsn/models/chunk_attention.py", "TIMED_FORWARD_DTYPES = (torch.float32,)",
+               "TIMED_FORWARD_DTYPES = (torch.float32, torch.bfloat16)"),),
+        ("tests/test_timed_choice.py::test_timed_forward_keeps_the_faster_way_for_float32_values_only",),
+    ),
+    Mutation(
         "attend-and-mix-delta-unweighted",
         "attention and mixing in one node: the row term forgets the round weight, g . m instead of w_t (g . m)",
         (Patch("dlsn/models/chunk_attention.py", "return (round_weights * row_dot.unsqueeze(1)).contiguous()",
