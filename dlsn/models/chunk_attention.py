@@ -20,6 +20,9 @@ round, block of value channels). It reads its query rows and, in turn, each neig
 learned-score and value rows straight from the unsorted ``[N, L, D]`` tensors through ``order``
 (no sorted or 3x gathered copies are made), keeps a running maximum and sum of ``exp`` (online
 softmax) and a float32 accumulator, and writes ``y`` and ``lse`` to the rows' image positions.
+Alternatively (``FORWARD_MODE``, ``"weights+matmul"``: :func:`_forward_by_matmul`) the same kernel reads no
+values, stores the normalised weights ``P`` in a second pass over the keys, and one batched matrix product
+(cuBLAS) over the values' rows in sorted order computes ``y``; the float32 training steps time both.
 
 **Backward.** With ``P = softmax(S)``, incoming ``dy`` and ``dlse``, ``dP_ij = dy_i . v_j`` and the
 row term ``delta_i = sum_j P_ij dP_ij - dlse_i``:  ``dV_j = sum_i P_ij dy_i``,
