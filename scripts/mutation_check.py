@@ -398,6 +398,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_timed_choice.py::test_timed_forward_keeps_the_faster_way_for_float32_values_only",),
     ),
     Mutation(
+        "first-use-self-check-strict",
+        "a process's first use of the fused kernel on a GPU runs the strict self-check: one failing optional way gives "
+        "up the whole fused path",
+        (Patch("dlsn/models/chunk_attention.py", "self_check(values.device, values.dtype, strict=False)",
+               "self_check(values.device, values.dtype)"),),
+        ("tests/test_chunk_attention.py::test_first_use_on_a_gpu_runs_the_self_check_leniently",),
+    ),
+    Mutation(
+        "left-out-variants-still-offered",
+        "a backward variant that failed the self-check is still offered to the timed choice",
+        (Patch("dlsn/models/chunk_attention.py",
+               'if ("backward", name) not in _left_out and ("backward mode", mode) not in _left_out}',
+               "}"),),
+        ("tests/test_chunk_attention.py::test_a_way_besides_the_defaults_that_fails_is_left_out_not_the_kernel",),
+    ),
+    Mutation(
         "attend-and-mix-delta-unweighted",
         "attention and mixing in one node: the row term forgets the round weight, g . m instead of w_t (g . m)",
         (Patch("dlsn/models/chunk_attention.py", "return (round_weights * row_dot.unsqueeze(1)).contiguous()",

@@ -7,6 +7,7 @@ are tiny; the fixture cases are marked slow. On a CUDA machine the same tests al
 from __future__ import annotations
 
 import itertools
+import types
 import warnings
 from pathlib import Path
 
@@ -233,6 +234,61 @@ def test_self_check_catches_a_wrong_kernel(monkeypatch, fresh_fallback_state):
     monkeypatch.setattr(fused, "_fused_forward", slightly_wrong)
     with pytest.raises(RuntimeError, match=r"self-check \(torch.float32\): attended differs from the reference"):
         fused.self_check(torch.device("cpu"))
+
+
+def test_a_way_besides_the_defaults_that_fails_is_left_out_not_the_kernel(monkeypatch, fresh_fallback_state):
+    """At a process's first use the self-check is not strict: a forward mode or backward variant other than the
+    defaults that fails (an error, a wrong result) is left out of the timed choices, warned, and the fused
+    kernel keeps running its other ways; the strict self-check (tests, check_fused_gla.py) raises."""
+    monkeypatch.setattr(fused, "_left_out", {})
+    monkeypatch.setattr(fused, "BACKWARD_MODES", ("two_kernels", "stored_dS+matmul"))  # fewer variants: faster
+    for table in (fused.TIMED_KEY_CONFIGS, fused.TIMED_VALUES_CONFIGS, fused.TIMED_QUERIES_CONFIGS):
+        monkeypatch.setitem(table, 90, {})
+    forward, backward = fused._fused_forward, fused._fused_backward
+
+    def failing_forward(*args, mode=None, **kwargs):
+        if mode == "weights+matmul":
+            raise RuntimeError("out of cheese")
+        return forward(*args, mode=mode, **kwargs)
+
+    def wrong_backward(*args, mode=None, **kwargs):
+        grads = backward(*args, mode=mode, **kwargs)
+        return (grads[0] * 1.01, *grads[1:]) if mode == "stored_dS+matmul" else grads
+
+    monkeypatch.setattr(fused, "_fused_forward", failing_forward)
+    monkeypatch.setattr(fused, "_fused_backward", wrong_backward)
+    with pytest.raises(RuntimeError, match="out of cheese"):
+        fused.self_check(torch.device("cpu"))
+    assert fused.left_out_variants() == {}
+    with pytest.warns(RuntimeWarning) as warned:
+        fused.self_check(torch.device("cpu"), strict=False)
+    assert [str(w.message).split(" failed")[0] for w in warned] == [
+        "dlsn: the fused attention's forward weights+matmul", "dlsn: the fused attention's backward stored_dS+matmul",
+        "dlsn: the fused attention's backward mode stored_dS+matmul"]
+    left_out = fused.left_out_variants()
+    assert left_out["forward weights+matmul"] == "RuntimeError: out of cheese"
+    assert left_out["backward stored_dS+matmul"].startswith(
+        "RuntimeError: self-check (torch.float32, backward stored_dS+matmul): grad queries differs")
+    assert fused.fused_kernel_failure() is None  # the kernel itself is not given up
+    assert list(fused.backward_variants(torch.device("cpu"), torch.float32)) == ["two_kernels"]
+    monkeypatch.setattr(fused.timed_choice, "timing_allowed", lambda device: True)
+    launched = []
+    monkeypatch.setattr(fused, "_launch", lambda function, name, *args, launch=fused._launch, **kwargs:
+                        launched.append(name) or launch(function, name, *args, **kwargs))
+    inputs, order, inverse = random_problem(1, 2, 20, 10, 4, 6)
+    fused._fused_forward(*inputs, order, inverse)  # "timed", with one forward left: not timed
+    assert launched == ["forward"] and fused.timed_choice.choices() == {}
+
+
+def test_first_use_on_a_gpu_runs_the_self_check_leniently(monkeypatch, fresh_fallback_state):
+    """The fallback path's first CUDA use per device, dtype and dot-product precision runs the self-check once,
+    not strict (a failing optional way is left out, not the whole kernel)."""
+    calls = []
+    monkeypatch.setattr(fused, "self_check", lambda device, dtype, **kwargs: calls.append((device, dtype, kwargs)))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    values = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float32)
+    assert fused._fused_allowed(values, fallback=True) and fused._fused_allowed(values, fallback=True)
+    assert calls == [(torch.device("cuda", 0), torch.float32, {"strict": False})]
 
 
 @pytest.mark.slow

@@ -89,7 +89,9 @@ in eager mode the same code runs as an autograd.Function (a custom op's dispatch
 0.1 ms per forward and backward, and the batch-1 training steps are bound by the host). On the CPU the same
 kernels run in Triton's interpreter (slow: tests only). With ``fallback=True`` (GLA's ``auto``), the
 first CUDA use runs a small self-check against the reference, and any compile or launch failure
-warns once and computes the reference instead (:func:`chunk_attention_reference`, plain PyTorch).
+warns once and computes the reference instead (:func:`chunk_attention_reference`, plain PyTorch). A way
+other than the defaults (a forward mode, a backward variant) that fails the self-check there is only left
+out of the timed choices (:func:`left_out_variants`, warned): the kernels new on a GPU cannot cost the rest.
 """
 
 from __future__ import annotations
@@ -1017,13 +1019,14 @@ def _fused_forward(queries, keys, learned_score, values, order, inverse, mode: s
     sizes = _sizes(queries, keys, learned_score, values, order32, inverse)
     mode = mode or FORWARD_MODE[_generation(values.device)]
     if mode == "timed":
-        if values.dtype not in TIMED_FORWARD_DTYPES:
+        offered = [mode for mode in FORWARD_MODES if ("forward", mode) not in _left_out]
+        if values.dtype not in TIMED_FORWARD_DTYPES or len(offered) == 1:
             mode = FORWARD_MODES[0]
         else:
             key = ("fused attention forward", values.device, values.dtype, sizes["precision"], tuple(order.shape),
                    sizes["qk_dim"], sizes["v_dim"], sizes["chunk"])
             mode = timed_choice.fastest(
-                key, lambda: {name: functools.partial(_fused_forward, *arguments, mode=name) for name in FORWARD_MODES},
+                key, lambda: {name: functools.partial(_fused_forward, *arguments, mode=name) for name in offered},
                 device=values.device, default=FORWARD_MODES[0])
     if mode == "weights+matmul":
         return _forward_by_matmul(queries, keys, learned_score, values, order, order32, inverse, sizes)
@@ -1109,7 +1112,8 @@ def backward_variants(device: torch.device, dtype: torch.dtype,
     for queries_config in queries_configs[1:]:  # the same query kernel, storing the weights too
         name = f"{MATMUL_MODE}, queries {'/'.join(map(str, queries_config))}"
         variants[name] = (MATMUL_MODE, {"queries": queries_config})
-    return variants
+    return {name: (mode, configs) for name, (mode, configs) in variants.items()  # less those that failed a self-check
+            if ("backward", name) not in _left_out and ("backward mode", mode) not in _left_out}
 
 
 def _fused_backward(grad_attended, grad_confidence, queries, keys, learned_score, values, order, inverse,
@@ -1353,12 +1357,27 @@ def _on_device(device: torch.device):
 # --------------------------------------------------------------------------------------------
 
 _failure: str | None = None
+# Ways other than the defaults that failed a process's first self-check: ("forward", mode), ("backward", variant
+# name) or ("backward mode", mode) -> the error. The timed choices leave them out; the default ways still run.
+_left_out: dict[tuple[str, str], str] = {}
 _checked: set[tuple] = set()  # (device, dtype, dot precision) and (device, "hash") that passed a self-check
 
 
 def fused_kernel_failure() -> str | None:
     """Why the fused kernel was given up in this process (``None`` while it works or is unused)."""
     return _failure
+
+
+def left_out_variants() -> dict[str, str]:
+    """The forward modes and backward variants that failed this process's self-check and that the timed choices
+    leave out, with the error: ``{"backward stored_dS+matmul": "RuntimeError: ..."}``. Empty while all work."""
+    return {" ".join(way): error for way, error in _left_out.items()}
+
+
+def _leave_out(way: tuple[str, str], error: BaseException) -> None:
+    _left_out[way] = f"{type(error).__name__}: {error}".strip()
+    warnings.warn(f"dlsn: the fused attention's {' '.join(way)} failed its self-check ({_left_out[way]}); the timed "
+                  f"choices leave it out, the other ways still run", RuntimeWarning, stacklevel=4)
 
 
 def _give_up(error: BaseException, kernel: str = "chunk-attention") -> None:
@@ -1377,7 +1396,7 @@ SELF_CHECK_TOLERANCE = {"ieee": 1e-4, "tf32": 1e-2, torch.bfloat16: 5e-2, torch.
 
 
 def self_check(device: torch.device, dtype: torch.dtype = torch.float32, combinations: bool = True,
-               variants: Collection[str] | None = None) -> None:
+               variants: Collection[str] | None = None, strict: bool = True) -> None:
     """Fused forward (each way it may run: ``FORWARD_MODES``) and backward (each way it may run:
     :func:`backward_variants`, with ``combinations``) in ``dtype`` against the float64 reference on a small problem; raises if they differ (tolerance:
     ``SELF_CHECK_TOLERANCE``).
@@ -1386,7 +1405,10 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.float32, combina
     configurations are those checked above; the weighting changes only which rows are read and scales P and
     dP by row). Covers padding, several chunks, a chunk split over blocks and strided (view) inputs.
     ``variants``: only the backward variants of these names (and, from the mixed gradient, the modes among
-    them), so that scripts/warm_kernel_cache.py can compile the check's kernels in parallel processes."""
+    them), so that scripts/warm_kernel_cache.py can compile the check's kernels in parallel processes.
+    ``strict=False`` (a process's first use of the kernel): a way other than the default one (the ``"fused"``
+    forward, the first backward variant) that fails is left out of the timed choices, warned once
+    (:func:`left_out_variants`), instead of raising: the default ways still run."""
     generator = torch.Generator().manual_seed(0)
     batch, rounds, length, chunk, qk_dim, v_dim = 2, 2, 100, 40, 12, 24
 
@@ -1421,10 +1443,22 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.float32, combina
                 raise RuntimeError(f"self-check ({what}): {name} differs from the reference by {error:.3g}")
 
     compare(("attended", "confidence"), fused, expected, dtype)
+
+    def optional(way: tuple[str, str], check) -> None:  # a way besides the default: left out if not strict
+        if way in _left_out and not strict:
+            return
+        try:
+            check()
+        except Exception as error:  # noqa: BLE001 - any failure means: do not offer it
+            if strict:
+                raise
+            _leave_out(way, error)
+
     if FORWARD_MODE[_generation(device)] == "timed" and dtype in TIMED_FORWARD_DTYPES:  # the others it may run
         for mode in FORWARD_MODES[1:]:
-            compare(("attended", "confidence"), _fused_forward(*inputs, order, inverse, mode=mode), expected,
-                    f"{dtype}, forward {mode}")
+            optional(("forward", mode), lambda mode=mode: compare(
+                ("attended", "confidence"), _fused_forward(*inputs, order, inverse, mode=mode), expected,
+                f"{dtype}, forward {mode}"))
     configured = _backward_mode(device)
     checked = (backward_variants(device, dtype, combinations) if configured == "timed"  # every way it may run
                else {configured: (configured, {})})
@@ -1433,11 +1467,18 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.float32, combina
             raise ValueError(f"self_check: no backward variant {sorted(unknown)} for {dtype} on {device}; "
                              f"expected some of {list(checked)}")
         checked = {name: variant for name, variant in checked.items() if name in variants}
+    default = BACKWARD_MODES[0] if configured == "timed" else configured  # what runs where nothing is timed
     for name, (mode, configs) in checked.items():
-        fused_grads = _fused_backward(grad_attended, grad_confidence, *inputs, order, inverse, *fused, mode=mode,
-                                      configs=configs)
-        compare(("grad queries", "grad keys", "grad learned score", "grad values"), fused_grads, expected_grads,
-                f"{dtype}, backward {name}")
+        def check(name=name, mode=mode, configs=configs):
+            fused_grads = _fused_backward(grad_attended, grad_confidence, *inputs, order, inverse, *fused, mode=mode,
+                                          configs=configs)
+            compare(("grad queries", "grad keys", "grad learned score", "grad values"), fused_grads, expected_grads,
+                    f"{dtype}, backward {name}")
+
+        if name == default:
+            check()
+        else:
+            optional(("backward", name), check)
     if dtype != torch.float32:
         return
     grad_mixed, round_weights = random(batch, length, v_dim), torch.softmax(random(batch, rounds, length), dim=1)
@@ -1447,10 +1488,16 @@ def self_check(device: torch.device, dtype: torch.dtype = torch.float32, combina
     delta = _delta(grad_weighted, fused[0], grad_confidence)
     for mode in [mode for mode in (BACKWARD_MODES if configured == "timed" else (configured,))
                  if variants is None or mode in variants]:
-        fused_grads = _fused_backward(grad_mixed, None, *inputs, order, inverse, None, fused[1], mode=mode,
-                                      delta=delta, round_weights=round_weights)
-        compare(("grad queries", "grad keys", "grad learned score", "grad values"), fused_grads, expected_grads,
-                f"{dtype}, backward {mode} from the mixed gradient and the round weights")
+        def check(mode=mode):
+            fused_grads = _fused_backward(grad_mixed, None, *inputs, order, inverse, None, fused[1], mode=mode,
+                                          delta=delta, round_weights=round_weights)
+            compare(("grad queries", "grad keys", "grad learned score", "grad values"), fused_grads, expected_grads,
+                    f"{dtype}, backward {mode} from the mixed gradient and the round weights")
+
+        if mode == default:
+            check()
+        else:
+            optional(("backward mode", mode), check)
 
 
 def _fused_allowed(values: torch.Tensor, fallback: bool) -> bool:
@@ -1464,7 +1511,7 @@ def _fused_allowed(values: torch.Tensor, fallback: bool) -> bool:
     if values.is_cuda and key not in _checked and not torch.cuda.is_current_stream_capturing():
         _checked.add(key)
         try:
-            self_check(values.device, values.dtype)
+            self_check(values.device, values.dtype, strict=False)
         except Exception as error:  # noqa: BLE001 - any failure means: do not use the kernel
             _give_up(error)
             return False
