@@ -57,7 +57,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dlsn.models import DLSN, GLA, kernel_failures, timed_choice
+from dlsn.models import DLSN, GLA, chunk_attention, kernel_failures, timed_choice
 from dlsn.models.allocator import keep_freed_memory
 from dlsn.models.gla import KEY_NORM_EPS, draw_rotations, gla_layers, number_of_buckets
 
@@ -247,6 +247,8 @@ def run_case(case: dict) -> dict:
     # fallback, and the summary says so.
     if case["impl"] != "authors" and (failures := kernel_failures()):
         result["kernel_failures"] = failures
+    if case["impl"] != "authors" and (left_out := chunk_attention.left_out_variants()):
+        result["left_out_variants"] = left_out  # ways the timed choices no longer offer: failed the self-check
     if case.get("breakdown") or case.get("kernel_table"):
         # Profiled apart from the timed runs (the profiler slows the host); the breakdown averages as many
         # runs as were timed, the kernel table alone three at most.

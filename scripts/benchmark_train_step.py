@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                        "timed_choices": None if case == "published" else timed_choice.choices()}
             if case != "published" and (failures := kernel_failures()):  # this case and later ones timed the fallback
                 result["kernel_failures"] = failures
+            if case != "published" and (left_out := fused.left_out_variants()):  # failed the self-check: not offered
+                result["left_out_variants"] = left_out
             results.append(result)
             if args.json:  # after every case: a run cut short keeps what it measured
                 Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -318,7 +318,20 @@ def kernel_failure_rows(folder: Path) -> list[str]:
         return []
     detail = "; ".join(f"{where}: {error[:80]}" for where, error in failed.items())
     return [f"| check: this project's fused kernels ran in every measurement (no PyTorch fallback) | | | | "
-            f"{detail} | correct | {'FAIL' if failed else 'PASS'} |"]
+            f"{detail} | correct | {'FAIL' if failed else 'PASS'} |"] + left_out_rows(folder)
+
+
+def left_out_rows(folder: Path) -> list[str]:
+    """The fused attention's ways (forward modes, backward variants) that failed a process's first self-check and
+    that its timed choices left out (``left_out_variants``), once each: the other ways were measured. The checks
+    (check_fused_gla.py, strict) fail on them too."""
+    left_out = {}
+    for name in MEASUREMENT_FILES:
+        results = load(folder, name) or []
+        for case in results["cases"] if isinstance(results, dict) else results:
+            left_out |= case.get("left_out_variants", {})
+    return [f"| fused attention: {way} left out of the timed choices (failed the self-check) | | | | {error[:100]} | "
+            f"| (information) |" for way, error in left_out.items()]
 
 
 def main(folder: Path) -> None:

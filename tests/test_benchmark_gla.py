@@ -293,6 +293,19 @@ def test_training_cases_of_this_project_run_with_cudnn_autotune_and_timed_choice
         timed_choice.forget()
 
 
+def test_a_case_records_the_ways_its_timed_choices_left_out(monkeypatch):
+    """A way of the fused attention that failed the process's first self-check is not offered to the timed
+    choices: this project's cases record it (the summary lists it), a case without any records nothing."""
+    from dlsn.models import chunk_attention
+
+    script = load_script("benchmark_gla")
+    common = dict(device="cpu", warmup=0, repeats=1, precision="32", smoke=True, kind="gla_forward", size=4, batch=1)
+    assert "left_out_variants" not in script.run_case(dict(common, impl="fused"))
+    monkeypatch.setattr(chunk_attention, "_left_out", {("forward", "weights+matmul"): "RuntimeError: out of cheese"})
+    assert script.run_case(dict(common, impl="fused"))["left_out_variants"] == {
+        "forward weights+matmul": "RuntimeError: out of cheese"}
+
+
 def test_a_case_timed_after_a_kernel_failure_says_so(monkeypatch):
     """On CUDA the cases share one process: after a fused kernel fails, this project's cases time PyTorch's
     fallback. Each records the failures (the summary's check fails on them); the authors' code runs none."""

@@ -86,12 +86,15 @@ def test_training_step_benchmark_records_that_it_timed_a_fallback(tmp_path, monk
 
     script = load_script("benchmark_train_step")
     monkeypatch.setattr(chunk_attention, "_failure", "OutOfResources: shared memory")
+    # and a way the timed choices no longer offer (failed the first self-check): recorded beside it
+    monkeypatch.setattr(chunk_attention, "_left_out", {("backward", "atomic"): "RuntimeError: out of cheese"})
     json_path = tmp_path / "step.json"
     script.main(["--device", "cpu", "--cases", "project", "--precisions", "32-true", "--n-feats", "8",
                  "--n-resgroups", "1", "--n-resblocks", "1", "--chunk-size", "16", "--n-hashes", "1", "--batch", "2",
                  "--patch", "12", "--warmup", "1", "--steps", "2", "--json", str(json_path)])
     (result,) = json.loads(json_path.read_text())
     assert result["kernel_failures"] == {"chunk_attention": "OutOfResources: shared memory"}
+    assert result["left_out_variants"] == {"backward atomic": "RuntimeError: out of cheese"}
 
 
 def test_gpu_summary_judges_the_training_step_against_the_published_code(tmp_path):

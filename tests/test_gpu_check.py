@@ -226,6 +226,19 @@ def test_the_summary_fails_a_check_where_a_measurement_timed_a_kernels_fallback(
     assert row.endswith("| chunk_attention (train_step.json): OutOfResources: shared memory | correct | FAIL |"), row
 
 
+def test_the_summary_lists_the_ways_the_timed_choices_left_out(tmp_path):
+    """A way of the fused attention that failed a process's first self-check is left out of its timed choices
+    (the measurements ran the others): the summary lists each once, as information."""
+    step = dict(case="project", precision="32-true", step_s=0.1, peak_mb=800.0, warmup_s=1.0, device="cuda")
+    left_out = {"forward weights+matmul": "RuntimeError: out of cheese"}
+    (tmp_path / "train_step.json").write_text(json.dumps([step, dict(step, case="project-compiled",
+                                                                     left_out_variants=left_out)]))
+    (tmp_path / "gla_targets.json").write_text(json.dumps({"device": "cuda", "cases": []}))
+    assert [row for row in summarise(tmp_path) if "left out" in row] == [
+        "| fused attention: forward weights+matmul left out of the timed choices (failed the self-check) | | | | "
+        "RuntimeError: out of cheese | | (information) |"]
+
+
 def test_the_summary_reports_a_missing_duration(tmp_path):
     rows = summarise(tmp_path)
     assert "| gpu_check.sh: every target measured (duration.json) | | | | | <= 360 s | MISSING |" in rows
