@@ -206,9 +206,13 @@ def main() -> None:
                 torch.set_float32_matmul_precision("highest")
 
     for batch, size in sizes:
-        # Every backward the training steps' timed choice may pick (mode, key kernel configuration).
-        for variant in chunk_attention.backward_variants(device, torch.float32, combinations):
-            @check(f"fused (backward {variant}) vs reference GLA C={channels} k={chunk_size} {batch}x{size}x{size}, "
+        # Every backward (mode, kernel configurations) and forward the float32 training steps' timed choices may pick.
+        ways = [(f"backward {variant}", functools.partial(backward_variant, device, torch.float32, variant))
+                for variant in chunk_attention.backward_variants(device, torch.float32, combinations)]
+        ways += [(f"forward {mode}", functools.partial(forward_mode, device, mode))
+                 for mode in chunk_attention.FORWARD_MODES[1:]]
+        for what, way in ways:
+            @check(f"fused ({what}) vs reference GLA C={channels} k={chunk_size} {batch}x{size}x{size}, "
                    f"float32, matmul precision high")
             def _():
                 # TF32 dot products (what auto uses in float32): true float32 is checked strictly, at 1e-4, by
@@ -216,22 +220,7 @@ def main() -> None:
                 fused, reference, x, rotations = gla_problem(channels, chunk_size, batch, size, device)
                 torch.set_float32_matmul_precision("high")  # both sides: TF32
                 try:
-                    with backward_variant(device, torch.float32, variant):
-                        got = outputs_and_gradients(fused, x, rotations)
-                    want = outputs_and_gradients(reference, x, rotations)
-                finally:
-                    torch.set_float32_matmul_precision("highest")
-                return agreement(fused, got, want, 2e-2)
-
-        # Every other forward the float32 training steps' timed choice may pick.
-        for mode in chunk_attention.FORWARD_MODES[1:]:
-            @check(f"fused (forward {mode}) vs reference GLA C={channels} k={chunk_size} {batch}x{size}x{size}, "
-                   f"float32, matmul precision high")
-            def _():
-                fused, reference, x, rotations = gla_problem(channels, chunk_size, batch, size, device)
-                torch.set_float32_matmul_precision("high")  # both sides: TF32
-                try:
-                    with forward_mode(device, mode):
+                    with way():
                         got = outputs_and_gradients(fused, x, rotations)
                     want = outputs_and_gradients(reference, x, rotations)
                 finally:
