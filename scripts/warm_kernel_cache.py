@@ -138,8 +138,10 @@ def run_task(task: tuple) -> float:
                     # that read the mixed gradient and the round weights, other specialisations.
                     with chunk_attention.mixing_from(0):
                         outputs_and_gradients(fused, x, rotations)
-                    if detail == chunk_attention.BACKWARD_MODES[0]:  # once, in the group's first task:
-                        for mode in chunk_attention.FORWARD_MODES[1:]:  # the forwards the timed choice may pick
+                    # The forwards the timed choice may pick, once: in the group's second task, which runs beside
+                    # the others (the first runs alone, and compiles only what they all launch).
+                    if detail == chunk_attention.BACKWARD_MODES[1]:
+                        for mode in chunk_attention.FORWARD_MODES[1:]:
                             with forward_mode(device, mode):
                                 outputs_and_gradients(fused, x, rotations)
     if device.type == "cuda":

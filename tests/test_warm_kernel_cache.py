@@ -33,8 +33,9 @@ def _load_script():
 def test_a_float32_task_also_launches_the_kernels_reading_the_mixed_gradient(monkeypatch, dtype):
     """Float32 training at batch 16 mixes the rounds in the attention's node (attend_and_mix), whose backward
     kernels read the mixed gradient and the round weights: specialisations of their own, warmed by the
-    float32 tasks (once, at the first size); bf16 never runs them. The first float32 task also runs each
-    forward the float32 timed choice may pick. The mixing threshold and the forward mode are put back."""
+    float32 tasks (once, at the first size); bf16 never runs them. The second float32 task (beside the others,
+    not the first, which runs alone) also runs each forward the float32 timed choice may pick. The mixing
+    threshold and the forward mode are put back."""
     if not fused.triton_available():
         pytest.skip("triton is not importable")
     script = _load_script()
@@ -49,16 +50,19 @@ def test_a_float32_task_also_launches_the_kernels_reading_the_mixed_gradient(mon
     threshold, precision = fused.MIX_KERNEL_MIN_ELEMENTS, torch.get_float32_matmul_precision()
     try:
         script.run_task(("GLA forward+backward", dtype, "two_kernels", "cpu", "small"))
+        sizes = len(script.GLA_PROBLEMS["small"][2])
+        unweighted = [("forward", None), ("queries", False), ("keys", False)]
+        weighted = [("forward", None), ("queries", True), ("keys", True)]
+        assert launched == (unweighted + weighted + unweighted * (sizes - 1) if dtype == torch.float32
+                            else unweighted * sizes)
+        assert fused.MIX_KERNEL_MIN_ELEMENTS == threshold
+        if dtype == torch.float32:
+            launched.clear()
+            script.run_task(("GLA forward+backward", dtype, "atomic", "cpu", "small"))
+            assert [name for name, _ in launched].count("forward_weights") == 1
+            assert set(fused.FORWARD_MODE.values()) == {"timed"}
     finally:
         torch.set_float32_matmul_precision(precision)  # the task sets the precision GLA runs with
-    sizes = len(script.GLA_PROBLEMS["small"][2])
-    unweighted = [("forward", None), ("queries", False), ("keys", False)]
-    weighted = [("forward", None), ("queries", True), ("keys", True)]
-    forward_weights = [("forward_weights", None), ("queries", False), ("keys", False)]
-    assert launched == (unweighted + weighted + forward_weights + unweighted * (sizes - 1)
-                        if dtype == torch.float32 else unweighted * sizes)
-    assert fused.MIX_KERNEL_MIN_ELEMENTS == threshold
-    assert set(fused.FORWARD_MODE.values()) == {"timed"}
 
 
 def test_the_weight_gradient_tasks_launch_each_configuration_the_timed_choice_offers(monkeypatch):
