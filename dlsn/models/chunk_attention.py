@@ -1019,7 +1019,7 @@ def _fused_forward(queries, keys, learned_score, values, order, inverse, mode: s
     sizes = _sizes(queries, keys, learned_score, values, order32, inverse)
     mode = mode or FORWARD_MODE[_generation(values.device)]
     if mode == "timed":
-        offered = [mode for mode in FORWARD_MODES if ("forward", mode) not in _left_out]
+        offered = [name for name in FORWARD_MODES if ("forward", name) not in _left_out]
         if values.dtype not in TIMED_FORWARD_DTYPES or len(offered) == 1:
             mode = FORWARD_MODES[0]
         else:
