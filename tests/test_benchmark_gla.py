@@ -275,9 +275,12 @@ def test_training_cases_of_this_project_run_with_cudnn_autotune_and_timed_choice
     try:
         trained = script.run_case(dict(common, kind="gla_forward_backward", size=4, batch=1, impl="fused"))
         assert trained["cudnn_autotune"] is True
-        # Two choices: the fused attention's backward, and the weight gradient of GLA's embeddings
-        attention, embeddings = sorted(trained["timed_choices"].items(), key=lambda item: not item[0].startswith(
-            "fused attention backward"))
+        # Three choices: the fused attention's forward (float32) and backward, and the weight gradient of GLA's
+        # embeddings
+        forward, attention, embeddings = sorted(trained["timed_choices"].items(), key=lambda item: (
+            not item[0].startswith("fused attention forward"), not item[0].startswith("fused attention backward")))
+        assert forward[0].startswith("fused attention forward cpu torch.float32")
+        assert set(forward[1]["ms"]) == set(chunk_attention.FORWARD_MODES)
         assert attention[0].startswith("fused attention backward cpu torch.float32")
         assert set(attention[1]["ms"]) == set(chunk_attention.backward_variants(torch.device("cpu"), torch.float32))
         assert embeddings[0].startswith("convolution weight gradient cpu (1, ")
